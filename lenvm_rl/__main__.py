@@ -1,0 +1,3 @@
+from lenvm_rl.cli import main
+
+main()

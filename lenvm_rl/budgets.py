@@ -1,0 +1,100 @@
+"""The budget transform: give every prompt a token budget N and a kind, and state them in the prompt.
+
+Adds the columns ``budget_tokens`` (int) and ``budget_kind`` (exact, at_most or at_least) that the
+length rewards and the LenVM critic read, and writes the matching instruction ("Answer in exactly
+{N} tokens.") into the last user message.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+from datasets import Dataset
+
+from lenvm_rl.errors import ConfigError
+from lenvm_rl.returns import BUDGET_KINDS
+
+DEFAULT_TEMPLATES = {
+    "exact": "Answer in exactly {N} tokens.",
+    "at_most": "Answer in at most {N} tokens.",
+    "at_least": "Answer in at least {N} tokens.",
+}
+# The phrasing of L1 (Aggarwal & Welleck, 2025), which has no at_least variant.
+L1_TEMPLATES = {"exact": "Think for {N} tokens.", "at_most": "Think for maximum {N} tokens."}
+
+
+def add_budgets(
+    dataset: Dataset,
+    budgets: Sequence[int] | None = None,
+    budget_range: tuple[int, int] | None = None,
+    kinds: Sequence[str] = ("exact",),
+    seed: int = 0,
+    templates: dict[str, str] | None = None,
+    prompt_column: str = "prompt",
+) -> Dataset:
+    """Draw a budget and a kind per row and write the instruction ``templates[kind]`` with {N} = budget.
+
+    Budgets come uniformly from ``budgets``, or log-uniformly from ``budget_range`` = (low, high):
+    N = floor(exp(u)), u ~ U[ln low, ln(high + 1)), so every integer in [low, high] can come out and
+    each doubling of N is equally likely. Kinds are uniform over ``kinds``. The prompt may be chat
+    messages (the last user message gets the instruction) or a plain string. An instruction written
+    by any known template (``DEFAULT_TEMPLATES``, ``L1_TEMPLATES``, ``templates``) is replaced, not
+    repeated, so applying the transform twice re-draws the budgets.
+
+    >>> ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": "What is 2 + 2?"}]]})
+    >>> row = add_budgets(add_budgets(ds, budgets=[64]), budgets=[32], kinds=["at_most"])[0]
+    >>> row["prompt"][0]["content"], row["budget_tokens"], row["budget_kind"]
+    ('What is 2 + 2?\\nAnswer in at most 32 tokens.', 32, 'at_most')
+    """
+    templates = DEFAULT_TEMPLATES if templates is None else templates
+    if (budgets is None) == (budget_range is None):
+        raise ConfigError("budgets: give exactly one of budgets (a list of token counts) or budget_range (low, high)")
+    if budgets is not None and not (budgets and all(b == int(b) and b > 0 for b in budgets)):
+        raise ConfigError(f"budgets: need a non-empty list of positive integer token counts, got {budgets}")
+    if budget_range is not None and not (len(budget_range) == 2 and 0 < budget_range[0] <= budget_range[1]):
+        raise ConfigError(f"budget_range: need (low, high) with 0 < low <= high tokens, got {budget_range}")
+    if not kinds:
+        raise ConfigError(f"kinds: give at least one budget kind ({', '.join(BUDGET_KINDS)})")
+    for kind in kinds:
+        if kind not in BUDGET_KINDS:
+            raise ConfigError(f"kinds: {kind!r} is not a budget kind ({', '.join(BUDGET_KINDS)})")
+        if kind not in templates:
+            raise ConfigError(f"templates: no template for budget kind {kind!r}; give one containing {{N}}")
+    for kind, template in templates.items():
+        if "{N}" not in template:
+            raise ConfigError(f"templates: the {kind!r} template {template!r} has no {{N}} where the budget goes")
+    if prompt_column not in dataset.column_names:
+        raise ConfigError(
+            f"prompt_column: the dataset has no column {prompt_column!r} (columns: {', '.join(dataset.column_names)})"
+        )
+
+    rng = np.random.default_rng(seed)
+    if budgets is not None:
+        drawn = rng.choice(np.asarray(budgets, dtype=np.int64), size=len(dataset))
+    else:
+        low, high = budget_range
+        # The clip guards the float edge exp(ln(high + 1)) rounding up to high + 1.
+        drawn = np.floor(np.exp(rng.uniform(np.log(low), np.log(high + 1), size=len(dataset)))).clip(low, high)
+    budget_column = drawn.astype(np.int64).tolist()
+    kind_column = [kinds[i] for i in rng.integers(len(kinds), size=len(dataset))]
+
+    # Any instruction a known template wrote, with the whitespace that separated it from the prompt.
+    known = {*DEFAULT_TEMPLATES.values(), *L1_TEMPLATES.values(), *templates.values()}
+    previous = re.compile(r"\s*(?:" + "|".join(re.escape(t).replace(r"\{N\}", r"\d+") for t in known) + ")")
+
+    def write(row, index):
+        instruction = templates[kind_column[index]].replace("{N}", str(budget_column[index]))
+        prompt = row[prompt_column]
+        if isinstance(prompt, str):
+            prompt = f"{previous.sub('', prompt)}\n{instruction}"
+        else:
+            prompt = [dict(message) for message in prompt]
+            users = [message for message in prompt if message["role"] == "user"]
+            if not users:
+                raise ConfigError(f"{prompt_column}: a prompt has no user message to write the budget into: {prompt}")
+            users[-1]["content"] = f"{previous.sub('', users[-1]['content'])}\n{instruction}"
+        return {prompt_column: prompt, "budget_tokens": budget_column[index], "budget_kind": kind_column[index]}
+
+    return dataset.map(write, with_indices=True)

@@ -1,0 +1,66 @@
+"""`lenvm-rl <stage> --config recipe.yaml [--field value ...]` (also `python -m lenvm_rl`).
+
+Every stage parses its recipe with TRL's ``TrlParser``: YAML values become defaults, flags override
+them. A mistake a user can fix (``ConfigError``, or a recipe field the stage does not know) is printed
+as one line naming the field and the fix, with exit status 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lenvm_rl.errors import ConfigError
+
+STAGES = {
+    "rollout": ("lenvm_rl.rollouts", "sample K completions per prompt into a rollout dataset"),
+    "train-lenvm": ("lenvm_rl.lenvm_trainer", "train a Length Value Model on rollouts"),
+    "predict-length": ("lenvm_rl.predict", "compare the LenVM's prompt-boundary prediction with sampled lengths"),
+    "rewards": ("lenvm_rl.cli", "list the reward registry (name, formula, columns read)"),
+}
+
+
+def parse_recipe(dataclass_types: tuple, argv: list[str] | None):
+    """Parse ``--config`` YAML and flags into the given dataclasses; recipe mistakes become ConfigError."""
+    from trl import TrlParser
+
+    parser = TrlParser(dataclass_types)
+    try:
+        return parser.parse_args_and_config(argv)
+    except ConfigError:
+        raise
+    except FileNotFoundError as error:
+        raise ConfigError(f"config: no recipe file {error.filename!r}; give an existing YAML path") from None
+    except ValueError as error:
+        message = str(error).splitlines()[0]
+        if "Unknown arguments" in message:
+            message = f"recipe: {message}; check the spelling against `--help` of this stage"
+        raise ConfigError(message) from None
+
+
+def rewards_main(argv: list[str] | None = None) -> None:
+    from rewards import describe_rewards
+
+    rows = describe_rewards()
+    width = max(len(r["name"]) for r in rows)
+    for row in rows:
+        print(f"{row['name']:<{width}}  {row['formula']}  [reads: {', '.join(row['columns']) or '-'}]")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
+        print("usage: lenvm-rl <stage> --config recipe.yaml [--field value ...]\n\nstages:")
+        for name, (_, summary) in STAGES.items():
+            print(f"  {name:<15} {summary}")
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    stage, rest = argv[0], argv[1:]
+    try:
+        if stage == "rewards":
+            rewards_main(rest)
+        else:
+            import importlib
+
+            importlib.import_module(STAGES[stage][0]).main(rest)
+    except ConfigError as error:
+        print(f"lenvm-rl {stage}: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,109 @@
+"""Prompt datasets: a GSM8K-style jsonl by path, a ``save_to_disk`` folder, any ``datasets`` id, or the
+built-in procedural arithmetic task; optionally with token budgets written into the prompt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+from datasets import Dataset
+
+from lenvm_rl.errors import ConfigError
+
+
+@dataclass
+class DatasetArguments:
+    """Where prompts come from, shared by every stage that reads prompts."""
+
+    dataset_name: str = field(
+        default="arithmetic",
+        metadata={"help": "A .jsonl/.json path, a save_to_disk folder, a `datasets` id, or 'arithmetic' (built in)."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Config name of a `datasets` id."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of a `datasets` id."})
+    prompt_column: str = field(
+        default="prompt", metadata={"help": "Column with the prompt: chat messages or a plain question string."}
+    )
+    prompt_instruction: str | None = field(
+        default=None, metadata={"help": "Text appended to a plain-string prompt (e.g. the answer format)."}
+    )
+    num_prompts: int | None = field(default=None, metadata={"help": "Use this many prompts (all when unset)."})
+    skip_prompts: int = field(
+        default=0, metadata={"help": "Skip this many prompts first: held-out sets take a disjoint slice."}
+    )
+    arithmetic_difficulty: str = field(default="mixed", metadata={"help": "Difficulty of the arithmetic task."})
+    budgets: list[int] | None = field(
+        default=None, metadata={"help": "Token budgets to draw from; adds budget_tokens / budget_kind columns."}
+    )
+    budget_range: list[int] | None = field(
+        default=None, metadata={"help": "[low, high]: draw budgets log-uniformly in this range instead."}
+    )
+    budget_kinds: list[str] = field(
+        default_factory=lambda: ["exact"], metadata={"help": "Budget kinds to draw from: exact, at_most, at_least."}
+    )
+    dataset_seed: int = field(default=0, metadata={"help": "Seed of the arithmetic task and the budget draw."})
+
+    def __post_init__(self):
+        if self.num_prompts is not None and self.num_prompts <= 0:
+            raise ConfigError(f"num_prompts: must be positive, got {self.num_prompts}")
+        if self.skip_prompts < 0:
+            raise ConfigError(f"skip_prompts: must be >= 0, got {self.skip_prompts}")
+
+
+def load_prompts(args: DatasetArguments) -> Dataset:
+    """Return a dataset whose ``prompt`` column holds chat messages, plus the source's other columns."""
+    name = args.dataset_name
+    if name == "arithmetic":
+        from lenvm_rl.tasks import make_arithmetic_dataset
+
+        total = args.skip_prompts + (args.num_prompts or 1000)
+        dataset = make_arithmetic_dataset(total, seed=args.dataset_seed, difficulty=args.arithmetic_difficulty)
+    elif Path(name).suffix in (".jsonl", ".json"):
+        if not Path(name).is_file():
+            raise ConfigError(f"dataset_name: no file {name!r}; give an existing .jsonl path")
+        dataset = datasets.load_dataset("json", data_files=name, split="train")
+    elif Path(name, "dataset_info.json").is_file() or Path(name, "state.json").is_file():
+        dataset = datasets.load_from_disk(name)
+    else:
+        try:
+            dataset = datasets.load_dataset(name, args.dataset_config, split=args.dataset_split)
+        except Exception as error:  # datasets raises many types for a missing id or no network
+            raise ConfigError(
+                f"dataset_name: cannot load {name!r} ({type(error).__name__}); give a local .jsonl path, a "
+                f"save_to_disk folder, 'arithmetic', or a `datasets` id reachable from this machine"
+            ) from None
+    if args.prompt_column not in dataset.column_names:
+        raise ConfigError(
+            f"prompt_column: the dataset has no column {args.prompt_column!r} (columns: "
+            f"{', '.join(dataset.column_names)}); set prompt_column to the column holding the prompts"
+        )
+    end = len(dataset) if args.num_prompts is None else min(len(dataset), args.skip_prompts + args.num_prompts)
+    if end <= args.skip_prompts:
+        raise ConfigError(
+            f"skip_prompts: {args.skip_prompts} skips the whole dataset ({len(dataset)} rows); lower it"
+        )
+    dataset = dataset.select(range(args.skip_prompts, end))
+
+    def to_chat(row):
+        prompt = row[args.prompt_column]
+        if isinstance(prompt, str):
+            text = f"{prompt}\n{args.prompt_instruction}" if args.prompt_instruction else prompt
+            prompt = [{"role": "user", "content": text}]
+        return {"prompt": prompt}
+
+    dataset = dataset.map(to_chat, remove_columns=[args.prompt_column])
+    if args.budgets is not None or args.budget_range is not None:
+        from lenvm_rl.budgets import add_budgets
+
+        try:
+            dataset = add_budgets(
+                dataset,
+                budgets=args.budgets,
+                budget_range=tuple(args.budget_range) if args.budget_range else None,
+                kinds=args.budget_kinds,
+                seed=args.dataset_seed,
+            )
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    return dataset

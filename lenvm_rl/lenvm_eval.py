@@ -1,0 +1,106 @@
+"""Score rollouts with a LenVM and measure how well it predicts length.
+
+Metrics (finished rollouts only: a truncated one has no known length):
+- ``value_mse``: token-mean squared error of V(s_t) against G_t = -(1 - γ^(L - t)).
+- ``length_mae_p{q}`` / ``length_rel_err_p{q}``: at relative position q ∈ {0, 25, 50, 75} % of each
+  completion (t = floor(q L)), |l̂ - (L - t)| and that over (L - t), with l̂ = ln(1 + V)/ln γ.
+- ``boundary_mre``: the paper's §4.4 prompt-boundary MRE: per prompt, L_GT from the N sampled
+  lengths (μ = mean(1 - γ^Li), L_GT = ln(1 - μ)/ln γ) against L̂ = ln(1 + V(s_0))/ln γ.
+- ``boundary_value_mae``: the same comparison in value space, |V(s_0) + μ| (no Jensen bias).
+- ``constant_mre``: the MRE of the best constant predictor, the mean training length.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from lenvm_rl.returns import mean_relative_error, prompt_boundary_ground_truth, remaining_from_value, value_from_remaining
+
+RELATIVE_POSITIONS = (0.0, 0.25, 0.5, 0.75)
+
+
+def collate_states(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids`` = prompt + completion, and the positions of s_0 .. s_L (-1 = padding).
+
+    s_t ends at token P - 1 + t, so the states of a row are its last L + 1 positions.
+    """
+    sequences = [row["prompt_ids"] + row["completion_ids"] for row in rows]
+    width = max(map(len, sequences))
+    num_states = max(len(row["completion_ids"]) + 1 for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    state_positions = torch.full((len(rows), num_states), -1, dtype=torch.long)
+    for i, (row, sequence) in enumerate(zip(rows, sequences)):
+        input_ids[i, : len(sequence)] = torch.tensor(sequence)
+        attention_mask[i, : len(sequence)] = 1
+        first = len(row["prompt_ids"]) - 1
+        state_positions[i, : len(row["completion_ids"]) + 1] = torch.arange(first, len(sequence))
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "state_positions": state_positions,
+        "completion_tokens": torch.tensor([row["completion_tokens"] for row in rows]),
+        "finished": torch.tensor([row["finished"] for row in rows]),
+    }
+
+
+@torch.no_grad()
+def score_rollouts(model, rows, pad_token_id: int, batch_size: int = 8) -> list[torch.Tensor]:
+    """V(s_0) .. V(s_L) (float32, on CPU) for every rollout row, in order."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    values = []
+    for start in range(0, len(rows), batch_size):
+        batch = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
+        inputs = collate_states(batch, pad_token_id)
+        out = model(
+            input_ids=inputs["input_ids"].to(device),
+            attention_mask=inputs["attention_mask"].to(device),
+            state_positions=inputs["state_positions"].to(device),
+        )
+        for row, v in zip(batch, out.values.float().cpu()):
+            values.append(v[: len(row["completion_ids"]) + 1])
+    model.train(was_training)
+    return values
+
+
+def length_metrics(rows, values: list[torch.Tensor], gamma: float, constant_length: float | None = None) -> dict[str, float]:
+    """The metrics of the module docstring, from rows and their scored values."""
+    finished = [(row, v) for row, v in zip(rows, values) if row["finished"]]
+    if not finished:
+        raise ValueError("eval rollouts: none finished; the metrics need finished completions")
+    squared, count = 0.0, 0
+    by_position = {q: ([], []) for q in RELATIVE_POSITIONS}
+    by_prompt = defaultdict(lambda: ([], None))
+    for row, v in finished:
+        length = row["completion_tokens"]
+        target = value_from_remaining(torch.arange(length, -1, -1, dtype=torch.float64), gamma)
+        squared += float(((v.double() - target) ** 2).sum())
+        count += length + 1
+        predicted = remaining_from_value(v.double(), gamma)
+        for q in RELATIVE_POSITIONS:
+            t = int(q * length)
+            remaining = length - t
+            if remaining > 0:
+                error = abs(float(predicted[t]) - remaining)
+                by_position[q][0].append(error)
+                by_position[q][1].append(error / remaining)
+        lengths, _ = by_prompt[row["prompt_id"]]
+        by_prompt[row["prompt_id"]] = (lengths + [length], float(v[0]))
+    metrics = {"value_mse": squared / count}
+    for q, (errors, relative) in by_position.items():
+        if errors:
+            metrics[f"length_mae_p{int(q * 100)}"] = sum(errors) / len(errors)
+            metrics[f"length_rel_err_p{int(q * 100)}"] = sum(relative) / len(relative)
+    truth = prompt_boundary_ground_truth([torch.tensor(l, dtype=torch.float64) for l, _ in by_prompt.values()], gamma)
+    boundary = torch.tensor([v0 for _, v0 in by_prompt.values()], dtype=torch.float64)
+    keep = truth > 0  # a prompt whose samples all have L = 0 has no relative error
+    metrics["boundary_mre"] = float(mean_relative_error(remaining_from_value(boundary, gamma)[keep], truth[keep]))
+    metrics["boundary_value_mae"] = float((boundary - value_from_remaining(truth, gamma)).abs().mean())
+    if constant_length is not None:
+        metrics["constant_mre"] = float(mean_relative_error(torch.full_like(truth[keep], constant_length), truth[keep]))
+    metrics["num_prompts"] = len(by_prompt)
+    return metrics

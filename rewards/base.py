@@ -1,0 +1,60 @@
+"""What every reward shares: the completion's text, its length in tokens, and the dataset columns it reads.
+
+The contract is TRL's: ``fn(prompts, completions, completion_ids, **kwargs) -> list[float | None]``, one
+value per completion. Dataset columns arrive as kwargs (one value per completion); so do TRL's
+``trainer_state``, ``log_extra`` and ``log_metric``, which rewards here ignore.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lenvm_rl.errors import ConfigError
+
+BUDGET_FIX = "add budgets with the budget transform: dataset.budgets in the recipe, or lenvm_rl.budgets.add_budgets"
+COLUMN_FIXES = {
+    "answer": "give each prompt its reference answer, e.g. '72' or a GSM8K solution ending in '#### 72'",
+    "budget_tokens": BUDGET_FIX,
+    "budget_kind": BUDGET_FIX,
+}
+
+
+def completion_text(completion: str | list[dict]) -> str:
+    """The text of a plain completion, or the last message's content of a conversational one."""
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
+def column(kwargs: dict, name: str, reward_name: str) -> list:
+    """The dataset column ``name`` from the reward kwargs; raise naming the column and the fix when absent."""
+    if name not in kwargs:
+        raise ConfigError(f"{reward_name} needs the dataset column {name!r} ({COLUMN_FIXES[name]})")
+    return kwargs[name]
+
+
+def budget_tokens(kwargs: dict, reward_name: str) -> torch.Tensor:
+    """The ``budget_tokens`` column as a float64 tensor (B,); every budget must be positive (LD divides by N)."""
+    budgets = torch.tensor(column(kwargs, "budget_tokens", reward_name), dtype=torch.float64)
+    if (budgets <= 0).any():
+        raise ConfigError(f"budget_tokens: every budget must be a positive number of tokens, got {budgets.min():g}")
+    return budgets
+
+
+class TokenLengthReward:
+    """Base of the length rewards: L = number of completion tokens, a trailing EOS excluded.
+
+    TRL's ``completion_ids`` carry no padding but keep the EOS token that ended the completion; give the
+    tokenizer's ``eos_token_id`` (one id or several) so that it is not counted, as L is defined in
+    DESIGN.md §2. Without it, L = len(completion_ids[i]).
+    """
+
+    def __init__(self, eos_token_id: int | Sequence[int] | None = None):
+        self.eos_token_ids = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id or ())
+
+    def lengths(self, completion_ids: list[list[int]]) -> torch.Tensor:
+        """Token lengths L, float64 (B,)."""
+        return torch.tensor(
+            [len(ids) - (len(ids) > 0 and ids[-1] in self.eos_token_ids) for ids in completion_ids],
+            dtype=torch.float64,
+        )
