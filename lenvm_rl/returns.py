@@ -6,6 +6,10 @@ against plain-loop references in ``tests/test_returns.py``.
 Conventions (see DESIGN.md §2): a completion has L generated tokens, EOS excluded. State s_t is the
 prompt plus the first t completion tokens. The per-token length reward is r_t = -(1 - γ) for every
 non-terminal step, so the return from s_t is G_t = -(1 - γ^(L - t)), in (-1, 0].
+
+Dtypes: transforms run in float64 and return the input dtype promoted to at least float32 (a bf16
+input gives float32); GAE runs in that promoted dtype. Padding never leaks into outputs: masked
+positions come out as exactly 0.
 """
 
 from __future__ import annotations
@@ -66,16 +70,16 @@ def l1_length_score(
 
 
 def value_from_remaining(remaining_tokens: torch.Tensor, gamma: float) -> torch.Tensor:
-    """V = -(1 - γ^n) = expm1(n ln γ) for n remaining tokens, γ in (0, 1]. Any shape.
+    """V = -(1 - γ^n) for n remaining tokens, γ in (0, 1]. Any shape.
 
     Computed in float64; returned in the input's dtype promoted to at least float32 (so integer or
     bf16/fp16 input gives float32, float64 stays float64).
 
     >>> value_from_remaining(torch.tensor([2, 1, 0]), 0.5)
-    tensor([-0.7500, -0.5000, 0.0000])
+    tensor([-0.7500, -0.5000,  0.0000])
     """
     remaining_tokens = torch.as_tensor(remaining_tokens)
-    value = torch.expm1(remaining_tokens.double() * math.log(gamma))
+    value = gamma ** remaining_tokens.double() - 1.0
     return value.to(torch.promote_types(remaining_tokens.dtype, torch.float32))
 
 
@@ -228,7 +232,7 @@ def prompt_boundary_ground_truth(lengths_per_prompt, gamma: float) -> torch.Tens
 
 
 def mean_relative_error(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """MRE = mean |L̂ - L_GT| / L_GT over prompts. Shapes (P,), (P,) -> 0-dim tensor."""
+    """MRE = mean |L̂ - L_GT| / L_GT over prompts (drop prompts with L_GT = 0). Shapes (P,), (P,) -> 0-dim."""
     return ((predicted - truth).abs() / truth).mean()
 
 

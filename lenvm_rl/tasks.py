@@ -35,8 +35,9 @@ def make_arithmetic_dataset(num_prompts: int, seed: int = 0, difficulty: str = "
     Deterministic for a seed, and a prefix of the problems for a larger ``num_prompts`` (so held-out
     sets can take a disjoint slice). Every user message ends with ``ARITHMETIC_INSTRUCTION``.
 
-    >>> make_arithmetic_dataset(1, seed=0, difficulty="easy")[0]
-    {'prompt': [{'role': 'user', 'content': 'What is 8 * 8?\\nWrite the final answer on its own line as: #### <number>'}], 'answer': '64'}
+    >>> row = make_arithmetic_dataset(1, seed=0, difficulty="easy")[0]
+    >>> row["prompt"][0]["content"].splitlines(), row["answer"]
+    (['What is 8 * 8?', 'Write the final answer on its own line as: #### <number>'], '64')
     """
     if num_prompts <= 0:
         raise ConfigError(f"num_prompts: must be positive, got {num_prompts}")

@@ -26,8 +26,10 @@ def marked_answer(text: str) -> str | None:
     Markers: ``\\boxed{...}`` (its content, braces balanced) and ``####`` (the first number after it,
     commas removed); when both occur, the later one wins.
 
-    >>> marked_answer("3 + 4 = 7\\n#### 1,007 apples."), marked_answer("so \\\\boxed{\\\\frac{1}{2}}"), marked_answer("7")
-    ('1007', '\\\\frac{1}{2}', None)
+    >>> marked_answer("3 + 4 = 7\\n#### 1,007 apples."), marked_answer("so \\\\boxed{\\\\frac{1}{2}}")
+    ('1007', '\\\\frac{1}{2}')
+    >>> marked_answer("7") is None
+    True
     """
     boxed_at, hash_at = text.rfind(BOXED), text.rfind("####")
     if boxed_at > hash_at:
@@ -53,8 +55,11 @@ def extract_final_answer(text: str) -> str | None:
     >>> extract_final_answer("no digits here") is None
     True
     """
+    marked = marked_answer(text)
+    if marked:
+        return marked
     numbers = NUMBER.findall(text)
-    return marked_answer(text) or (numbers[-1].replace(",", "") if numbers else None)
+    return numbers[-1].replace(",", "") if numbers else None
 
 
 def _as_number(answer: str) -> Decimal | None:
@@ -96,7 +101,8 @@ class Accuracy:
 
     Reads the dataset column ``answer``.
 
-    >>> Accuracy()(prompts=["7 * 6?"] * 2, completions=["#### 42", "#### 41"], completion_ids=[[1], [1]], answer=["42"] * 2)
+    >>> Accuracy()(prompts=["7 * 6?"] * 2, completions=["#### 42", "#### 41"], completion_ids=[[1], [1]],
+    ...            answer=["42"] * 2)
     [1.0, 0.0]
     """
 

@@ -17,7 +17,8 @@ class AnswerFormat:
 
     Reads no column.
 
-    >>> AnswerFormat()(prompts=["p"] * 3, completions=["7 * 6 = 42\\n#### 42", "\\\\boxed{42}", "42"], completion_ids=[[1]] * 3)
+    >>> AnswerFormat()(prompts=["p"] * 3, completions=["7 * 6 = 42\\n#### 42", "\\\\boxed{42}", "42"],
+    ...                completion_ids=[[1]] * 3)
     [1.0, 1.0, 0.0]
     """
 

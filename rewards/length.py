@@ -96,10 +96,12 @@ class SoftOverlong(TokenLengthReward):
     """
 
     __name__ = "soft_overlong"
-    formula = "0 if L <= M - C; -(L - (M - C)) / C if L <= M; -1 beyond (M = max_completion_tokens, C = soft_cache_tokens)"
+    formula = "0 if L <= M-C; -(L - (M-C))/C if L <= M; -1 if L > M (M: max_completion_tokens, C: soft_cache_tokens)"
     columns = ()
 
-    def __init__(self, max_completion_tokens: int, soft_cache_tokens: int, eos_token_id: int | Sequence[int] | None = None):
+    def __init__(
+        self, max_completion_tokens: int, soft_cache_tokens: int, eos_token_id: int | Sequence[int] | None = None
+    ):
         if not 0 < soft_cache_tokens <= max_completion_tokens:
             raise ConfigError(
                 f"soft_cache_tokens: must be in (0, max_completion_tokens={max_completion_tokens}], "
