@@ -7,6 +7,7 @@ as one line naming the field and the fix, with exit status 2 and no traceback.
 
 from __future__ import annotations
 
+import re
 import sys
 
 from lenvm_rl.errors import ConfigError
@@ -33,7 +34,8 @@ def parse_recipe(dataclass_types: tuple, argv: list[str] | None):
     except ValueError as error:
         message = str(error).splitlines()[0]
         if "Unknown arguments" in message:
-            message = f"recipe: {message}; check the spelling against `--help` of this stage"
+            fields = ", ".join(re.findall(r"'--([^']+)'", message))
+            message = f"recipe: unknown field(s) {fields}; fix the spelling or remove them (`--help` lists the fields)"
         raise ConfigError(message) from None
 
 

@@ -120,9 +120,9 @@ def make_vllm_generate(model_path: str, args: RolloutArguments, dtype: str | Non
     return generate
 
 
-def check_manifest(output_dir: Path, args: RolloutArguments, model_name: str) -> None:
+def check_manifest(output_dir: Path, args: RolloutArguments, model_name: str, dtype: str | None) -> None:
     """Refuse to resume into a folder written with other settings: the shards would not match."""
-    settings = {**asdict(args), "model_name_or_path": model_name}
+    settings = {**asdict(args), "model_name_or_path": model_name, "dtype": dtype}
     settings.pop("output_dir")
     manifest = output_dir / MANIFEST
     if manifest.exists():
@@ -142,7 +142,7 @@ def check_manifest(output_dir: Path, args: RolloutArguments, model_name: str) ->
 def run_rollouts(args: RolloutArguments, model_name_or_path: str, dtype: str | None = None) -> Path:
     output_dir = Path(args.output_dir)
     prompts = load_prompts(args)
-    check_manifest(output_dir, args, model_name_or_path)
+    check_manifest(output_dir, args, model_name_or_path, dtype)
     shard_dir = output_dir / "shards"
     shard_dir.mkdir(exist_ok=True)
     tokenizer = load_tokenizer(model_name_or_path)
