@@ -16,6 +16,7 @@ STAGES = {
     "rollout": ("lenvm_rl.rollouts", "sample K completions per prompt into a rollout dataset"),
     "train-lenvm": ("lenvm_rl.lenvm_trainer", "train a Length Value Model on rollouts"),
     "predict-length": ("lenvm_rl.predict", "compare the LenVM's prompt-boundary prediction with sampled lengths"),
+    "grpo": ("lenvm_rl.grpo", "GRPO with per-token LenVM length advantages"),
     "rewards": ("lenvm_rl.cli", "list the reward registry (name, formula, columns read)"),
 }
 

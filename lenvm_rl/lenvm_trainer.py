@@ -45,6 +45,10 @@ class LenVMTrainingConfig(TrainingArguments):
         default="drop", metadata={"help": "'drop' truncated rollouts, or 'bootstrap' them from V(s_T)."}
     )
     freeze_backbone: bool = field(default=False, metadata={"help": "Train the head only."})
+    trainable_top_layers: int | None = field(
+        default=None,
+        metadata={"help": "Train only the top N decoder layers, the final norm and the head (cheap on a CPU)."},
+    )
     max_sequence_tokens: int | None = field(
         default=None, metadata={"help": "Skip rollouts whose prompt + completion exceed this many tokens."}
     )
@@ -53,9 +57,17 @@ class LenVMTrainingConfig(TrainingArguments):
     def __post_init__(self):
         super().__post_init__()
         if self.gamma != "auto":
-            self.gamma = resolve_gamma(self.gamma)
+            try:
+                self.gamma = resolve_gamma(self.gamma)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
         if self.value_loss not in ("mse", "bce"):
             raise ConfigError(f"value_loss: must be 'mse' or 'bce', got {self.value_loss!r}")
+        if self.trainable_top_layers is not None and (self.trainable_top_layers < 1 or self.freeze_backbone):
+            raise ConfigError(
+                f"trainable_top_layers: must be a positive number of layers and cannot be combined with "
+                f"freeze_backbone (got {self.trainable_top_layers}); for the head only set freeze_backbone: true"
+            )
         if self.truncated_rollouts not in ("drop", "bootstrap"):
             raise ConfigError(f"truncated_rollouts: must be 'drop' or 'bootstrap', got {self.truncated_rollouts!r}")
 
@@ -76,8 +88,14 @@ class LenVMTrainer(Trainer):
         )
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
-        # Valid states of every micro-batch of this optimizer step (and of every rank).
-        count = sum((batch["state_positions"] >= 0).sum() for batch in batch_samples).to(device)
+        # Valid states of every micro-batch of this optimizer step (and of every rank), masked as the loss is.
+        count = 0
+        for batch in batch_samples:
+            valid = batch["state_positions"] >= 0
+            if self.args.truncated_rollouts == "drop":
+                valid &= batch["finished"].bool()[:, None]
+            count += valid.sum()
+        count = count.to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             count = self.accelerator.gather(count).sum()
         return count
@@ -85,7 +103,8 @@ class LenVMTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         model = self.accelerator.unwrap_model(self.model)
-        values = score_rollouts(model, dataset, self.processing_class.pad_token_id, self.args.per_device_eval_batch_size)
+        with self.accelerator.autocast():  # the training precision (bf16 autocast when `bf16` is set)
+            values = score_rollouts(model, dataset, self.processing_class.pad_token_id, self.args.per_device_eval_batch_size)
         metrics = length_metrics(dataset, values, model.config.gamma, model.config.train_length_mean)
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
         self.log(metrics)
@@ -138,8 +157,21 @@ def build_lenvm(model_args, config: LenVMTrainingConfig, gamma: float, train_len
         bootstrap_truncated=config.truncated_rollouts == "bootstrap",
         train_length_mean=train_length_mean,
     )
-    if config.freeze_backbone:
+    if config.freeze_backbone or config.trainable_top_layers:
         model.backbone.requires_grad_(False)
+    if config.trainable_top_layers:
+        layers, norm = getattr(model.backbone, "layers", None), getattr(model.backbone, "norm", None)
+        if layers is None or norm is None:
+            raise ConfigError(
+                f"trainable_top_layers: the {type(model.backbone).__name__} backbone has no `layers` and `norm`; "
+                f"use freeze_backbone, LoRA or a full fine-tune"
+            )
+        if config.trainable_top_layers > len(layers):
+            raise ConfigError(
+                f"trainable_top_layers: the backbone has {len(layers)} layers, got {config.trainable_top_layers}"
+            )
+        layers[-config.trainable_top_layers :].requires_grad_(True)
+        norm.requires_grad_(True)
     if model_args.use_peft:
         from peft import LoraConfig, get_peft_model
 

@@ -125,7 +125,7 @@ def check_manifest(output_dir: Path, args: RolloutArguments, model_name: str, dt
     settings = {**asdict(args), "model_name_or_path": model_name, "dtype": dtype}
     settings.pop("output_dir")
     manifest = output_dir / MANIFEST
-    if manifest.exists():
+    if manifest.exists() and any((output_dir / "shards").glob("shard-*")):
         previous = json.loads(manifest.read_text())
         changed = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
         if changed:

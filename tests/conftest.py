@@ -1,0 +1,127 @@
+"""Shared fixtures: a char-level tokenizer and a tiny random Llama built in code, never downloaded.
+
+The tiny model is random, but it is made to stop: residual dimension 0 carries a constant that no
+layer writes to, and the EOS row of the LM head reads it, so every step emits EOS with probability
+``EOS_PROBABILITY`` (the other logits are near zero). Rollouts of 8 tokens then mix finished and
+truncated completions, which is what the LenVM code paths need.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+EOS_PROBABILITY = 0.15
+OFFLINE_ENV = {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_env(tmp_path_factory):
+    """No test touches the network or the user's cache."""
+    patch = pytest.MonkeyPatch()
+    for name, value in {**OFFLINE_ENV, "LENVM_RL_CACHE": str(tmp_path_factory.mktemp("cache"))}.items():
+        patch.setenv(name, value)
+    yield
+    patch.undo()
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per printable ASCII character (about 100 tokens), plus <unk>, <pad> and <eos>."""
+    specials = ["<unk>", "<pad>", "<eos>"]
+    chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>", chat_template=CHAT_TEMPLATE
+    )
+
+
+def tiny_llama_config(vocab_size: int, **overrides) -> LlamaConfig:
+    settings = dict(
+        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=512, tie_word_embeddings=False,
+    )
+    return LlamaConfig(**{**settings, **overrides})
+
+
+def make_tiny_llama(tokenizer) -> LlamaForCausalLM:
+    """A random tiny Llama whose every step emits EOS with probability about ``EOS_PROBABILITY``."""
+    torch.manual_seed(0)
+    config = tiny_llama_config(
+        len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 10.0
+        for layer in model.model.layers:  # nothing writes to residual dimension 0
+            layer.self_attn.o_proj.weight[0] = 0.0
+            layer.mlp.down_proj.weight[0] = 0.0
+        model.model.norm.weight.fill_(1.0)
+        model.lm_head.weight[:, 0] = 0.0
+        # After the final RMSNorm dimension 0 is about sqrt(hidden_size); the rest is near 0.
+        eos_logit = math.log(EOS_PROBABILITY * (len(tokenizer) - 1) / (1 - EOS_PROBABILITY))
+        model.lm_head.weight[tokenizer.eos_token_id, 0] = eos_logit / math.sqrt(config.hidden_size)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory, tokenizer) -> str:
+    """A folder that ``load_causal_lm`` / ``load_tokenizer`` and the CLI load like any model path."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_llama(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def rollout_args(output_dir, **overrides):
+    from lenvm_rl.rollouts import RolloutArguments
+
+    settings = dict(
+        output_dir=str(output_dir), dataset_name="arithmetic", num_prompts=6, shard_size=2, num_samples_per_prompt=2,
+        max_completion_tokens=8, prompts_per_batch=2, temperature=1.0, seed=0,
+    )
+    return RolloutArguments(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="session")
+def make_rollouts(tiny_model_path, tmp_path_factory):
+    """``make_rollouts(**overrides) -> folder``: the real ``run_rollouts`` on the tiny model, in a new folder."""
+    from lenvm_rl.rollouts import run_rollouts
+
+    def make(**overrides):
+        return run_rollouts(rollout_args(tmp_path_factory.mktemp("rollouts"), **overrides), tiny_model_path)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def rollouts_dir(make_rollouts) -> Path:
+    """12 rollouts (6 prompts x 2 samples, at most 8 tokens), finished and truncated ones."""
+    return make_rollouts(num_prompts=6)
+
+
+def write_rollout_shard(output_dir, rows: list[dict]) -> Path:
+    """A rollout folder written by hand (one shard), for sets ``run_rollouts`` would not produce."""
+    from datasets import Dataset
+
+    Dataset.from_list(rows).save_to_disk(str(Path(output_dir) / "shards" / "shard-00000"))
+    return Path(output_dir)

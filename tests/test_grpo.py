@@ -1,0 +1,353 @@
+"""LenVMGRPOTrainer on a tiny random Llama and a tiny LenVM: advantage assembly against a loop reference and a
+hand example, left-padding invariance of the LenVM scores, 2-step training in every length mode (full and
+LoRA), refusals, wandb logging, the `grpo` entry point, and the shipped grpo recipes."""
+
+import math
+import struct
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM
+from trl import GRPOTrainer, ModelConfig
+
+from conftest import ROOT, make_tiny_llama, make_tokenizer
+from lenvm_rl.cli import parse_recipe
+from lenvm_rl.data import DatasetArguments, load_prompts
+from lenvm_rl.errors import ConfigError
+from lenvm_rl.grpo import GRPOScriptArguments, LenVMGRPOConfig, LenVMGRPOTrainer, main
+from lenvm_rl.modeling import LenVMModel
+from lenvm_rl.returns import LENGTH_SCORES, budget_kind_codes
+from rewards import Accuracy, LengthScore
+
+GAMMA = 0.9
+RECIPES = sorted(ROOT.glob("recipes/*/grpo/config_*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def lenvm_path(tmp_path_factory, tokenizer) -> str:
+    """A random tiny LenVM saved with the policy's tokenizer, as `train-lenvm` saves one."""
+    path = tmp_path_factory.mktemp("lenvm")
+    torch.manual_seed(1)
+    LenVMModel.from_backbone(make_tiny_llama(tokenizer), gamma=GAMMA).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    args = DatasetArguments(num_prompts=16, budgets=[3, 6], budget_kinds=["exact", "at_most", "at_least"])
+    return load_prompts(args)
+
+
+def config_for(output_dir, **fields) -> LenVMGRPOConfig:
+    return LenVMGRPOConfig(output_dir=str(output_dir), use_cpu=True, activation_checkpointing=False, **fields)
+
+
+def make_trainer(model_path, tokenizer, dataset, output_dir, peft_config=None, trainer_class=LenVMGRPOTrainer,
+                 **overrides):
+    settings = dict(
+        output_dir=str(output_dir), max_steps=2, per_device_train_batch_size=8, num_generations=4,
+        max_completion_length=8, learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, bf16=False,
+        activation_checkpointing=False, logging_steps=1, seed=0, disable_tqdm=True, lenvm_batch_size=3,
+    )
+    config = LenVMGRPOConfig(**{**settings, **overrides})
+    rewards = [Accuracy(), LengthScore(eos_token_id=tokenizer.eos_token_id)]
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    return trainer_class(model, rewards, config, dataset, processing_class=tokenizer, peft_config=peft_config)
+
+
+# ------------------------------------------------------------------------------------------ assembly
+
+
+def reference_advantages(task, values_full, prompt_length, mask, finished, gamma, lam, d, coef, mode, budgets, kinds):
+    """Plain loops over DESIGN.md's definitions: A = (A_task + c · A_len) on valid tokens, 0 on padding."""
+    total = torch.zeros(mask.shape, dtype=torch.float64)
+    for b in range(mask.shape[0]):
+        n = int(mask[b].sum())
+        length = n - int(finished[b])
+        values = [float(values_full[b, prompt_length - 1 + j]) for j in range(n + 1)]  # V(s_0) .. V(s_n)
+        if finished[b]:
+            values[length:] = [0.0] * (n + 1 - length)  # s_L is terminal, and so is the state after EOS
+        if mode == "budget":
+            score = LENGTH_SCORES["lifebench"]
+            predicted = [j + math.log(1 + v) / math.log(gamma) for j, v in enumerate(values)]  # Λ_j
+            phi = [float(score(torch.tensor(p), budgets[b], kinds[b])) for p in predicted]
+            if finished[b]:
+                phi[length:] = [float(score(torch.tensor(float(length)), budgets[b], kinds[b]))] * (n + 1 - length)
+            deltas = [d * phi[j + 1] - phi[j] for j in range(n)]
+        elif mode == "efficiency":
+            deltas = [-(1 - gamma) * (j < length) + d * values[j + 1] - values[j] for j in range(n)]
+        else:  # shaping: one-step potential difference, no λ
+            deltas, lam = [d * values[j + 1] - values[j] for j in range(n)], 0.0
+        running = 0.0
+        for j in reversed(range(n)):
+            running = deltas[j] + d * lam * running
+            total[b, j] = float(task[b]) + coef * running
+    return total
+
+
+@pytest.mark.parametrize("mode", ["budget", "efficiency", "shaping"])
+def test_assembly_matches_loop_reference(mode, tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path):
+    trainer = make_trainer(
+        tiny_model_path, tokenizer, dataset, tmp_path, lenvm_model_path=lenvm_path, length_objective=mode,
+        length_advantage_coef=0.7, length_lambda=0.8, length_discount=0.95,
+    )
+    torch.manual_seed(0)
+    batch, prompt_length, num_tokens = 6, 4, 7
+    completion_tokens = torch.tensor([7, 3, 1, 5, 7, 2])
+    finished = torch.tensor([False, True, True, False, True, True])  # row 0: truncated at T; row 2: EOS only
+    mask = (torch.arange(num_tokens) < completion_tokens[:, None]).long()  # (B, T)
+    values_full = -torch.rand(batch, prompt_length + num_tokens) * 0.98 - 0.01  # (B, P + T) in (-0.99, -0.01)
+    task = torch.randn(batch)
+    budgets, kinds = torch.tensor([3.0, 4.0, 2.0, 6.0, 5.0, 1.0]), torch.tensor([0, 1, 2, 0, 1, 2])
+
+    advantages, length = trainer.assemble_advantages(task, values_full, prompt_length, mask, finished, budgets, kinds)
+    expected = reference_advantages(
+        task, values_full, prompt_length, mask, finished, GAMMA, 0.8, 0.95, 0.7, mode, budgets, kinds
+    )
+    assert advantages.shape == (batch, num_tokens) and advantages.dtype == task.dtype
+    torch.testing.assert_close(advantages.double(), expected, atol=1e-5, rtol=1e-5)
+    assert (advantages[mask == 0] == 0).all() and (length[mask == 0] == 0).all()
+
+
+def test_assembly_hand_example(tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path):
+    """γ = 0.5, d = λ = 1, c = 2: A_len_j = S(final) - Φ_j, with V chosen so Λ_j is an integer."""
+    trainer = make_trainer(
+        tiny_model_path, tokenizer, dataset, tmp_path, lenvm_model_path=lenvm_path, length_gamma=0.5,
+        length_advantage_coef=2.0,
+    )
+    v = lambda remaining: -(1 - 0.5**remaining)  # noqa: E731 the value of `remaining` tokens to go
+    nan = float("nan")  # positions that must never be read: left padding of prompts, states after the end
+    # P = 3 (prompts of 2, 3 and 1 tokens, left-padded), T = 3; columns P - 1 + j hold V(s_j).
+    values_full = torch.tensor([
+        [nan, 0.0, v(4), v(1), nan, nan],   # finished, L = 2: Λ_0 = 4, Λ_1 = 2, s_2 terminal
+        [0.0, 0.0, v(2), v(0), v(4), v(2)],  # truncated at T = 3: Λ = 2, 1, 6, 5 (bootstrap)
+        [nan, nan, v(3), nan, nan, nan],    # finished, L = 0: EOS right away
+    ])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 1], [1, 0, 0]])
+    finished = torch.tensor([True, False, True])
+    budgets, kinds = torch.tensor([2.0, 4.0, 2.0]), budget_kind_codes(["exact", "at_most", "exact"])
+    task = torch.tensor([0.5, -0.5, 0.25])
+
+    advantages, _ = trainer.assemble_advantages(task, values_full, 3, mask, finished, budgets, kinds)
+    e = math.exp
+    expected = torch.tensor([
+        [0.5 + 2 * (1 - e(-2)), 0.5, 0.5],  # S(4, 2) = e^-2 -> S(L = 2) = 1; the EOS action gets 0
+        [-0.5 + 2 * (e(-0.5) - 1), -0.5 + 2 * (e(-0.5) - 1), -0.5 + 2 * (e(-0.5) - e(-1))],  # Φ_3 = S(5, 4)
+        [0.25, 0.0, 0.0],  # the EOS action of an empty completion gets 0; padding gets 0
+    ])
+    torch.testing.assert_close(advantages, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_lenvm_values_ignore_left_padding(tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path):
+    trainer = make_trainer(tiny_model_path, tokenizer, dataset, tmp_path, lenvm_model_path=lenvm_path)
+    pad = tokenizer.pad_token_id
+    prompts, completions = [[5, 6], [7, 8, 9, 10]], [[11, 12, 13], [14]]
+    prompt_ids = torch.tensor([[pad, pad, 5, 6], [7, 8, 9, 10]])
+    prompt_mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    completion_ids = torch.tensor([[11, 12, 13], [14, pad, pad]])
+    completion_mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    batched = trainer.lenvm_values(prompt_ids, prompt_mask, completion_ids, completion_mask)  # (2, 7)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        ids = torch.tensor([prompt + completion])
+        alone = trainer.lenvm_values(ids[:, : len(prompt)], torch.ones(1, len(prompt), dtype=torch.long),
+                                     ids[:, len(prompt) :], torch.ones(1, len(completion), dtype=torch.long))[0]
+        start = 4 - len(prompt)
+        torch.testing.assert_close(batched[row, start : start + len(alone)], alone, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ training
+
+MODES = {
+    "budget": dict(loss_type="dapo", gradient_accumulation_steps=2),
+    "efficiency": dict(loss_type="grpo", num_iterations=2),
+    "shaping": dict(loss_type="dr_grpo", steps_per_generation=2, whiten_length_advantage=True),
+    "none": dict(),
+}
+
+
+def snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def check_trained(trainer, before, mode):
+    after = snapshot(trainer.model)
+    assert before.keys() == after.keys() and before
+    unchanged = [name for name in before if torch.equal(before[name], after[name])]
+    assert not unchanged, f"parameters did not change: {unchanged}"
+    logs = trainer.state.log_history
+    assert all(math.isfinite(entry["loss"]) for entry in logs if "loss" in entry)
+    batch = trainer._buffered_inputs[-1]
+    advantages, mask = batch["advantages"], batch["completion_mask"]
+    if mode == "none":
+        assert advantages.dim() == 1  # TRL's own sequence advantages, untouched
+    else:
+        assert advantages.shape == batch["completion_ids"].shape
+        assert (advantages[mask == 0] == 0).all() and advantages.abs().sum() > 0
+        assert any("length/mean_abs_advantage" in entry for entry in logs)
+    for name in ("length/online_mre", "length/budget_hit_rate", "length/scoring_time_share", "rewards/accuracy/mean"):
+        assert any(name in entry for entry in logs), name
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_trains_in_every_mode(mode, tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path):
+    trainer = make_trainer(
+        tiny_model_path, tokenizer, dataset, tmp_path, lenvm_model_path=lenvm_path, length_objective=mode, **MODES[mode]
+    )
+    before = snapshot(trainer.model)
+    trainer.train()
+    check_trained(trainer, before, mode)
+    assert all(not p.requires_grad for p in trainer.lenvm.parameters()) and not trainer.lenvm.training
+
+
+def test_trains_lora(tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path):
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = make_trainer(
+        tiny_model_path, tokenizer, dataset, tmp_path, peft_config=lora, lenvm_model_path=lenvm_path,
+        beta=0.04, mask_truncated_completions=True,
+    )
+    before = snapshot(trainer.model)
+    assert before and all("lora_" in name for name in before)
+    trainer.train()
+    check_trained(trainer, before, "budget")
+
+
+def test_none_without_lenvm_is_plain_grpo(tiny_model_path, tokenizer, dataset, tmp_path):
+    """length_objective none, no LenVM: the same seed gives exactly GRPOTrainer's parameters (budget metrics only)."""
+    trainers = []
+    for cls in (LenVMGRPOTrainer, GRPOTrainer):  # each constructor seeds the RNGs: build, then train, in turn
+        trainers.append(make_trainer(tiny_model_path, tokenizer, dataset, tmp_path / cls.__name__, trainer_class=cls,
+                                     length_objective="none"))
+        trainers[-1].train()
+    ours, plain = trainers
+    assert ours.lenvm is None and any("length/budget_hit_rate" in entry for entry in ours.state.log_history)
+    trained, reference = snapshot(ours.model), snapshot(plain.model)
+    assert all(torch.equal(trained[name], reference[name]) for name in reference)
+
+
+# ------------------------------------------------------------------------------------------ refusals
+
+
+def test_tokenizer_mismatch_refused(tiny_model_path, tokenizer, dataset, tmp_path):
+    other = make_tokenizer()
+    other.add_tokens(["<extra>"])
+    path = tmp_path / "lenvm-other"
+    LenVMModel.from_backbone(make_tiny_llama(tokenizer), gamma=GAMMA).save_pretrained(path)
+    other.save_pretrained(path)
+    with pytest.raises(ConfigError, match="lenvm_model_path: .*-token vocabulary, not the policy"):
+        make_trainer(tiny_model_path, tokenizer, dataset, tmp_path, lenvm_model_path=str(path))
+
+
+def test_missing_lenvm_refused(tiny_model_path, tokenizer, dataset, tmp_path):
+    with pytest.raises(ConfigError, match="lenvm_model_path"):
+        make_trainer(tiny_model_path, tokenizer, dataset, tmp_path, lenvm_model_path=str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="lenvm_model_path: length_objective 'budget' needs a LenVM"):
+        config_for(tmp_path, length_objective="budget")
+
+
+def test_budget_without_budget_columns_refused(tiny_model_path, tokenizer, lenvm_path, tmp_path):
+    plain_data = load_prompts(DatasetArguments(num_prompts=4))
+    with pytest.raises(ConfigError, match="length_objective: 'budget' needs the dataset columns budget_tokens"):
+        make_trainer(tiny_model_path, tokenizer, plain_data, tmp_path, lenvm_model_path=lenvm_path)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(length_advantage_coef=-1.0), "length_advantage_coef"),
+        (dict(length_advantage_coef=-1.0, length_objective="shaping"), "length_advantage_coef"),
+        (dict(length_objective="shorter"), "length_objective"),
+        (dict(length_score="l2"), "length_score"),
+        (dict(length_lambda=1.5), "length_lambda"),
+        (dict(length_discount=0.0), "length_discount"),
+        (dict(length_gamma=1.0), "length_gamma"),
+    ],
+)
+def test_bad_fields_refused(overrides, field, tmp_path):
+    with pytest.raises(ConfigError, match=f"^{field}: "):
+        config_for(tmp_path, lenvm_model_path="lenvm", **overrides)
+    # Efficiency is a direction: a negative coefficient asks for longer completions and is allowed.
+    config_for(tmp_path, lenvm_model_path="lenvm", length_objective="efficiency", length_advantage_coef=-1.0)
+
+
+# ------------------------------------------------------------------------------------------ logging and entry point
+
+
+def wandb_history_keys(run_file: Path) -> set[str]:
+    """Keys of the history records in an offline run's `.wandb` file (a LevelDB-style log of protobuf Records)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, position, chunks, keys = run_file.read_bytes(), 7, [], set()  # 7: the ":W&B" file header
+    while position + 7 <= len(data):
+        if 32768 - position % 32768 < 7:  # a block's tail too short for a record header is zero-filled
+            position += 32768 - position % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        chunks.append(data[position + 7 : position + 7 + length])
+        position += 7 + length
+        if kind in (1, 4):  # FULL or LAST fragment
+            record = wandb_internal_pb2.Record.FromString(b"".join(chunks))
+            chunks = []
+            if record.WhichOneof("record_type") == "history":
+                keys |= {item.key or "/".join(item.nested_key) for item in record.history.item}
+    return keys
+
+
+def test_metrics_reach_wandb(tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    trainer = make_trainer(
+        tiny_model_path, tokenizer, dataset, tmp_path / "out", lenvm_model_path=lenvm_path, report_to=["wandb"]
+    )
+    trainer.train()
+    wandb.finish()
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    expected = {"train/length/mean_abs_advantage", "train/rewards/accuracy/mean", "train/length/online_mre"}
+    deadline = time.monotonic() + 30
+    while not expected <= (keys := wandb_history_keys(run_file)) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the wandb service may still be writing the file after `finish` returns
+    assert expected <= keys
+
+
+def test_main_trains_and_saves_lora(tiny_model_path, lenvm_path, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(dict(
+        model_name_or_path=tiny_model_path, use_peft=True, lora_r=4, lora_target_modules=["q_proj", "v_proj"],
+        num_prompts=8, budgets=[3, 6], reward_funcs=["accuracy", "length_score"], lenvm_model_path=lenvm_path,
+        num_generations=2, per_device_train_batch_size=4, max_completion_length=8, max_steps=1, use_cpu=True,
+        bf16=False, activation_checkpointing=False, report_to="none", save_strategy="no", disable_tqdm=True,
+        output_dir=str(tmp_path / "out"),
+    )))
+    main(["--config", str(recipe)])
+    saved = {path.name for path in (tmp_path / "out").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= saved
+
+
+# ------------------------------------------------------------------------------------------ recipes
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
+def test_recipe_parses(path, tmp_path):
+    # bf16 and vLLM need hardware this test may not have; both are only parsed here.
+    overrides = ["--output_dir", str(tmp_path), "--bf16", "false", "--report_to", "none"]
+    types = (GRPOScriptArguments, LenVMGRPOConfig, ModelConfig)
+    script_args, config, model_args = parse_recipe(types, ["--config", str(path), *overrides])
+    assert model_args.model_name_or_path and script_args.reward_funcs
+    assert config.generation_batch_size % config.num_generations == 0
+
+
+def test_recipes_twins_differ_only_in_the_length_signal():
+    for folder in {path.parent for path in RECIPES}:
+        lenvm, baseline = (
+            yaml.safe_load((folder / name).read_text())
+            for name in ("config_lenvm_budget.yaml", "config_seq_length_score.yaml")
+        )
+        differing = {key for key in lenvm.keys() | baseline.keys() if lenvm.get(key) != baseline.get(key)}
+        assert differing == {"length_objective", "reward_funcs", "output_dir"}, folder
+        assert baseline["length_objective"] == "none" and baseline["reward_funcs"] == ["accuracy", "length_score"]

@@ -1,0 +1,122 @@
+"""run_rollouts on the tiny model: the documented columns, one row per (prompt, sample), truncation,
+resumption after an interruption, refusal to mix settings, budgets, and jsonl prompt sources."""
+
+import json
+import shutil
+
+import pytest
+
+import lenvm_rl.rollouts
+from conftest import rollout_args
+from lenvm_rl.data import load_prompts
+from lenvm_rl.errors import ConfigError
+from lenvm_rl.rollouts import load_rollouts, run_rollouts, tokenize_prompts
+
+COLUMNS = {
+    "prompt_id", "sample_index", "prompt", "prompt_ids", "completion_ids", "completion", "completion_tokens",
+    "finished", "answer",
+}
+MAX_COMPLETION_TOKENS = 8  # conftest.rollout_args
+
+
+def test_rows_follow_the_documented_contract(rollouts_dir, tokenizer):
+    rows = load_rollouts(rollouts_dir)
+    assert set(rows.column_names) == COLUMNS
+    assert sorted(zip(rows["prompt_id"], rows["sample_index"])) == [(p, s) for p in range(6) for s in range(2)]
+    assert 0 < sum(rows["finished"]) < len(rows)  # the tiny model finishes some rollouts, not all
+    prompts = load_prompts(rollout_args("unused"))
+    for row in rows:
+        assert row["prompt"] == prompts[row["prompt_id"]]["prompt"]
+        assert row["prompt_ids"] == tokenize_prompts(tokenizer, [row["prompt"]])[0]
+        assert row["completion_tokens"] == len(row["completion_ids"])
+        assert tokenizer.eos_token_id not in row["completion_ids"]  # EOS stripped, or never emitted
+        assert row["completion"] == tokenizer.decode(row["completion_ids"], skip_special_tokens=True)
+        if row["finished"]:
+            assert row["completion_tokens"] < MAX_COMPLETION_TOKENS  # the EOS itself took a step
+        else:
+            assert row["completion_tokens"] == MAX_COMPLETION_TOKENS
+
+
+def records(path):
+    return load_rollouts(path).to_list()
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(rollouts_dir, tiny_model_path, tmp_path, monkeypatch):
+    generate, calls = lenvm_rl.rollouts.generate_hf, []
+
+    def interrupted(*args, **kwargs):  # one generate call per shard here; die in the second shard
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(lenvm_rl.rollouts, "generate_hf", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_rollouts(rollout_args(tmp_path), tiny_model_path)
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["shard-00000"]
+    monkeypatch.undo()
+
+    run_rollouts(rollout_args(tmp_path), tiny_model_path)
+    assert records(tmp_path) == records(rollouts_dir)
+
+
+def test_lost_shard_is_resampled_identically(rollouts_dir, tiny_model_path, tmp_path):
+    output_dir = tmp_path / "rollouts"
+    shutil.copytree(rollouts_dir, output_dir)
+    shutil.rmtree(output_dir / "shards" / "shard-00001")
+    run_rollouts(rollout_args(output_dir), tiny_model_path)
+    assert records(output_dir) == records(rollouts_dir)
+
+
+def test_rerun_with_other_settings_is_refused(rollouts_dir, tiny_model_path, tmp_path):
+    output_dir = tmp_path / "rollouts"
+    shutil.copytree(rollouts_dir, output_dir)
+    with pytest.raises(ConfigError, match=r"output_dir: .*temperature"):
+        run_rollouts(rollout_args(output_dir, temperature=0.5), tiny_model_path)
+    assert records(output_dir) == records(rollouts_dir)
+    # The same settings are a finished run: nothing to do, nothing changes.
+    run_rollouts(rollout_args(output_dir), tiny_model_path)
+    assert records(output_dir) == records(rollouts_dir)
+
+
+def test_failed_run_does_not_block_the_corrected_rerun(rollouts_dir, tiny_model_path, tmp_path):
+    output_dir = tmp_path / "rollouts"
+    with pytest.raises(ConfigError, match="model_name_or_path"):
+        run_rollouts(rollout_args(output_dir), str(tmp_path / "no-such-model"))
+    run_rollouts(rollout_args(output_dir), tiny_model_path)
+    assert records(output_dir) == records(rollouts_dir)
+
+
+def test_budget_columns(make_rollouts):
+    rows = load_rollouts(make_rollouts(num_prompts=2, budgets=[8, 16]))
+    assert set(rows.column_names) == COLUMNS | {"budget_tokens", "budget_kind"}
+    assert set(rows["budget_tokens"]) <= {8, 16} and set(rows["budget_kind"]) == {"exact"}
+
+
+@pytest.fixture
+def gsm8k_jsonl(tmp_path):
+    path = tmp_path / "gsm8k.jsonl"
+    problems = [("Ann has 3 pens and buys 4 more. How many pens?", "3 + 4 = 7\n#### 7"),
+                ("What is 6 times 7?", "6 * 7 = 42\n#### 42"),
+                ("Bo reads 10 pages a day for 3 days. How many pages?", "10 * 3 = 30\n#### 30")]
+    path.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in problems))
+    return path
+
+
+def test_jsonl_with_prompt_column(gsm8k_jsonl, tiny_model_path, tmp_path):
+    args = rollout_args(tmp_path / "out", dataset_name=str(gsm8k_jsonl), prompt_column="question",
+                        prompt_instruction="End with #### <number>.", num_prompts=None)
+    rows = load_rollouts(run_rollouts(args, tiny_model_path))
+    assert set(rows.column_names) == COLUMNS and len(rows) == 3 * 2
+    first = rows.filter(lambda p: p == 1, input_columns="prompt_id")[0]
+    assert first["prompt"] == [{"role": "user", "content": "What is 6 times 7?\nEnd with #### <number>."}]
+    assert first["answer"] == "6 * 7 = 42\n#### 42"
+
+
+@pytest.mark.parametrize("column", ["prompt", "nope"])
+def test_missing_prompt_column_is_refused_before_anything_is_written(column, gsm8k_jsonl, tiny_model_path, tmp_path):
+    output_dir = tmp_path / "out"
+    args = rollout_args(output_dir, dataset_name=str(gsm8k_jsonl), prompt_column=column, num_prompts=None)
+    with pytest.raises(ConfigError, match=rf"prompt_column: the dataset has no column '{column}' \(columns: question, answer\)"):
+        run_rollouts(args, tiny_model_path)
+    assert not output_dir.exists()  # no manifest left behind to block the corrected rerun
