@@ -86,6 +86,7 @@ class LenVMModel(PreTrainedModel):
     _supports_sdpa = True
     # The loss is normalised by the token count of the whole accumulated batch (`num_items_in_batch`).
     accepts_loss_kwargs = True
+    _keep_in_fp32_modules_strict = ["head"]
 
     def __init__(self, config: LenVMConfig, backbone: PreTrainedModel | None = None):
         super().__init__(config)
@@ -110,7 +111,9 @@ class LenVMModel(PreTrainedModel):
         """Wrap a loaded causal LM (its base model is kept, its LM head dropped) with a fresh head."""
         base = backbone.get_decoder() if hasattr(backbone, "get_decoder") else backbone
         config = LenVMConfig(backbone_config=backbone.config.to_dict(), gamma=gamma, **config_kwargs)
-        return cls(config, backbone=base).to(dtype=backbone.dtype)
+        model = cls(config, backbone=base).to(dtype=backbone.dtype)
+        model.head.float()  # the head's weights stay float32 with a bf16/fp16 backbone
+        return model
 
     def get_input_embeddings(self):
         return self.backbone.get_input_embeddings()

@@ -173,3 +173,13 @@ def test_frozen_backbone_trains_the_head_only():
     assert losses[-1] < losses[0]
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]) == name.startswith("backbone."), name
+
+
+def test_head_weights_stay_float32_with_a_bf16_backbone(tmp_path):
+    model = make_lenvm(torch.bfloat16).eval()
+    assert model.head.dense.weight.dtype == torch.float32
+    model.save_pretrained(tmp_path)
+    reloaded = LenVMModel.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert reloaded.head.dense.weight.dtype == torch.float32 and reloaded.backbone.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(model(**states_only(make_batch())).values, reloaded(**states_only(make_batch())).values)

@@ -26,7 +26,7 @@ def test_rollout_lenvm_predict_on_smollm2(tmp_path):
         "--output_dir", str(rollouts), *small, cwd=root)
     run("rollout", "--config", f"{RECIPES}/rollout/config_arithmetic_eval.yaml", "--num_prompts", "2",
         "--output_dir", str(held_out), *small, cwd=root)
-    out = run("train-lenvm", "--config", f"{RECIPES}/lenvm/config_full.yaml", "--rollouts_path", str(rollouts),
+    out = run("train-lenvm", "--config", f"{RECIPES}/lenvm/config_top_layers.yaml", "--rollouts_path", str(rollouts),
               "--eval_rollouts_path", str(held_out), "--output_dir", str(lenvm), "--max_steps", "2", cwd=root)
     assert "prompt-boundary MRE" in out
     run("predict-length", "--lenvm_model_path", str(lenvm), "--rollouts_path", str(held_out),
