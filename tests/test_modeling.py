@@ -181,5 +181,7 @@ def test_head_weights_stay_float32_with_a_bf16_backbone(tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = LenVMModel.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
     assert reloaded.head.dense.weight.dtype == torch.float32 and reloaded.backbone.dtype == torch.bfloat16
-    with torch.no_grad():
-        assert torch.equal(model(**states_only(make_batch())).values, reloaded(**states_only(make_batch())).values)
+    with torch.no_grad():  # same weights; bf16 kernels may differ in the last bits between two model objects
+        torch.testing.assert_close(
+            model(**states_only(make_batch())).values, reloaded(**states_only(make_batch())).values, atol=1e-5, rtol=0
+        )
