@@ -12,6 +12,7 @@ loss), so ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` work as fo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedMode
 from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import ModelOutput
 
+from lenvm_rl.errors import ConfigError
 from lenvm_rl.returns import value_targets
 
 
@@ -166,14 +168,12 @@ AutoModel.register(LenVMConfig, LenVMModel)
 
 def load_lenvm(path: str, dtype: torch.dtype | None = None) -> LenVMModel:
     """Load a saved LenVM; a folder that holds something else is refused with the fix."""
-    from lenvm_rl.errors import ConfigError
-
     try:
         config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError):
+        problem = "a folder without a model config" if Path(path).is_dir() else "no such folder, nor a reachable Hub id"
         raise ConfigError(
-            f"lenvm_model_path: cannot read a model config at {path!r} ({str(error).splitlines()[0][:100]}); "
-            f"train one with `lenvm-rl train-lenvm` and give its output_dir"
+            f"lenvm_model_path: {path!r} is {problem}; give the output_dir of `lenvm-rl train-lenvm`"
         ) from None
     if not isinstance(config, LenVMConfig):
         raise ConfigError(

@@ -270,8 +270,12 @@ def test_budget_without_budget_columns_refused(tiny_model_path, tokenizer, lenvm
 def test_bad_fields_refused(overrides, field, tmp_path):
     with pytest.raises(ConfigError, match=f"^{field}: "):
         config_for(tmp_path, lenvm_model_path="lenvm", **overrides)
-    # Efficiency is a direction: a negative coefficient asks for longer completions and is allowed.
-    config_for(tmp_path, lenvm_model_path="lenvm", length_objective="efficiency", length_advantage_coef=-1.0)
+
+
+def test_efficiency_accepts_either_sign(tmp_path):
+    """Efficiency is a direction, not a target: c < 0 asks for longer completions."""
+    config = config_for(tmp_path, lenvm_model_path="lenvm", length_objective="efficiency", length_advantage_coef=-1.0)
+    assert config.length_advantage_coef == -1.0
 
 
 # ------------------------------------------------------------------------------------------ logging and entry point
