@@ -2,8 +2,10 @@
 
 Both arms run the same batches (right-padded prompt + completion sequences from a rollout folder, or
 synthetic ones), the same optimizer (AdamW) and the same autocast dtype; the LenVM arm adds the head,
-the state gather and the token-mean value loss. Reports the median tokens/s of each arm over
-``--steps`` timed steps (after ``--warmup``) and their ratio, measured in one run.
+the state gather and the token-mean value loss. A third arm trains only the top
+``--top-layers`` decoder layers, the final norm and the head (``trainable_top_layers``), the CPU
+recipe's mode. Reports the median tokens/s (non-padding tokens) of each arm over ``--steps`` timed
+steps (after ``--warmup``) and the ratios, measured in one run.
 
     python benchmarks/lenvm_throughput.py --model smollm2-135m-instruct --rollouts runs/smollm2/rollouts
 """
@@ -56,6 +58,7 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--autocast", default="bfloat16", choices=["bfloat16", "none"])
+    parser.add_argument("--top-layers", type=int, default=4)
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -67,6 +70,10 @@ def main():
     else:
         rows = synthetic_rows(len(tokenizer), 64)
     lenvm = LenVMModel.from_backbone(load_causal_lm(args.model), gamma=0.99)
+    top = LenVMModel.from_backbone(load_causal_lm(args.model), gamma=0.99)
+    top.backbone.requires_grad_(False)
+    top.backbone.layers[-args.top_layers :].requires_grad_(True)
+    top.backbone.norm.requires_grad_(True)
     plain = load_causal_lm(args.model).get_decoder()
     count = args.warmup + args.steps
     enabled = args.autocast != "none"
@@ -86,10 +93,17 @@ def main():
         optimizer.step()
         optimizer.zero_grad()
 
+    def top_step(batch, optimizer=torch.optim.AdamW([p for p in top.parameters() if p.requires_grad], lr=1e-6)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            loss = top(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
     tokens = [int(b["attention_mask"].sum()) for b in batches(rows, args.batch_size, tokenizer.pad_token_id, count)]
     results = {}
     # Interleave the arms in two rounds so drift in machine load hits both alike.
-    for arm, step in [("plain", plain_step), ("lenvm", lenvm_step)] * 2:
+    for arm, step in [("plain", plain_step), ("lenvm", lenvm_step), ("top", top_step)] * 2:
         timings = time_arm(step, batches(rows, args.batch_size, tokenizer.pad_token_id, count), args.warmup)
         results.setdefault(arm, []).extend(t / n for t, n in zip(timings, tokens[args.warmup:]))
     plain_tps = 1 / statistics.median(results["plain"])
@@ -98,7 +112,10 @@ def main():
     print(f"model {args.model}, batch {args.batch_size}, {len(results['plain'])} timed steps per arm, autocast {args.autocast}")
     print(f"plain forward+backward: {plain_tps:,.0f} tokens/s (median)")
     print(f"LenVM training step:    {lenvm_tps:,.0f} tokens/s (median)")
+    top_tps = 1 / statistics.median(results["top"])
+    print(f"LenVM, top {args.top_layers} layers:    {top_tps:,.0f} tokens/s (median)")
     print(f"ratio LenVM / plain:    {lenvm_tps / plain_tps:.3f}")
+    print(f"ratio top-layers LenVM / full LenVM: {top_tps / lenvm_tps:.2f}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ Metrics (finished rollouts only: a truncated one has no known length):
 - ``boundary_mre``: the paper's §4.4 prompt-boundary MRE: per prompt, L_GT from the N sampled
   lengths (μ = mean(1 - γ^Li), L_GT = ln(1 - μ)/ln γ) against L̂ = ln(1 + V(s_0))/ln γ.
 - ``boundary_value_mae``: the same comparison in value space, |V(s_0) + μ| (no Jensen bias).
-- ``constant_mre``: the MRE of the best constant predictor, the mean training length.
+- ``constant_mre``: the MRE of a constant predictor, the mean training length.
+- ``constant_value_mre``: the MRE of the constant that is best in value space, the training set's
+  pooled L_GT = ln(1 - mean(1 - γ^L)) / ln γ (lower than the mean length, by Jensen): a LenVM that
+  ignored its prompt would converge there, so this is the baseline that shows prompt conditioning.
 """
 
 from __future__ import annotations
@@ -46,6 +49,11 @@ def collate_states(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tenso
     }
 
 
+def constant_baselines(config) -> dict[str, float | None]:
+    """The two constant predictors a LenVM config records from its training rollouts."""
+    return {"constant_mre": config.train_length_mean, "constant_value_mre": config.train_boundary_tokens}
+
+
 @torch.no_grad()
 def score_rollouts(model, rows, pad_token_id: int, batch_size: int = 8) -> list[torch.Tensor]:
     """V(s_0) .. V(s_L) (float32, on CPU) for every rollout row, in order."""
@@ -67,8 +75,14 @@ def score_rollouts(model, rows, pad_token_id: int, batch_size: int = 8) -> list[
     return values
 
 
-def length_metrics(rows, values: list[torch.Tensor], gamma: float, constant_length: float | None = None) -> dict[str, float]:
-    """The metrics of the module docstring, from rows and their scored values."""
+def length_metrics(
+    rows, values: list[torch.Tensor], gamma: float, constants: dict[str, float | None] | None = None
+) -> dict[str, float]:
+    """The metrics of the module docstring, from rows and their scored values.
+
+    ``constants`` maps a metric name (``constant_mre``, ``constant_value_mre``) to a constant
+    predicted length in tokens; None entries are skipped.
+    """
     finished = [(row, v) for row, v in zip(rows, values) if row["finished"]]
     if not finished:
         raise ValueError("eval rollouts: none finished; the metrics need finished completions")
@@ -100,7 +114,8 @@ def length_metrics(rows, values: list[torch.Tensor], gamma: float, constant_leng
     keep = truth > 0  # a prompt whose samples all have L = 0 has no relative error
     metrics["boundary_mre"] = float(mean_relative_error(remaining_from_value(boundary, gamma)[keep], truth[keep]))
     metrics["boundary_value_mae"] = float((boundary - value_from_remaining(truth, gamma)).abs().mean())
-    if constant_length is not None:
-        metrics["constant_mre"] = float(mean_relative_error(torch.full_like(truth[keep], constant_length), truth[keep]))
+    for name, constant in (constants or {}).items():
+        if constant is not None:
+            metrics[name] = float(mean_relative_error(torch.full_like(truth[keep], constant), truth[keep]))
     metrics["num_prompts"] = len(by_prompt)
     return metrics

@@ -34,7 +34,8 @@ class LenVMConfig(PreTrainedConfig):
     ``head_hidden_size`` (width of the MLP head; default: the backbone's hidden size), ``value_loss``
     ("mse" or "bce"), ``bootstrap_truncated`` (regress truncated rollouts towards the model's own
     value at the cut instead of dropping them), ``train_length_mean`` (mean finished length of the
-    training rollouts: the constant baseline predictors are compared against).
+    training rollouts) and ``train_boundary_tokens`` (their pooled prompt-boundary length
+    ln(1 - mean(1 - γ^L)) / ln γ, the best constant in value space): the two constant baselines.
     """
 
     model_type = "lenvm"
@@ -46,6 +47,7 @@ class LenVMConfig(PreTrainedConfig):
     value_loss: str = "mse"
     bootstrap_truncated: bool = False
     train_length_mean: float | None = None
+    train_boundary_tokens: float | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

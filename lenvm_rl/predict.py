@@ -51,7 +51,7 @@ def plot_value_trace(values: torch.Tensor, length: int, gamma: float, path: Path
 
 def main(argv: list[str] | None = None) -> dict:
     from lenvm_rl.cli import parse_recipe
-    from lenvm_rl.lenvm_eval import length_metrics, score_rollouts
+    from lenvm_rl.lenvm_eval import constant_baselines, length_metrics, score_rollouts
     from lenvm_rl.loading import load_tokenizer
     from lenvm_rl.modeling import load_lenvm
     from lenvm_rl.returns import prompt_boundary_ground_truth, remaining_from_value
@@ -79,14 +79,20 @@ def main(argv: list[str] | None = None) -> dict:
     for entry in per_prompt.values():
         entry["predicted_tokens"] = float(remaining_from_value(torch.tensor(entry["value_s0"], dtype=torch.float64), gamma))
         entry["ground_truth_tokens"] = float(prompt_boundary_ground_truth([torch.tensor(entry["lengths"], dtype=torch.float64)], gamma)[0])
-    metrics = length_metrics(rows, values, gamma, model.config.train_length_mean)
+    metrics = length_metrics(rows, values, gamma, constant_baselines(model.config))
 
     print(f"{'prompt':>6}  {'predicted':>9}  {'L_GT':>7}  {'rel.err':>7}  sampled lengths")
     for e in per_prompt.values():
         rel = abs(e["predicted_tokens"] - e["ground_truth_tokens"]) / max(e["ground_truth_tokens"], 1e-9)
         print(f"{e['prompt_id']:>6}  {e['predicted_tokens']:>9.1f}  {e['ground_truth_tokens']:>7.1f}  {rel:>7.1%}  {sorted(e['lengths'])}")
-    constant = metrics.get("constant_mre")
-    print(f"prompt-boundary MRE: {metrics['boundary_mre']:.3f}" + (f"   (constant predictor {model.config.train_length_mean:.1f} tokens: {constant:.3f})" if constant is not None else ""))
+    print(f"prompt-boundary MRE: LenVM {metrics['boundary_mre']:.3f}")
+    config = model.config
+    for name, constant, label in [
+        ("constant_mre", config.train_length_mean, "mean training length"),
+        ("constant_value_mre", config.train_boundary_tokens, "best constant in value space"),
+    ]:
+        if name in metrics:
+            print(f"  constant predictor, {label} ({constant:.1f} tokens): {metrics[name]:.3f}")
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

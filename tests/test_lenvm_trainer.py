@@ -9,14 +9,15 @@ from trl import ModelConfig
 
 from conftest import write_rollout_shard
 from lenvm_rl.errors import ConfigError
-from lenvm_rl.lenvm_eval import collate_states, score_rollouts
+from lenvm_rl.lenvm_eval import collate_states, length_metrics, score_rollouts
 from lenvm_rl.lenvm_trainer import LenVMTrainer, LenVMTrainingConfig, build_lenvm, prepare_rollouts, split_by_prompt
 from lenvm_rl.modeling import LenVMModel, load_lenvm
 from lenvm_rl.rollouts import load_rollouts
 
+TRAIN_LENGTHS = torch.tensor([2.0, 3.0, 4.0], dtype=torch.float64)  # finished training lengths: the constants
 GAMMA = 0.9
 METRICS = [
-    "value_mse", "boundary_mre", "boundary_value_mae", "constant_mre",
+    "value_mse", "boundary_mre", "boundary_value_mae", "constant_mre", "constant_value_mre",
     *(f"length_{kind}_p{q}" for kind in ("mae", "rel_err") for q in (0, 25, 50, 75)),
 ]
 
@@ -43,7 +44,7 @@ def training_config(output_dir, **overrides) -> LenVMTrainingConfig:
 def make_trainer(model_path, tokenizer, rows, output_dir, model_args=None, **overrides):
     config = training_config(output_dir, **overrides)
     model_args = model_args or ModelConfig(model_name_or_path=model_path)
-    model = build_lenvm(model_args, config, GAMMA, train_length_mean=3.0)
+    model = build_lenvm(model_args, config, GAMMA, TRAIN_LENGTHS)
     return LenVMTrainer(model, config, train_dataset=rows, eval_dataset=rows, processing_class=tokenizer)
 
 
@@ -147,7 +148,7 @@ def test_config_refuses_bad_fields(field, value, tmp_path):
 
 def test_frozen_backbone_leaves_only_the_head_trainable(tiny_model_path, tmp_path):
     config = training_config(tmp_path, freeze_backbone=True)
-    model = build_lenvm(ModelConfig(model_name_or_path=tiny_model_path), config, GAMMA, 3.0)
+    model = build_lenvm(ModelConfig(model_name_or_path=tiny_model_path), config, GAMMA, TRAIN_LENGTHS)
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"head"}
 
@@ -178,4 +179,19 @@ def test_lora_trains_adapters_and_head_only_and_merges(tiny_model_path, tokenize
 def test_missing_lora_target_module_is_a_config_error(tiny_model_path, tmp_path):
     model_args = ModelConfig(model_name_or_path=tiny_model_path, use_peft=True, lora_target_modules=["qkv_proj"])
     with pytest.raises(ConfigError, match=r"lora_target_modules: .*qkv_proj.*use some of: .*q_proj"):
-        build_lenvm(model_args, training_config(tmp_path), GAMMA, 3.0)
+        build_lenvm(model_args, training_config(tmp_path), GAMMA, TRAIN_LENGTHS)
+
+
+def test_constant_baselines_against_hand_computation():
+    """Two prompts, lengths {2, 4} and {6}; γ = 0.5. L_GT(p) = ln(1 - mean(1 - γ^L)) / ln γ."""
+    rows = [
+        {"prompt_id": 0, "completion_tokens": 2, "finished": True},
+        {"prompt_id": 0, "completion_tokens": 4, "finished": True},
+        {"prompt_id": 1, "completion_tokens": 6, "finished": True},
+    ]
+    values = [torch.zeros(row["completion_tokens"] + 1) for row in rows]
+    truth = [math.log((0.25 + 0.0625) / 2) / math.log(0.5), 6.0]
+    metrics = length_metrics(rows, values, 0.5, {"constant_mre": 4.0, "constant_value_mre": 3.0})
+    assert metrics["constant_mre"] == pytest.approx(sum(abs(4.0 - t) / t for t in truth) / 2)
+    assert metrics["constant_value_mre"] == pytest.approx(sum(abs(3.0 - t) / t for t in truth) / 2)
+    assert metrics["boundary_mre"] == pytest.approx(1.0)  # V(s_0) = 0 predicts 0 tokens
