@@ -283,6 +283,7 @@ def test_efficiency_accepts_either_sign(tmp_path):
 
 def wandb_history_keys(run_file: Path) -> set[str]:
     """Keys of the history records in an offline run's `.wandb` file (a LevelDB-style log of protobuf Records)."""
+    from google.protobuf.message import DecodeError
     from wandb.proto import wandb_internal_pb2
 
     data, position, chunks, keys = run_file.read_bytes(), 7, [], set()  # 7: the ":W&B" file header
@@ -291,10 +292,15 @@ def wandb_history_keys(run_file: Path) -> set[str]:
             position += 32768 - position % 32768
             continue
         _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        if position + 7 + length > len(data):  # the writer is mid-record: read again later
+            break
         chunks.append(data[position + 7 : position + 7 + length])
         position += 7 + length
         if kind in (1, 4):  # FULL or LAST fragment
-            record = wandb_internal_pb2.Record.FromString(b"".join(chunks))
+            try:
+                record = wandb_internal_pb2.Record.FromString(b"".join(chunks))
+            except DecodeError:  # bytes not flushed yet: the caller reads the file again
+                break
             chunks = []
             if record.WhichOneof("record_type") == "history":
                 keys |= {item.key or "/".join(item.nested_key) for item in record.history.item}
