@@ -28,4 +28,4 @@ demo: $(STAMP)
 	bash scripts/demo.sh
 
 benchmark: $(STAMP)
-	$(PYTHON) benchmarks/lenvm_benchmark.py
+	$(PYTHON) benchmarks/lenvm_throughput.py --rollouts runs/smollm2/rollouts  # after `make demo`

@@ -28,7 +28,9 @@ class DatasetArguments:
     prompt_instruction: str | None = field(
         default=None, metadata={"help": "Text appended to a plain-string prompt (e.g. the answer format)."}
     )
-    num_prompts: int | None = field(default=None, metadata={"help": "Use this many prompts (all when unset)."})
+    num_prompts: int | None = field(
+        default=None, metadata={"help": "Use this many prompts (all when unset; the arithmetic task then makes 1000)."}
+    )
     skip_prompts: int = field(
         default=0, metadata={"help": "Skip this many prompts first: held-out sets take a disjoint slice."}
     )
