@@ -130,6 +130,25 @@ def prepare_rollouts(rollouts: Dataset, truncated: str, max_sequence_tokens: int
     return rollouts
 
 
+def check_rollout_tokenizer(rollouts_path: str, backbone: str, tokenizer) -> None:
+    """Refuse a LenVM backbone whose vocabulary differs from the policy's that sampled the rollouts."""
+    import json
+    from pathlib import Path
+
+    from lenvm_rl.loading import load_tokenizer
+    from lenvm_rl.rollouts import MANIFEST
+
+    manifest = Path(rollouts_path) / MANIFEST
+    policy = json.loads(manifest.read_text())["model_name_or_path"] if manifest.exists() else None
+    if policy is None or policy == backbone:
+        return
+    if load_tokenizer(policy).get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(
+            f"model_name_or_path: the LenVM backbone {backbone!r} has another tokenizer than the policy {policy!r} "
+            f"that sampled {rollouts_path}; a LenVM must share its policy's vocabulary: use a backbone of that family"
+        )
+
+
 def split_by_prompt(rollouts: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     """Hold out whole prompts (all their samples), never single samples: no prompt leaks into eval."""
     prompt_ids = sorted(set(rollouts["prompt_id"]))
@@ -221,8 +240,9 @@ def main(argv: list[str] | None = None) -> None:
     gamma = auto_gamma(finished_lengths) if config.gamma == "auto" else config.gamma
     print(f"train rollouts: {len(train_rows)}, eval rollouts: {len(eval_rows)}, γ = {gamma:.5f}")
 
-    ################ Model and tokenizer
+    ################ Model and tokenizer (the rollouts' token ids must mean the same to the LenVM)
     tokenizer = load_tokenizer(model_args.model_name_or_path)
+    check_rollout_tokenizer(script_args.rollouts_path, model_args.model_name_or_path, tokenizer)
     model = build_lenvm(model_args, config, gamma, finished_lengths)
 
     ################ Train
@@ -241,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
         if config.push_to_hub:
             final.push_to_hub(config.hub_model_id or config.output_dir)
             tokenizer.push_to_hub(config.hub_model_id or config.output_dir)
-    print(
-        f"held-out prompt-boundary MRE: LenVM {metrics['eval_boundary_mre']:.3f}; constant predictors: mean training "
-        f"length {metrics['eval_constant_mre']:.3f}, best constant in value space {metrics['eval_constant_value_mre']:.3f}"
-    )
+        print(
+            f"held-out prompt-boundary MRE: LenVM {metrics['eval_boundary_mre']:.3f}; constant predictors: mean "
+            f"training length {metrics['eval_constant_mre']:.3f}, best constant in value space "
+            f"{metrics['eval_constant_value_mre']:.3f}"
+        )

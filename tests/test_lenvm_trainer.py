@@ -195,3 +195,20 @@ def test_constant_baselines_against_hand_computation():
     assert metrics["constant_mre"] == pytest.approx(sum(abs(4.0 - t) / t for t in truth) / 2)
     assert metrics["constant_value_mre"] == pytest.approx(sum(abs(3.0 - t) / t for t in truth) / 2)
     assert metrics["boundary_mre"] == pytest.approx(1.0)  # V(s_0) = 0 predicts 0 tokens
+
+
+def test_backbone_with_another_tokenizer_is_refused(rollouts_dir, tiny_model_path, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from lenvm_rl.lenvm_trainer import check_rollout_tokenizer
+
+    same_family = shutil.copytree(tiny_model_path, tmp_path / "same")
+    check_rollout_tokenizer(str(rollouts_dir), str(same_family), AutoTokenizer.from_pretrained(same_family))
+    other = shutil.copytree(tiny_model_path, tmp_path / "other")
+    tokenizer = AutoTokenizer.from_pretrained(other)
+    tokenizer.add_tokens(["<budget>"])
+    tokenizer.save_pretrained(other)
+    with pytest.raises(ConfigError, match="model_name_or_path: .* another tokenizer"):
+        check_rollout_tokenizer(str(rollouts_dir), str(other), AutoTokenizer.from_pretrained(other))
