@@ -146,20 +146,25 @@ def run_rollouts(args: RolloutArguments, model_name_or_path: str, dtype: str | N
     shard_dir = output_dir / "shards"
     shard_dir.mkdir(exist_ok=True)
     tokenizer = load_tokenizer(model_name_or_path)
+    for stale in output_dir.glob(".staging-*"):  # a shard an interrupted run did not finish writing
+        shutil.rmtree(stale)
     num_shards = -(-len(prompts) // args.shard_size)
     todo = [i for i in range(num_shards) if not (shard_dir / f"shard-{i:05d}").exists()]
     if not todo:
         return output_dir
+
+    def shard_rows(shard: int) -> range:
+        return range(shard * args.shard_size, min((shard + 1) * args.shard_size, len(prompts)))
     if args.use_vllm:
         generate_vllm = make_vllm_generate(resolve_model_path(model_name_or_path), args, dtype, eos_token_ids(tokenizer))
     else:
         model = load_causal_lm(model_name_or_path, dtype=dtype).eval()
     extra_columns = [c for c in prompts.column_names if c != "prompt"]
-    progress = tqdm(total=len(prompts), initial=len(prompts) - sum(
-        min(args.shard_size, len(prompts) - i * args.shard_size) for i in todo), desc="rollouts", unit="prompt")
+    remaining = sum(len(shard_rows(i)) for i in todo)
+    progress = tqdm(total=len(prompts), initial=len(prompts) - remaining, desc="rollouts", unit="prompt")
     for shard in todo:
         torch.manual_seed(args.seed + shard)
-        rows = prompts.select(range(shard * args.shard_size, min((shard + 1) * args.shard_size, len(prompts))))
+        rows = prompts.select(shard_rows(shard))
         records = []
         for start in range(0, len(rows), args.prompts_per_batch):
             batch = rows.select(range(start, min(start + args.prompts_per_batch, len(rows))))

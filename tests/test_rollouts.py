@@ -68,6 +68,15 @@ def test_lost_shard_is_resampled_identically(rollouts_dir, tiny_model_path, tmp_
     assert records(output_dir) == records(rollouts_dir)
 
 
+def test_half_written_shard_is_discarded_and_resampled(rollouts_dir, tiny_model_path, tmp_path):
+    output_dir = tmp_path / "rollouts"
+    shutil.copytree(rollouts_dir, output_dir)
+    shutil.move(output_dir / "shards" / "shard-00002", output_dir / ".staging-killed")  # killed before the rename
+    run_rollouts(rollout_args(output_dir), tiny_model_path)
+    assert not list(output_dir.glob(".staging-*"))
+    assert records(output_dir) == records(rollouts_dir)
+
+
 def test_rerun_with_other_settings_is_refused(rollouts_dir, tiny_model_path, tmp_path):
     output_dir = tmp_path / "rollouts"
     shutil.copytree(rollouts_dir, output_dir)
