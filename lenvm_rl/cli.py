@@ -51,11 +51,14 @@ def rewards_main(argv: list[str] | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
+    if argv and argv[0] not in STAGES and argv[0] not in ("-h", "--help"):
+        print(f"lenvm-rl: error: unknown stage {argv[0]!r}; use one of {', '.join(STAGES)}", file=sys.stderr)
+        sys.exit(2)
+    if not argv or argv[0] in ("-h", "--help"):
         print("usage: lenvm-rl <stage> --config recipe.yaml [--field value ...]\n\nstages:")
         for name, (_, summary) in STAGES.items():
             print(f"  {name:<15} {summary}")
-        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+        sys.exit(0 if argv else 2)
     stage, rest = argv[0], argv[1:]
     try:
         if stage == "rewards":
