@@ -28,6 +28,7 @@ from trl.models import prepare_deepspeed, prepare_fsdp
 from lenvm_rl.data import DatasetArguments
 from lenvm_rl.errors import ConfigError
 from lenvm_rl.returns import (
+    BUDGET_KINDS,
     LENGTH_ADVANTAGE_MODES,
     LENGTH_SCORES,
     budget_kind_codes,
@@ -134,6 +135,12 @@ class LenVMGRPOTrainer(GRPOTrainer):
                 f"length_objective: 'budget' needs the dataset columns {', '.join(missing)}; set budgets or "
                 f"budget_range in the recipe (the budget transform adds them), or choose another length_objective"
             )
+        if columns is not None and "budget_kind" in columns:
+            unknown = sorted(set(train_dataset["budget_kind"]) - set(BUDGET_KINDS))
+            if unknown:
+                raise ConfigError(
+                    f"budget_kind: the dataset has unknown kinds {unknown}; use {', '.join(BUDGET_KINDS)}"
+                )
         super().__init__(model, reward_funcs, args, train_dataset, **kwargs)
         self.lenvm = None
         if args.lenvm_model_path is None:

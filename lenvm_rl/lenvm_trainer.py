@@ -234,6 +234,12 @@ def main(argv: list[str] | None = None) -> None:
         train_rows, eval_rows = split_by_prompt(rollouts, script_args.eval_prompt_fraction, config.seed)
     train_rows = prepare_rollouts(train_rows, config.truncated_rollouts, config.max_sequence_tokens, "rollouts_path")
     eval_rows = prepare_rollouts(eval_rows, "drop", config.max_sequence_tokens, "eval rollouts")
+    for name, rows in (("training", train_rows), ("held-out", eval_rows)):
+        if len(rows) == 0:
+            raise ConfigError(
+                f"max_sequence_tokens: no {name} rollout is left to use (finished and at most "
+                f"{config.max_sequence_tokens} tokens); raise max_sequence_tokens or sample more rollouts"
+            )
     finished_lengths = torch.tensor(
         [l for l, f in zip(train_rows["completion_tokens"], train_rows["finished"]) if f], dtype=torch.float64
     )

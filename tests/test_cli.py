@@ -81,6 +81,7 @@ BAD_INPUTS = {
     "misspelt-field": ("rollout", {"num_samples_per_promt": 2}, [], "recipe: unknown field(s) num_samples_per_promt"),
     "missing-prompt-column": ("rollout", {"dataset_name": "{jsonl}", "num_prompts": 2}, [], "prompt_column: the dataset has no column 'prompt'"),
     "no-finished-rollout": ("train-lenvm", {"rollouts_path": "{truncated}"}, [], "rollouts_path: none of its"),
+    "nothing-fits-max-sequence-tokens": ("train-lenvm", {}, ["--max_sequence_tokens", "2"], "max_sequence_tokens: no training rollout"),
     "gamma-out-of-range": ("train-lenvm", {}, ["--gamma", "1.5"], "gamma: must be a number in (0, 1)"),
     "missing-lora-target": ("train-lenvm", {"use_peft": True}, ["--lora_target_modules", "qkv_proj"], "lora_target_modules: qkv_proj not found"),
 }

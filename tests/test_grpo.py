@@ -255,6 +255,12 @@ def test_budget_without_budget_columns_refused(tiny_model_path, tokenizer, lenvm
         make_trainer(tiny_model_path, tokenizer, plain_data, tmp_path, lenvm_model_path=lenvm_path)
 
 
+def test_unknown_budget_kind_refused(tiny_model_path, tokenizer, lenvm_path, dataset, tmp_path):
+    bad = dataset.map(lambda row, i: {"budget_kind": "roughly" if i == 0 else row["budget_kind"]}, with_indices=True)
+    with pytest.raises(ConfigError, match=r"budget_kind: .*'roughly'"):
+        make_trainer(tiny_model_path, tokenizer, bad, tmp_path, lenvm_model_path=lenvm_path)
+
+
 @pytest.mark.parametrize(
     "overrides, field",
     [
