@@ -3,7 +3,8 @@
 Each shard covers ``shard_size`` consecutive prompts and is written to a staging folder, then renamed
 into ``<output_dir>/shards/``: a rename is atomic, so an interrupted run leaves only whole shards, and
 a rerun with the same settings skips them (no duplicated or missing rows). Shard ``i`` is sampled
-with seed ``seed + i``, so a resumed run writes what an uninterrupted one would have.
+with seed ``seed + i`` (vLLM: one seed per prompt), so a resumed run writes what an uninterrupted
+one would have.
 
 Row columns: ``prompt_id``, ``sample_index``, ``prompt`` (chat messages), ``prompt_ids``,
 ``completion_ids`` (EOS stripped), ``completion`` (text), ``completion_tokens`` (L, EOS excluded),
@@ -55,9 +56,10 @@ class RolloutArguments(DatasetArguments):
             raise ConfigError("use_vllm: vLLM is not installed; `pip install 'lenvm-rl[vllm]'` on a GPU machine, or set use_vllm: false")
 
 
-def eos_token_ids(tokenizer, model=None) -> set[int]:
+def eos_token_ids(tokenizer, generation_config=None) -> set[int]:
+    """Every id generation stops on: the tokenizer's EOS and the generation config's (Qwen has two)."""
     ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = generation_config.eos_token_id if generation_config is not None else None
     ids.update(configured if isinstance(configured, list) else [configured])
     return {i for i in ids if i is not None}
 
@@ -78,7 +80,7 @@ def tokenize_prompts(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
 @torch.no_grad()
 def generate_hf(model, tokenizer, prompt_ids: list[list[int]], args: RolloutArguments) -> list[list[tuple[list[int], bool]]]:
     """For each prompt, K (completion ids, finished) pairs from ``model.generate``."""
-    eos_ids = eos_token_ids(tokenizer, model)
+    eos_ids = eos_token_ids(tokenizer, model.generation_config)
     width = max(map(len, prompt_ids))
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=model.device)  # left pad
@@ -105,11 +107,15 @@ def make_vllm_generate(model_path: str, args: RolloutArguments, dtype: str | Non
 
     llm = LLM(model=model_path, dtype=dtype or "auto", gpu_memory_utilization=args.vllm_gpu_memory_utilization, seed=args.seed)
 
-    def generate(prompt_ids, shard_seed):
-        params = SamplingParams(
-            n=args.num_samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
-            max_tokens=args.max_completion_tokens, seed=shard_seed,
-        )
+    def generate(prompt_ids, seeds):
+        # One seed per prompt: a shared seed would give sample k of every prompt the same random stream.
+        params = [
+            SamplingParams(
+                n=args.num_samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
+                max_tokens=args.max_completion_tokens, seed=seed,
+            )
+            for seed in seeds
+        ]
         outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
         # finish_reason "stop" = an EOS (or stop token) ended it; "length" = truncated at max_tokens.
         return [
@@ -156,7 +162,14 @@ def run_rollouts(args: RolloutArguments, model_name_or_path: str, dtype: str | N
     def shard_rows(shard: int) -> range:
         return range(shard * args.shard_size, min((shard + 1) * args.shard_size, len(prompts)))
     if args.use_vllm:
-        generate_vllm = make_vllm_generate(resolve_model_path(model_name_or_path), args, dtype, eos_token_ids(tokenizer))
+        from transformers import GenerationConfig
+
+        path = resolve_model_path(model_name_or_path)
+        try:
+            generation_config = GenerationConfig.from_pretrained(path)
+        except OSError:  # a model without generation_config.json stops on the tokenizer's EOS only
+            generation_config = None
+        generate_vllm = make_vllm_generate(path, args, dtype, eos_token_ids(tokenizer, generation_config))
     else:
         model = load_causal_lm(model_name_or_path, dtype=dtype).eval()
     extra_columns = [c for c in prompts.column_names if c != "prompt"]
@@ -169,14 +182,16 @@ def run_rollouts(args: RolloutArguments, model_name_or_path: str, dtype: str | N
         for start in range(0, len(rows), args.prompts_per_batch):
             batch = rows.select(range(start, min(start + args.prompts_per_batch, len(rows))))
             prompt_ids = tokenize_prompts(tokenizer, batch["prompt"])
+            first_prompt_id = args.skip_prompts + shard_rows(shard)[start]
             if args.use_vllm:
-                samples = generate_vllm(prompt_ids, args.seed + shard)
+                seeds = [args.seed * 1_000_003 + first_prompt_id + i for i in range(len(prompt_ids))]
+                samples = generate_vllm(prompt_ids, seeds)
             else:
                 samples = generate_hf(model, tokenizer, prompt_ids, args)
             for offset, (row, ids, group) in enumerate(zip(batch, prompt_ids, samples)):
                 for sample_index, (completion_ids, finished) in enumerate(group):
                     records.append({
-                        "prompt_id": args.skip_prompts + shard * args.shard_size + start + offset,
+                        "prompt_id": first_prompt_id + offset,
                         "sample_index": sample_index,
                         "prompt": row["prompt"],
                         "prompt_ids": ids,

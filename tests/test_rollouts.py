@@ -129,3 +129,32 @@ def test_missing_prompt_column_is_refused_before_anything_is_written(column, gsm
     with pytest.raises(ConfigError, match=rf"prompt_column: the dataset has no column '{column}' \(columns: question, answer\)"):
         run_rollouts(args, tiny_model_path)
     assert not output_dir.exists()  # no manifest left behind to block the corrected rerun
+
+
+def test_vllm_path_seeds_each_prompt_and_strips_eos(monkeypatch):
+    """vLLM is GPU-only: a stand-in module checks what `make_vllm_generate` asks of it and makes of its output."""
+    import sys
+    import types
+
+    calls = {}
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.__dict__.update(kwargs)
+
+    class LLM:
+        def __init__(self, **kwargs):
+            calls["llm"] = kwargs
+
+        def generate(self, prompts, params, use_tqdm):
+            calls["seeds"] = [p.seed for p in params]
+            done = types.SimpleNamespace(token_ids=[5, 6, 2], finish_reason="stop")  # 2 = EOS
+            cut = types.SimpleNamespace(token_ids=[7, 8, 9], finish_reason="length")
+            return [types.SimpleNamespace(outputs=[done, cut]) for _ in prompts]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
+    args = rollout_args("unused", num_samples_per_prompt=2)
+    generate = lenvm_rl.rollouts.make_vllm_generate("some/model", args, "bfloat16", eos_ids={2})
+    samples = generate([[1, 3], [1, 4]], seeds=[11, 12])
+    assert calls["seeds"] == [11, 12]
+    assert samples == [[([5, 6], True), ([7, 8, 9], False)]] * 2
