@@ -3,6 +3,7 @@ built-in procedural arithmetic task; optionally with token budgets written into 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,7 +60,8 @@ def load_prompts(args: DatasetArguments) -> Dataset:
     if name == "arithmetic":
         from lenvm_rl.tasks import make_arithmetic_dataset
 
-        total = args.skip_prompts + (args.num_prompts or 1000)
+        # Twice the prompts asked for: room for the repeats of skipped problems that are dropped below.
+        total = args.skip_prompts + 2 * (args.num_prompts or 1000)
         dataset = make_arithmetic_dataset(total, seed=args.dataset_seed, difficulty=args.arithmetic_difficulty)
     elif Path(name).suffix in (".jsonl", ".json"):
         if not Path(name).is_file():
@@ -80,12 +82,18 @@ def load_prompts(args: DatasetArguments) -> Dataset:
             f"prompt_column: the dataset has no column {args.prompt_column!r} (columns: "
             f"{', '.join(dataset.column_names)}); set prompt_column to the column holding the prompts"
         )
-    end = len(dataset) if args.num_prompts is None else min(len(dataset), args.skip_prompts + args.num_prompts)
-    if end <= args.skip_prompts:
+    # Held-out slices must be disjoint in content, not only in index (a procedural task repeats problems).
+    skipped = range(min(args.skip_prompts, len(dataset)))
+    seen = {json.dumps(p, sort_keys=True) for p in dataset.select(skipped)[args.prompt_column]}
+    dataset = dataset.select(range(len(skipped), len(dataset)))
+    if seen:
+        dataset = dataset.filter(lambda p: json.dumps(p, sort_keys=True) not in seen, input_columns=args.prompt_column)
+    if len(dataset) == 0:
         raise ConfigError(
-            f"skip_prompts: {args.skip_prompts} skips the whole dataset ({len(dataset)} rows); lower it"
+            f"skip_prompts: no prompt is left after skipping {args.skip_prompts} (and their repeats); lower it"
         )
-    dataset = dataset.select(range(args.skip_prompts, end))
+    if args.num_prompts is not None:
+        dataset = dataset.select(range(min(args.num_prompts, len(dataset))))
 
     def to_chat(row):
         prompt = row[args.prompt_column]

@@ -158,3 +158,11 @@ def test_vllm_path_seeds_each_prompt_and_strips_eos(monkeypatch):
     samples = generate([[1, 3], [1, 4]], seeds=[11, 12])
     assert calls["seeds"] == [11, 12]
     assert samples == [[([5, 6], True), ([7, 8, 9], False)]] * 2
+
+
+def test_held_out_slice_shares_no_prompt_with_the_skipped_one():
+    # "easy" has 64 distinct problems, so an index-disjoint slice would repeat training prompts.
+    train = load_prompts(rollout_args("unused", num_prompts=50, arithmetic_difficulty="easy"))
+    held_out = load_prompts(rollout_args("unused", num_prompts=10, skip_prompts=50, arithmetic_difficulty="easy"))
+    assert len(held_out) == 10
+    assert not {str(p) for p in held_out["prompt"]} & {str(p) for p in train["prompt"]}
