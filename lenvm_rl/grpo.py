@@ -280,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     from lenvm_rl.cli import parse_recipe
     from lenvm_rl.data import load_prompts
     from lenvm_rl.loading import load_causal_lm, load_tokenizer
+    from lenvm_rl.rollouts import eos_token_ids
     from rewards import REWARDS, get_reward
     from rewards.base import TokenLengthReward
 
@@ -297,14 +298,12 @@ def main(argv: list[str] | None = None) -> None:
 
     ################ Rewards
     # Length rewards count tokens without the EOS that ended the completion: any id TRL stops on.
-    generation_eos = model.generation_config.eos_token_id
-    generation_eos = [generation_eos] if isinstance(generation_eos, int) else list(generation_eos or [])
-    eos_token_ids = sorted({tokenizer.eos_token_id, *generation_eos})
+    eos_ids = sorted(eos_token_ids(tokenizer, model.generation_config))
     reward_funcs = []
     for name in script_args.reward_funcs:
         reward_class, params = REWARDS.get(name), {}
         if reward_class is not None and issubclass(reward_class, TokenLengthReward):
-            params["eos_token_id"] = eos_token_ids
+            params["eos_token_id"] = eos_ids
             if "max_completion_tokens" in inspect.signature(reward_class).parameters:
                 params["max_completion_tokens"] = config.max_completion_length
         reward_funcs.append(get_reward(name, **params))
