@@ -56,12 +56,24 @@ class DatasetArguments:
 
 def load_prompts(args: DatasetArguments) -> Dataset:
     """Return a dataset whose ``prompt`` column holds chat messages, plus the source's other columns."""
+    return load_prompt_splits(args, 0)[0]
+
+
+def load_prompt_splits(args: DatasetArguments, num_eval_prompts: int) -> tuple[Dataset, Dataset | None]:
+    """The training prompts of ``load_prompts`` and, when ``num_eval_prompts`` > 0, held-out prompts.
+
+    The held-out prompts come right after the training slice and share no prompt text with it or with
+    the skipped prompts (a procedural task repeats problems). Their budgets are drawn with
+    ``dataset_seed + 1``. Returns (train, None) for ``num_eval_prompts`` = 0.
+    """
     name = args.dataset_name
+    if num_eval_prompts < 0:
+        raise ConfigError(f"eval_num_prompts: must be >= 0, got {num_eval_prompts}")
     if name == "arithmetic":
         from lenvm_rl.tasks import make_arithmetic_dataset
 
         # Twice the prompts asked for: room for the repeats of skipped problems that are dropped below.
-        total = args.skip_prompts + 2 * (args.num_prompts or 1000)
+        total = args.skip_prompts + 2 * ((args.num_prompts or 1000) + num_eval_prompts)
         dataset = make_arithmetic_dataset(total, seed=args.dataset_seed, difficulty=args.arithmetic_difficulty)
     elif Path(name).suffix in (".jsonl", ".json"):
         if not Path(name).is_file():
@@ -92,8 +104,26 @@ def load_prompts(args: DatasetArguments) -> Dataset:
         raise ConfigError(
             f"skip_prompts: no prompt is left after skipping {args.skip_prompts} (and their repeats); lower it"
         )
+    held_out = None
+    if num_eval_prompts:
+        train_size = len(dataset) if args.num_prompts is None else min(args.num_prompts, len(dataset))
+        seen.update(json.dumps(p, sort_keys=True) for p in dataset.select(range(train_size))[args.prompt_column])
+        held_out = dataset.select(range(train_size, len(dataset)))
+        held_out = held_out.filter(lambda p: json.dumps(p, sort_keys=True) not in seen, input_columns=args.prompt_column)
+        if len(held_out) == 0:
+            raise ConfigError(
+                f"eval_num_prompts: no prompt is left after the {train_size} training prompts; lower num_prompts "
+                f"or give a larger dataset"
+            )
+        held_out = held_out.select(range(min(num_eval_prompts, len(held_out))))
     if args.num_prompts is not None:
         dataset = dataset.select(range(min(args.num_prompts, len(dataset))))
+    dataset = _finish(dataset, args, args.dataset_seed)
+    return dataset, None if held_out is None else _finish(held_out, args, args.dataset_seed + 1)
+
+
+def _finish(dataset: Dataset, args: DatasetArguments, seed: int) -> Dataset:
+    """Chat-format the prompt column and add budgets when the recipe asks for them."""
 
     def to_chat(row):
         prompt = row[args.prompt_column]
@@ -112,7 +142,7 @@ def load_prompts(args: DatasetArguments) -> Dataset:
                 budgets=args.budgets,
                 budget_range=tuple(args.budget_range) if args.budget_range else None,
                 kinds=args.budget_kinds,
-                seed=args.dataset_seed,
+                seed=seed,
             )
         except ValueError as error:
             raise ConfigError(str(error)) from None

@@ -48,6 +48,13 @@ class GRPOScriptArguments(DatasetArguments):
         default_factory=lambda: ["accuracy"],
         metadata={"help": "Rewards by registry name (`lenvm-rl rewards` lists them) or module:function path."},
     )
+    eval_num_prompts: int = field(
+        default=0,
+        metadata={
+            "help": "Held-out prompts (after the training slice, no shared text) for TRL's evaluation; set "
+            "eval_strategy: steps and eval_steps to score them during training (logged as eval_length/*)."
+        },
+    )
 
 
 @dataclass
@@ -278,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     from trl import ModelConfig, get_peft_config
 
     from lenvm_rl.cli import parse_recipe
-    from lenvm_rl.data import load_prompts
+    from lenvm_rl.data import load_prompt_splits
     from lenvm_rl.loading import load_causal_lm, load_tokenizer
     from lenvm_rl.rollouts import eos_token_ids
     from rewards import REWARDS, get_reward
@@ -288,7 +295,11 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(config.seed)
 
     ################ Data
-    dataset = load_prompts(script_args)
+    dataset, eval_dataset = load_prompt_splits(script_args, script_args.eval_num_prompts)
+    if config.eval_strategy != "no" and eval_dataset is None:
+        raise ConfigError(
+            f"eval_strategy: {config.eval_strategy!r} needs held-out prompts; set eval_num_prompts, or eval_strategy: no"
+        )
 
     ################ Tokenizer and policy
     tokenizer = load_tokenizer(model_args.model_name_or_path)
@@ -314,6 +325,7 @@ def main(argv: list[str] | None = None) -> None:
         reward_funcs=reward_funcs,
         args=config,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
@@ -324,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     ################ Save (the adapter alone with LoRA; the tokenizer beside it)
     trainer.save_model(config.output_dir)
     if trainer.is_world_process_zero():
+        trainer.state.save_to_json(f"{config.output_dir}/trainer_state.json")  # every logged metric, for curves
         trainer.create_model_card(dataset_name=script_args.dataset_name, tags=["lenvm-rl", "grpo"])
 
     ################ Push

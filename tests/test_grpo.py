@@ -2,6 +2,7 @@
 hand example, left-padding invariance of the LenVM scores, 2-step training in every length mode (full and
 LoRA), refusals, wandb logging, the `grpo` entry point, and the shipped grpo recipes."""
 
+import json
 import math
 import struct
 import time
@@ -16,7 +17,7 @@ from trl import GRPOTrainer, ModelConfig
 
 from conftest import ROOT, make_tiny_llama, make_tokenizer
 from lenvm_rl.cli import parse_recipe
-from lenvm_rl.data import DatasetArguments, load_prompts
+from lenvm_rl.data import DatasetArguments, load_prompt_splits, load_prompts
 from lenvm_rl.errors import ConfigError
 from lenvm_rl.grpo import GRPOScriptArguments, LenVMGRPOConfig, LenVMGRPOTrainer, main
 from lenvm_rl.modeling import LenVMModel
@@ -343,6 +344,41 @@ def test_main_trains_and_saves_lora(tiny_model_path, lenvm_path, tmp_path):
     main(["--config", str(recipe)])
     saved = {path.name for path in (tmp_path / "out").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= saved
+
+
+def test_main_evaluates_held_out_prompts_and_saves_the_log(tiny_model_path, lenvm_path, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(dict(
+        model_name_or_path=tiny_model_path, num_prompts=8, eval_num_prompts=4, budgets=[3, 6],
+        reward_funcs=["accuracy"], lenvm_model_path=lenvm_path, num_generations=2, per_device_train_batch_size=4,
+        per_device_eval_batch_size=4, eval_strategy="steps", eval_steps=1, max_completion_length=8, max_steps=2,
+        use_cpu=True, bf16=False, activation_checkpointing=False, report_to="none", save_strategy="no",
+        disable_tqdm=True, output_dir=str(tmp_path / "out"),
+    )))
+    main(["--config", str(recipe)])
+    history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    evals = [row for row in history if "eval_length/mean_length_score" in row]
+    assert [row["step"] for row in evals] == [1, 2]
+    for row in evals:
+        assert 0.0 <= row["eval_length/mean_length_score"] <= 1.0 and math.isfinite(row["eval_length/online_mre"])
+        assert 0.0 <= row["eval_rewards/accuracy/mean"] <= 1.0
+
+
+def test_eval_strategy_without_held_out_prompts_is_refused(tiny_model_path, lenvm_path, tmp_path):
+    with pytest.raises(ConfigError, match="eval_num_prompts"):
+        main(["--model_name_or_path", tiny_model_path, "--lenvm_model_path", lenvm_path, "--budgets", "3",
+              "--num_prompts", "4", "--eval_strategy", "steps", "--use_cpu", "true", "--bf16", "false",
+              "--output_dir", str(tmp_path)])
+
+
+def test_held_out_split_shares_no_text_with_training_prompts():
+    args = DatasetArguments(num_prompts=40, skip_prompts=10, arithmetic_difficulty="easy", budgets=[8])
+    train, held_out = load_prompt_splits(args, 30)
+    question = lambda row: row["prompt"][0]["content"].splitlines()[0]  # noqa: E731 (the budget line differs)
+    assert len(train) == 40 and len(held_out) == 30
+    assert not {question(r) for r in train} & {question(r) for r in held_out}
+    assert [question(r) for r in train] == [question(r) for r in load_prompts(args)]
+    assert load_prompt_splits(args, 0)[1] is None
 
 
 # ------------------------------------------------------------------------------------------ recipes
