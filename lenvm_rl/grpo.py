@@ -31,6 +31,7 @@ from lenvm_rl.returns import (
     BUDGET_KINDS,
     LENGTH_ADVANTAGE_MODES,
     LENGTH_SCORES,
+    budget_hit,
     budget_kind_codes,
     length_advantages,
     lenvm_state_values,
@@ -39,7 +40,6 @@ from lenvm_rl.returns import (
 
 LENGTH_OBJECTIVES = (*LENGTH_ADVANTAGE_MODES, "none")
 BUDGET_COLUMNS = ("budget_tokens", "budget_kind")
-EXACT_TOLERANCE = 0.10  # an exact budget is hit when |L - N| / N <= 10%
 
 
 @dataclass
@@ -246,11 +246,7 @@ class LenVMGRPOTrainer(GRPOTrainer):
             budgets = torch.tensor([float(x["budget_tokens"]) for x in inputs], device=device)  # (B,) local rows
             kinds = budget_kind_codes([x["budget_kind"] for x in inputs]).to(device)  # (B,)
             all_budgets, all_kinds = gather(budgets), gather(kinds)
-            deviation = (all_lengths - all_budgets).abs() / all_budgets
-            hit = torch.where(
-                all_kinds == 0, deviation <= EXACT_TOLERANCE,
-                torch.where(all_kinds == 1, all_lengths <= all_budgets, all_lengths >= all_budgets),
-            )
+            hit = budget_hit(all_lengths, all_budgets, all_kinds)
             metrics["length/budget_hit_rate"].append(hit.float().mean().item())
             score = LENGTH_SCORES[self.args.length_score](all_lengths, all_budgets, all_kinds)
             metrics["length/mean_length_score"].append(score.mean().item())

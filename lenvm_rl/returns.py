@@ -50,6 +50,20 @@ def lifebench_length_score(lengths: torch.Tensor, budgets: torch.Tensor, kinds: 
     return score.float()
 
 
+EXACT_TOLERANCE = 0.10  # an exact budget counts as hit when |L - N| / N <= 10 %
+
+
+def budget_hit(lengths: torch.Tensor, budgets: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+    """Whether each length meets its budget: exact |L - N| / N <= 10 %, at_most L <= N, at_least L >= N.
+
+    >>> budget_hit(torch.tensor([30, 40, 40]), torch.tensor([32, 32, 32]), torch.tensor([0, 0, 2]))
+    tensor([ True, False,  True])
+    """
+    lengths, budgets = torch.as_tensor(lengths).double(), torch.as_tensor(budgets).double()
+    exact = (lengths - budgets).abs() / budgets <= EXACT_TOLERANCE
+    return torch.where(kinds == 0, exact, torch.where(kinds == 1, lengths <= budgets, lengths >= budgets))
+
+
 def l1_length_score(
     lengths: torch.Tensor, budgets: torch.Tensor, kinds: torch.Tensor, alpha: float = 0.0003, delta: float = 0.5
 ) -> torch.Tensor:

@@ -78,28 +78,41 @@ def tokenize_prompts(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
 
 
 @torch.no_grad()
-def generate_hf(model, tokenizer, prompt_ids: list[list[int]], args: RolloutArguments) -> list[list[tuple[list[int], bool]]]:
-    """For each prompt, K (completion ids, finished) pairs from ``model.generate``."""
+def generate_hf(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    logits_processor=None,
+) -> list[list[tuple[list[int], bool]]]:
+    """For each prompt, ``num_samples`` (completion ids, finished) pairs from ``model.generate``.
+
+    Temperature 0 decodes greedily; otherwise samples with top-k off. ``logits_processor``: a
+    ``transformers.LogitsProcessorList`` applied at every step (LenVM-guided decoding).
+    """
     eos_ids = eos_token_ids(tokenizer, model.generation_config)
     width = max(map(len, prompt_ids))
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=model.device)  # left pad
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=model.device)
+    sampling = dict(do_sample=False)
+    if temperature > 0:
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     output = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        do_sample=True,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=0,
-        max_new_tokens=args.max_completion_tokens,
-        num_return_sequences=args.num_samples_per_prompt,
+        **sampling,
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=num_samples,
         pad_token_id=pad,
         eos_token_id=sorted(eos_ids),
+        logits_processor=logits_processor,
     )
     completions = [split_completion(row, eos_ids) for row in output[:, width:].tolist()]
-    k = args.num_samples_per_prompt
-    return [completions[i * k : (i + 1) * k] for i in range(len(prompt_ids))]
+    return [completions[i * num_samples : (i + 1) * num_samples] for i in range(len(prompt_ids))]
 
 
 def make_vllm_generate(model_path: str, args: RolloutArguments, dtype: str | None, eos_ids: set[int]):
@@ -187,7 +200,10 @@ def run_rollouts(args: RolloutArguments, model_name_or_path: str, dtype: str | N
                 seeds = [args.seed * 1_000_003 + first_prompt_id + i for i in range(len(prompt_ids))]
                 samples = generate_vllm(prompt_ids, seeds)
             else:
-                samples = generate_hf(model, tokenizer, prompt_ids, args)
+                samples = generate_hf(
+                    model, tokenizer, prompt_ids, args.num_samples_per_prompt, args.max_completion_tokens,
+                    args.temperature, args.top_p,
+                )
             for offset, (row, ids, group) in enumerate(zip(batch, prompt_ids, samples)):
                 for sample_index, (completion_ids, finished) in enumerate(group):
                     records.append({

@@ -1,0 +1,333 @@
+"""`lenvm-rl evaluate --config recipes/<Model>/evaluate/config_<variant>.yaml`: does a model hit its budgets?
+
+Every held-out prompt is asked once per budget and kind (``budgets`` × ``budget_kinds``, the same
+instruction the budget transform writes), for the base model and for the base model with each LoRA
+adapter in ``adapters``. Reported per (model, kind, budget): accuracy, mean tokens (EOS excluded),
+LIFEBench length deviation (L - N) / N (mean and mean absolute), length score, and hit rate (exact:
+|L - N| / N <= 10 %; at_most: L <= N; at_least: L >= N). ``hard_truncation`` adds the paper's token-budget
+baseline: generation stops at N tokens and an answer cut off before its EOS counts as wrong.
+
+Writes ``<output_dir>/results.json``, ``results.md`` (the Markdown table), ``length_score.png`` (length
+score against budget) and ``pareto.png`` (accuracy against mean tokens). Generations are appended to
+``<output_dir>/generations/<label>.jsonl`` one batch at a time and batch i is sampled with seed
+``seed + i``, so a rerun after an interruption skips what is written and finishes as an uninterrupted
+run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import Dataset, concatenate_datasets
+from tqdm.auto import tqdm
+
+from lenvm_rl.data import DatasetArguments, load_prompts
+from lenvm_rl.errors import ConfigError
+from lenvm_rl.returns import BUDGET_KINDS, budget_hit, budget_kind_codes, lifebench_length_score
+
+METRICS = ("accuracy", "mean_tokens", "length_deviation", "abs_length_deviation", "length_score", "hit_rate")
+
+
+@dataclass
+class EvaluateArguments(DatasetArguments):
+    """Which models, which prompts and budgets, and how to generate."""
+
+    model_name_or_path: str = field(
+        default="smollm2-135m-instruct", metadata={"help": "The base model: a Hub id, a local path, or the embedded default."}
+    )
+    adapters: list[str] = field(
+        default_factory=list, metadata={"help": "LoRA adapter folders (e.g. `lenvm-rl grpo` output) to evaluate on the base."}
+    )
+    include_base: bool = field(default=True, metadata={"help": "Also evaluate the base model without an adapter."})
+    labels: list[str] | None = field(
+        default=None, metadata={"help": "Names in the table: one per evaluated model (base first); default from paths."}
+    )
+    hard_truncation: bool = field(
+        default=False, metadata={"help": "Also evaluate each model with generation cut at the budget (cut = wrong)."}
+    )
+    output_dir: str = field(default="runs/evaluate", metadata={"help": "Where results, tables, plots and generations go."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Generation limit; a completion without EOS is truncated."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature; 0 decodes greedily."})
+    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling mass."})
+    num_samples: int = field(default=1, metadata={"help": "Completions per prompt and budget."})
+    batch_size: int = field(default=16, metadata={"help": "Prompts per generate call."})
+    dtype: str = field(default="float32", metadata={"help": "Model dtype: float32 or bfloat16."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed; batch i uses seed + i."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.budgets is None:
+            raise ConfigError("budgets: evaluate needs the budgets to ask for, e.g. budgets: [16, 32, 64]")
+        if self.budget_range is not None:
+            raise ConfigError("budget_range: evaluate asks every prompt at every budget; give budgets: [...] instead")
+        for name in ("max_new_tokens", "num_samples", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature: must be >= 0 (0 = greedy), got {self.temperature}")
+        if not self.include_base and not self.adapters:
+            raise ConfigError("include_base: false leaves nothing to evaluate; list adapters or set include_base: true")
+        if self.labels is not None and len(self.labels) != len(self.model_specs()):
+            raise ConfigError(f"labels: give one per evaluated model ({len(self.model_specs())}), got {len(self.labels)}")
+
+    def model_specs(self) -> list[tuple[str, str | None, bool]]:
+        """(label, adapter or None, hard truncation) for every evaluated arm, in table order."""
+        models = ([None] if self.include_base else []) + list(self.adapters)
+        names = self.labels or ["base" if a is None else Path(a).name for a in models]
+        specs = [(name, adapter, False) for name, adapter in zip(names, models)]
+        if self.hard_truncation:
+            specs += [(f"{name} + truncation", adapter, True) for name, adapter in zip(names, models)]
+        return specs
+
+
+def budgeted_prompts(args: DatasetArguments) -> Dataset:
+    """Every prompt once per (kind, budget), kinds outermost; columns prompt, budget_tokens, budget_kind, ..."""
+    from dataclasses import fields
+
+    from lenvm_rl.budgets import add_budgets
+
+    source = {f.name: getattr(args, f.name) for f in fields(DatasetArguments)}
+    plain = load_prompts(DatasetArguments(**{**source, "budgets": None, "budget_range": None}))
+    return concatenate_datasets([
+        add_budgets(plain, budgets=[budget], kinds=[kind]) for kind in args.budget_kinds for budget in args.budgets
+    ])
+
+
+def generate_rows(
+    model,
+    tokenizer,
+    prompts: Dataset,
+    path: Path,
+    args: EvaluateArguments,
+    hard_truncation: bool = False,
+    logits_processor_for: Callable | None = None,
+    desc: str = "evaluate",
+) -> list[dict]:
+    """Generate for every row of ``prompts`` (num_samples each), appending records to the jsonl ``path``.
+
+    Records already in ``path`` are kept and their batches skipped (a torn last line is dropped).
+    A batch holds rows of one budget: with ``hard_truncation`` the limit is min(N, max_new_tokens).
+    ``logits_processor_for(batch_rows)`` may return a LogitsProcessorList for that batch.
+    """
+    from lenvm_rl.rollouts import generate_hf, tokenize_prompts
+
+    done = read_records(path)
+    records, start = list(done), len(done) // args.num_samples
+    if start and start * args.num_samples != len(done):
+        raise ConfigError(f"output_dir: {path} holds a partial prompt ({len(done)} records); delete the file to redo it")
+    batches, begin = [], 0
+    budgets = prompts["budget_tokens"]
+    for end in range(1, len(prompts) + 1):  # cut batches at batch_size and at every change of budget
+        if end == len(prompts) or end - begin == args.batch_size or budgets[end] != budgets[begin]:
+            batches.append(range(begin, end))
+            begin = end
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as sink, tqdm(total=len(prompts), initial=start, desc=desc, unit="prompt") as progress:
+        for index, rows in enumerate(batches):
+            if rows.stop <= start:
+                continue
+            batch = prompts.select(rows)
+            torch.manual_seed(args.seed + index)
+            limit = min(budgets[rows.start], args.max_new_tokens) if hard_truncation else args.max_new_tokens
+            samples = generate_hf(
+                model, tokenizer, tokenize_prompts(tokenizer, batch["prompt"]), args.num_samples, limit,
+                args.temperature, args.top_p,
+                logits_processor=logits_processor_for(batch) if logits_processor_for else None,
+            )
+            for row_index, row, group in zip(rows, batch, samples):
+                for sample_index, (ids, finished) in enumerate(group):
+                    text = tokenizer.decode(ids, skip_special_tokens=True)
+                    record = score_record(row, text, len(ids), finished, hard_truncation)
+                    records.append({"row": row_index, "sample_index": sample_index, **record})
+                    sink.write(json.dumps(records[-1]) + "\n")
+            sink.flush()
+            os.fsync(sink.fileno())
+            progress.update(len(rows))
+    return records
+
+
+def score_record(row: dict, text: str, tokens: int, finished: bool, hard_truncation: bool = False) -> dict:
+    """One generation's record: budget, tokens, finished, correct (None without an answer column), text."""
+    from rewards import is_correct
+
+    correct = None
+    if row.get("answer") is not None:
+        correct = is_correct(text, row["answer"]) and (finished or not hard_truncation)
+    return {
+        "budget_tokens": row["budget_tokens"], "budget_kind": row["budget_kind"], "tokens": tokens,
+        "finished": finished, "correct": correct, "completion": text,
+    }
+
+
+def read_records(path: Path) -> list[dict]:
+    """The complete records of a generations file; a torn last line (an interrupted write) is dropped."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines = lines[:-1]
+        path.write_text("".join(lines))
+    return [json.loads(line) for line in lines]
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Per (kind, budget) metrics of the records, kinds in BUDGET_KINDS order, budgets ascending."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for record in records:
+        groups.setdefault((record["budget_kind"], record["budget_tokens"]), []).append(record)
+    summary = []
+    for (kind, budget), group in sorted(groups.items(), key=lambda item: (BUDGET_KINDS.index(item[0][0]), item[0][1])):
+        lengths = torch.tensor([float(r["tokens"]) for r in group])
+        budgets = torch.full_like(lengths, float(budget))
+        kinds = budget_kind_codes([kind] * len(group))
+        deviation = (lengths - budgets) / budgets
+        graded = [r["correct"] for r in group if r["correct"] is not None]
+        summary.append({
+            "budget_kind": kind,
+            "budget_tokens": budget,
+            "n": len(group),
+            "accuracy": sum(graded) / len(graded) if graded else None,
+            "mean_tokens": lengths.mean().item(),
+            "length_deviation": deviation.mean().item(),
+            "abs_length_deviation": deviation.abs().mean().item(),
+            "length_score": lifebench_length_score(lengths, budgets, kinds).mean().item(),
+            "hit_rate": budget_hit(lengths, budgets, kinds).float().mean().item(),
+            "finished_rate": sum(r["finished"] for r in group) / len(group),
+        })
+    return summary
+
+
+def markdown_table(results: dict[str, list[dict]]) -> str:
+    """One row per (model, kind, budget) plus each model's mean over its budgets."""
+    header = "| model | kind | budget | n | accuracy | mean tokens | length dev. | length score | hit rate |"
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def cell(value, fmt):
+        return "–" if value is None else format(value, fmt)
+
+    for label, summary in results.items():
+        for s in [*summary, mean_row(summary)]:
+            lines.append(
+                f"| {label} | {s['budget_kind']} | {s['budget_tokens']} | {s['n']} | {cell(s['accuracy'], '.3f')} | "
+                f"{s['mean_tokens']:.1f} | {s['length_deviation']:+.2f} | {s['length_score']:.3f} | {s['hit_rate']:.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def mean_row(summary: list[dict]) -> dict:
+    """Unweighted mean of the per-budget rows (each budget counts once)."""
+    row = {"budget_kind": "all", "budget_tokens": "mean", "n": sum(s["n"] for s in summary)}
+    for name in (*METRICS, "finished_rate"):
+        values = [s[name] for s in summary if s[name] is not None]
+        row[name] = sum(values) / len(values) if values else None
+    return row
+
+
+def plot_results(results: dict[str, list[dict]], output_dir: Path) -> list[Path]:
+    """length_score.png (score against budget, a line per model and kind) and pareto.png (accuracy vs tokens)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = [output_dir / "length_score.png", output_dir / "pareto.png"]
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for label, summary in results.items():
+        for kind in BUDGET_KINDS:
+            points = [(s["budget_tokens"], s["length_score"]) for s in summary if s["budget_kind"] == kind]
+            if points:
+                axis.plot(*zip(*points), marker="o", label=f"{label} ({kind})")
+    axis.set(xscale="log", xlabel="budget N (tokens)", ylabel="mean length score", ylim=(-0.02, 1.02))
+    axis.set_title("Length score against budget")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(paths[0], dpi=100)
+    plt.close(figure)
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for label, summary in results.items():
+        points = [(s["mean_tokens"], s["accuracy"]) for s in summary if s["accuracy"] is not None]
+        if points:
+            axis.plot(*zip(*sorted(points)), marker="o", label=label)
+            for s in summary:
+                if s["accuracy"] is not None:
+                    axis.annotate(f"{s['budget_kind'][:5]} {s['budget_tokens']}", (s["mean_tokens"], s["accuracy"]), fontsize=7)
+    axis.set(xlabel="mean completion tokens", ylabel="accuracy", ylim=(-0.02, 1.02))
+    axis.set_title("Accuracy against length")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(paths[1], dpi=100)
+    plt.close(figure)
+    return paths
+
+
+def load_policy(model_name_or_path: str, adapter: str | None, dtype: str):
+    """The base model, or the base with a LoRA adapter merged into it, in eval mode."""
+    from lenvm_rl.loading import load_causal_lm
+
+    model = load_causal_lm(model_name_or_path, dtype=dtype)
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not Path(adapter, "adapter_config.json").is_file():
+            raise ConfigError(f"adapters: {adapter!r} holds no adapter_config.json; give a LoRA output_dir of `lenvm-rl grpo`")
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model.eval()
+
+
+def drop_if_stale(file: Path, adapter: str | None) -> None:
+    """Delete an arm's generations when its adapter's weights changed since they were written (a retrained run)."""
+    fingerprint = None
+    if adapter is not None:
+        weights = sorted(Path(adapter).glob("adapter_model.*"))
+        fingerprint = [[w.name, w.stat().st_size, w.stat().st_mtime_ns] for w in weights]
+    stamp = file.with_suffix(".adapter.json")
+    if file.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != fingerprint):
+        print(f"{file}: the adapter {adapter} changed since these generations were written; generating them again")
+        file.unlink()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(fingerprint))
+
+
+def run_evaluation(args: EvaluateArguments) -> dict[str, list[dict]]:
+    """Evaluate every arm of ``args.model_specs()``; write results.json / results.md / plots; return summaries."""
+    from lenvm_rl.loading import load_tokenizer
+
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    manifest = output_dir / "evaluate_args.json"
+    settings = {k: v for k, v in asdict(args).items() if k not in ("output_dir", "labels", "adapters", "include_base", "hard_truncation")}
+    if manifest.exists() and json.loads(manifest.read_text()) != settings:
+        raise ConfigError(
+            f"output_dir: {output_dir} holds an evaluation with other settings ({manifest}); use another output_dir"
+        )
+    manifest.write_text(json.dumps(settings, indent=2))
+    prompts = budgeted_prompts(args)
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    results, loaded = {}, {}
+    for label, adapter, truncate in args.model_specs():
+        file = output_dir / "generations" / f"{label.replace(' ', '_').replace('/', '_')}.jsonl"
+        drop_if_stale(file, adapter)
+        if adapter not in loaded:
+            loaded = {adapter: load_policy(args.model_name_or_path, adapter, args.dtype)}  # one model in memory
+        records = generate_rows(loaded[adapter], tokenizer, prompts, file, args, truncate, desc=label)
+        results[label] = summarize(records)
+    (output_dir / "results.json").write_text(json.dumps({"settings": asdict(args), "results": results}, indent=2))
+    (output_dir / "results.md").write_text(markdown_table(results))
+    plot_results(results, output_dir)
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
+    from lenvm_rl.cli import parse_recipe
+
+    (args,) = parse_recipe((EvaluateArguments,), argv)
+    results = run_evaluation(args)
+    print(markdown_table(results))
+    print(f"wrote {args.output_dir}/results.json, results.md, length_score.png, pareto.png")
+    return results

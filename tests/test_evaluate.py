@@ -1,0 +1,170 @@
+"""`lenvm-rl evaluate`: metrics against hand-computed LIFEBench cases, the table and plots of a real run on the
+tiny model (base, base + LoRA adapter, hard truncation), resumption after an interruption, and refusals."""
+
+import json
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+import lenvm_rl.rollouts
+from lenvm_rl.errors import ConfigError
+from lenvm_rl.evaluate import (
+    EvaluateArguments,
+    budgeted_prompts,
+    markdown_table,
+    read_records,
+    run_evaluation,
+    summarize,
+)
+from lenvm_rl.returns import budget_hit, lifebench_length_score
+
+
+def record(kind, budget, tokens, correct=True, finished=True):
+    return {"budget_kind": kind, "budget_tokens": budget, "tokens": tokens, "correct": correct, "finished": finished}
+
+
+def test_summary_matches_hand_computed_lifebench_cases():
+    # exact 20: L = 10 -> LD = -0.5, score e^{-2.5}; L = 30 -> LD = +0.5, score e^{-1}; L = 21 -> LD = 0.05, hit.
+    # at_most 20: L = 10 -> 1; L = 40 -> LD = 1, score e^{-2}. at_least 20: L = 10 -> e^{-2.5}; L = 25 -> 1.
+    records = [
+        record("exact", 20, 10, True), record("exact", 20, 30, False), record("exact", 20, 21, None),
+        record("at_most", 20, 10), record("at_most", 20, 40, False),
+        record("at_least", 20, 10), record("at_least", 20, 25),
+    ]
+    exact, at_most, at_least = summarize(records)
+    assert (exact["budget_kind"], at_most["budget_kind"], at_least["budget_kind"]) == ("exact", "at_most", "at_least")
+    assert exact["n"] == 3 and exact["accuracy"] == 0.5  # the ungraded record is left out of accuracy
+    assert exact["mean_tokens"] == pytest.approx(61 / 3)
+    assert exact["length_deviation"] == pytest.approx((-0.5 + 0.5 + 0.05) / 3)
+    assert exact["abs_length_deviation"] == pytest.approx((0.5 + 0.5 + 0.05) / 3)
+    assert exact["length_score"] == pytest.approx((math.exp(-2.5) + math.exp(-1) + math.exp(-0.1)) / 3, rel=1e-5)
+    assert exact["hit_rate"] == pytest.approx(1 / 3)
+    assert at_most["length_score"] == pytest.approx((1 + math.exp(-2)) / 2, rel=1e-5)
+    assert at_most["hit_rate"] == 0.5 and at_most["accuracy"] == 0.5
+    assert at_least["length_score"] == pytest.approx((math.exp(-2.5) + 1) / 2, rel=1e-5)
+    assert at_least["hit_rate"] == 0.5
+
+
+def test_lifebench_score_and_hit_on_budget_edges():
+    budgets, kinds = torch.tensor([10.0, 10.0, 10.0]), torch.tensor([0, 1, 2])
+    assert lifebench_length_score(torch.tensor([10.0] * 3), budgets, kinds).tolist() == [1.0, 1.0, 1.0]
+    assert budget_hit(torch.tensor([11.0, 10.0, 10.0]), budgets, kinds).tolist() == [True, True, True]
+    assert budget_hit(torch.tensor([12.0, 11.0, 9.0]), budgets, kinds).tolist() == [False, False, False]
+
+
+def test_every_prompt_is_asked_at_every_budget():
+    args = EvaluateArguments(num_prompts=3, budgets=[4, 8], budget_kinds=["exact", "at_most"], output_dir="unused")
+    prompts = budgeted_prompts(args)
+    assert len(prompts) == 12
+    pairs = list(zip(prompts["budget_kind"], prompts["budget_tokens"]))
+    assert pairs == [(k, b) for k in ("exact", "at_most") for b in (4, 8) for _ in range(3)]
+    assert prompts[0]["prompt"][0]["content"].endswith("Answer in exactly 4 tokens.")
+    assert prompts[11]["prompt"][0]["content"].endswith("Answer in at most 8 tokens.")
+
+
+@pytest.fixture(scope="module")
+def adapter_path(tiny_model_path, tokenizer, tmp_path_factory):
+    """A LoRA adapter on the tiny model with non-zero B, so base + adapter differs from base."""
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)
+    path = tmp_path_factory.mktemp("adapter") / "grpo_run"
+    model.save_pretrained(path)
+    return str(path)
+
+
+def evaluate_args(tiny_model_path, output_dir, **overrides):
+    settings = dict(
+        model_name_or_path=tiny_model_path, num_prompts=5, budgets=[2, 6], budget_kinds=["exact", "at_least"],
+        max_new_tokens=8, temperature=1.0, batch_size=3, num_samples=2, output_dir=str(output_dir), seed=0,
+    )
+    return EvaluateArguments(**{**settings, **overrides})
+
+
+def test_run_writes_table_json_and_plots(tiny_model_path, adapter_path, tmp_path):
+    args = evaluate_args(tiny_model_path, tmp_path, adapters=[adapter_path], hard_truncation=True)
+    results = run_evaluation(args)
+    assert list(results) == ["base", "grpo_run", "base + truncation", "grpo_run + truncation"]
+    for label, summary in results.items():
+        assert [(s["budget_kind"], s["budget_tokens"]) for s in summary] == [
+            ("exact", 2), ("exact", 6), ("at_least", 2), ("at_least", 6)
+        ]
+        assert all(s["n"] == 10 and 0 <= s["length_score"] <= 1 for s in summary)
+    base = read_records(tmp_path / "generations" / "base.jsonl")
+    tuned = read_records(tmp_path / "generations" / "grpo_run.jsonl")
+    assert [r["completion"] for r in base] != [r["completion"] for r in tuned]  # the adapter is applied
+    truncated = read_records(tmp_path / "generations" / "base_+_truncation.jsonl")
+    assert all(r["tokens"] <= r["budget_tokens"] for r in truncated)
+    assert all(not r["correct"] for r in truncated if not r["finished"])  # cut off = wrong
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["results"]["base"] == results["base"]
+    table = (tmp_path / "results.md").read_text()
+    assert table == markdown_table(results) and table.count("\n") == 2 + 4 * 5
+    for name in ("length_score.png", "pareto.png"):
+        assert (tmp_path / name).stat().st_size > 5_000
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(tiny_model_path, tmp_path, monkeypatch):
+    reference = run_evaluation(evaluate_args(tiny_model_path, tmp_path / "reference"))
+    expected = read_records(tmp_path / "reference" / "generations" / "base.jsonl")
+
+    calls, real = [], lenvm_rl.rollouts.generate_hf
+
+    def dies_on_the_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lenvm_rl.rollouts, "generate_hf", dies_on_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(evaluate_args(tiny_model_path, tmp_path / "resumed"))
+    partial = tmp_path / "resumed" / "generations" / "base.jsonl"
+    assert len(read_records(partial)) == 2 * (3 + 2)  # two batches written (3 and 2 prompts of budget 2)
+    with open(partial, "a") as sink:
+        sink.write('{"row": 5, "torn')  # a write cut by the kill
+    monkeypatch.setattr(lenvm_rl.rollouts, "generate_hf", real)
+    assert run_evaluation(evaluate_args(tiny_model_path, tmp_path / "resumed")) == reference
+    assert read_records(partial) == expected  # no duplicate, no gap
+
+
+def test_retrained_adapter_is_evaluated_again(tiny_model_path, adapter_path, tmp_path, capsys):
+    args = evaluate_args(tiny_model_path, tmp_path, adapters=[adapter_path], include_base=False, num_prompts=2)
+    run_evaluation(args)
+    weights = next(iter(__import__("pathlib").Path(adapter_path).glob("adapter_model.*")))
+    weights.touch()
+    run_evaluation(args)
+    assert "changed since these generations were written" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (dict(budgets=None), "budgets"),
+        (dict(budget_range=[4, 8]), "budget_range"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(include_base=False), "include_base"),
+        (dict(labels=["a", "b"]), "labels"),
+    ],
+)
+def test_bad_arguments_name_the_field(overrides, field, tiny_model_path, tmp_path):
+    with pytest.raises(ConfigError, match=field):
+        evaluate_args(tiny_model_path, tmp_path, **overrides)
+
+
+def test_other_settings_in_the_same_folder_are_refused(tiny_model_path, tmp_path):
+    run_evaluation(evaluate_args(tiny_model_path, tmp_path, num_prompts=1))
+    with pytest.raises(ConfigError, match="output_dir"):
+        run_evaluation(evaluate_args(tiny_model_path, tmp_path, num_prompts=1, max_new_tokens=4))
+
+
+def test_a_folder_without_an_adapter_is_refused(tiny_model_path, tmp_path):
+    with pytest.raises(ConfigError, match="adapters"):
+        run_evaluation(evaluate_args(tiny_model_path, tmp_path, adapters=[str(tmp_path)], num_prompts=1))
