@@ -7,6 +7,7 @@ from trl import ModelConfig
 
 from lenvm_rl.cli import parse_recipe
 from lenvm_rl.errors import ConfigError
+from lenvm_rl.evaluate import EvaluateArguments
 from lenvm_rl.grpo import GRPOScriptArguments, LenVMGRPOConfig
 from lenvm_rl.lenvm_trainer import LenVMScriptArguments, LenVMTrainingConfig
 from lenvm_rl.rollouts import RolloutArguments
@@ -15,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = {
     "rollout": ((RolloutArguments, ModelConfig), ["--use_vllm", "false"]),  # vLLM is GPU-only
     "lenvm": ((LenVMScriptArguments, LenVMTrainingConfig, ModelConfig), ["--report_to", "none", "--bf16", "false"]),
+    "evaluate": ((EvaluateArguments,), []),
     "grpo": ((GRPOScriptArguments, LenVMGRPOConfig, ModelConfig), ["--report_to", "none", "--bf16", "false", "--use_vllm", "false"]),
 }
 RECIPES = sorted(ROOT.glob("recipes/*/*/config_*.yaml"))
