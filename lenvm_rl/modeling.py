@@ -60,11 +60,13 @@ class LenVMConfig(PreTrainedConfig):
 @dataclass
 class LenVMOutput(ModelOutput):
     """``values`` (B, S) in (-1, 0) and ``logits`` (B, S) float32, at every position, or at
-    ``state_positions`` when given; ``loss`` is the token-mean value loss when targets are given."""
+    ``state_positions`` when given; ``loss`` is the token-mean value loss when targets are given;
+    ``cache`` the backbone's cache when called with ``use_cache=True``."""
 
     loss: torch.Tensor | None = None
     values: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    cache: object | None = None
 
 
 class LengthValueHead(nn.Module):
@@ -142,7 +144,9 @@ class LenVMModel(PreTrainedModel):
         this batch's count: a token mean, not a mean over sequences.
         """
         kwargs.pop("labels", None)
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        kwargs.setdefault("use_cache", False)  # a cache only when asked for (guided decoding)
+        output = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden = output.last_hidden_state
         if state_positions is not None:
             index = state_positions.clamp(min=0).unsqueeze(-1).expand(-1, -1, hidden.size(-1))
             hidden = hidden.gather(1, index)  # (B, S, H)
@@ -161,7 +165,7 @@ class LenVMModel(PreTrainedModel):
                 per_state = F.binary_cross_entropy_with_logits(logits, -targets, reduction="none")
             denominator = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
             loss = (per_state * mask).sum() / denominator
-        return LenVMOutput(loss=loss, values=values, logits=logits)
+        return LenVMOutput(loss=loss, values=values, logits=logits, cache=output.cache)
 
 
 AutoConfig.register("lenvm", LenVMConfig)

@@ -1,0 +1,155 @@
+"""LenVM-guided decoding (paper §4.2–4.3) as a ``transformers`` LogitsProcessor.
+
+At every step the processor keeps the policy's plausible next tokens (top-k, then top-p and min-p
+on the softmax of the step's logits), scores the state each candidate would lead to with the LenVM, and
+rewrites the logits:
+
+- ``mode="select"``: one candidate is kept per row (all other logits become -inf), by the row's
+  budget kind. exact: argmin |V(x) − v*|, with v* = −(1 − γ^r) the value of the budget left after the
+  action (r = N − t − 1 for a token, N − t for EOS, floored at 0; t = tokens so far). at_most: the
+  most probable candidate whose predicted total length t + 1 + ln(1 + V(x))/ln γ (t for EOS) is ≤ N,
+  and argmax V (the shortest continuation) when none is; at_least: the most probable candidate with
+  predicted total ≥ N, else argmin V. When the budget is at risk these are the paper's rules
+  (at_most argmax V, at_least argmin V); otherwise the policy keeps its own choice.
+- ``mode="tilt"``: p'(x) ∝ p(x) · exp(β V(x)) over the candidates (others -inf). With V ∈ (−1, 0],
+  β > 0 favours shorter continuations and β < 0 longer ones.
+
+An EOS candidate leads to the terminal state, whose value is 0 without a forward pass. The LenVM
+keeps its own KV cache of the accepted prefix: each step runs one forward of (B, 1 + K) tokens (the
+token accepted at the previous step and the K candidates), where a custom 4D attention mask lets
+every candidate see the prefix and itself only; the cache is then cropped back to the prefix. Custom
+processors run before transformers' temperature / top-p warpers, so a selected token is sampled with
+probability 1, and tilted logits are then scaled by the temperature.
+
+Why by hand: no maintained library scores next-token candidates with a separate value model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import LogitsProcessor
+
+from lenvm_rl.returns import budget_kind_codes, remaining_from_value, value_from_remaining
+
+GUIDANCE_MODES = ("select", "tilt")
+
+
+class LenVMGuidedLogitsProcessor(LogitsProcessor):
+    """Steer generation towards each row's token budget with a LenVM (see the module docstring).
+
+    ``budgets`` (R,) tokens, ``kinds`` (R,) budget kinds (names or codes), ``prompt_lengths`` (R,) the
+    unpadded prompt lengths; R counts returned sequences (prompts × num_return_sequences, in
+    ``generate``'s order). Prompts must be left-padded, as for any decoder-only ``generate``. One
+    processor serves one ``generate`` call.
+    """
+
+    def __init__(
+        self,
+        lenvm,
+        budgets,
+        kinds,
+        prompt_lengths,
+        eos_token_ids,
+        mode: str = "select",
+        top_k: int = 8,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        beta: float = 0.0,
+        gamma: float | None = None,
+    ):
+        if mode not in GUIDANCE_MODES:
+            raise ValueError(f"mode: {mode!r} is not a guidance mode; use one of {', '.join(GUIDANCE_MODES)}")
+        if top_k < 1 or not 0.0 < top_p <= 1.0 or not 0.0 <= min_p < 1.0:
+            raise ValueError(f"top_k >= 1, top_p in (0, 1], min_p in [0, 1) needed; got {top_k}, {top_p}, {min_p}")
+        self.lenvm, self.mode, self.top_k, self.top_p, self.min_p, self.beta = lenvm, mode, top_k, top_p, min_p, beta
+        self.gamma = gamma or lenvm.config.gamma
+        device = next(lenvm.parameters()).device
+        self.budgets = torch.as_tensor(budgets, dtype=torch.float64, device=device)  # (R,)
+        codes = kinds if isinstance(kinds, torch.Tensor) else budget_kind_codes(list(kinds))
+        self.kinds = codes.to(device)  # (R,)
+        self.prompt_lengths = torch.as_tensor(prompt_lengths, device=device)  # (R,)
+        self.eos_ids = torch.tensor(sorted(eos_token_ids), device=device)
+        self.cache = None
+        self.key_mask = None  # (R, past) 1 where the cached position is a real token
+        self.prompt_width = int(self.prompt_lengths.max())  # prompts are left-padded to the longest
+        self.forward_calls = 0
+
+    @torch.no_grad()
+    def candidate_values(self, input_ids: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """V of the state each candidate leads to (R, K), through the LenVM's prefix cache."""
+        rows, num_candidates = candidates.shape
+        device = candidates.device
+        if self.cache is None:  # first call: everything so far (the prompts) is new
+            new = input_ids
+            pads = self.prompt_width - self.prompt_lengths  # (R,)
+            new_mask = (torch.arange(new.size(1), device=device) >= pads[:, None]).long()  # (R, W + t)
+            self.key_mask = new_mask.new_zeros(rows, 0)
+        else:
+            new = input_ids[:, -1:]  # the token accepted at the previous step
+            new_mask = torch.ones_like(new)
+        past = self.key_mask.size(1)
+        key_mask = torch.cat([self.key_mask, new_mask], dim=1)  # (R, past + n) after the accepted tokens
+        positions = key_mask.cumsum(1) - 1  # (R, past + n)
+        new_positions = positions[:, past:].clamp(min=0)  # (R, n)
+        candidate_positions = positions[:, -1:] + 1  # (R, 1)
+
+        n, query = new.size(1), new.size(1) + num_candidates
+        dtype = next(self.lenvm.parameters()).dtype
+        allowed = torch.zeros(rows, query, past + query, dtype=torch.bool, device=device)
+        causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+        allowed[:, :n, : past + n] = key_mask[:, None, :].bool()  # the prefix and the accepted tokens ...
+        allowed[:, :n, past : past + n] &= causal  # ... causally among the new ones
+        allowed[:, n:, : past + n] = key_mask[:, None, :].bool()  # candidates see all accepted tokens
+        allowed[:, n:, past + n :] = torch.eye(num_candidates, dtype=torch.bool, device=device)  # and themselves
+        # Every query sees itself (a left-pad prompt position would otherwise see nothing and give nan).
+        diagonal = torch.arange(query, device=device)
+        allowed[:, diagonal, past + diagonal] = True
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+        output = self.lenvm(
+            input_ids=torch.cat([new, candidates], dim=1),
+            attention_mask=mask[:, None],  # (R, 1, query, past + query)
+            position_ids=torch.cat([new_positions, candidate_positions.expand(-1, num_candidates)], dim=1),
+            cache=self.cache,
+            use_cache=True,
+        )
+        self.forward_calls += 1
+        self.cache = output.cache
+        self.cache.crop(-num_candidates)  # drop the candidates: keep the accepted prefix only
+        self.key_mask = key_mask
+        return output.values[:, n:].double()  # (R, K)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        rows = scores.size(0)
+        if rows != self.budgets.numel():
+            raise ValueError(f"budgets: the processor was built for {self.budgets.numel()} rows, generate gave {rows}")
+        log_probs = scores.float().log_softmax(-1)  # (R, V)
+        top_log_probs, candidates = log_probs.topk(min(self.top_k, scores.size(-1)), dim=-1)  # (R, K), descending
+        probs = top_log_probs.exp()
+        keep = probs >= self.min_p * probs[:, :1]  # min-p, relative to the most probable token
+        keep &= (probs.cumsum(-1) - probs) < self.top_p  # top-p: the smallest prefix reaching top_p
+        keep[:, 0] = True
+        values = self.candidate_values(input_ids, candidates.to(input_ids.device))  # (R, K)
+        is_eos = torch.isin(candidates, self.eos_ids.to(candidates.device))
+        values = torch.where(is_eos, 0.0, values)  # the terminal state's value
+
+        steps = float(input_ids.size(1) - self.prompt_width)  # t, tokens generated so far
+        budgets, kinds = self.budgets[:, None], self.kinds[:, None]  # (R, 1)
+        if self.mode == "tilt":
+            tilted = top_log_probs.double() + self.beta * values
+            choice_scores = torch.where(keep, tilted, -math.inf)
+            out = torch.full_like(scores, -math.inf)
+            return out.scatter(1, candidates, choice_scores.to(scores.dtype))
+
+        after = steps + (~is_eos).double()  # tokens in the completion once the candidate is taken
+        predicted_total = after + remaining_from_value(values, self.gamma).double()  # (R, K)
+        target = value_from_remaining((budgets - after).clamp(min=0), self.gamma).double()  # v*
+        rank = torch.arange(candidates.size(1), device=candidates.device).double().expand_as(values)  # 0 = most probable
+        exact = (values - target).abs()
+        at_most = torch.where(predicted_total <= budgets, rank - 1e6, -values)  # fits: most probable; else argmax V
+        at_least = torch.where(predicted_total >= budgets, rank - 1e6, values)  # long enough: most probable; else argmin V
+        cost = torch.where(kinds == 0, exact, torch.where(kinds == 1, at_most, at_least))
+        chosen = candidates.gather(1, torch.where(keep, cost, math.inf).argmin(1, keepdim=True))  # (R, 1)
+        return torch.full_like(scores, -math.inf).scatter(1, chosen, 0.0)
