@@ -6,6 +6,8 @@ adapter in ``adapters``. Reported per (model, kind, budget): accuracy, mean toke
 LIFEBench length deviation (L - N) / N (mean and mean absolute), length score, and hit rate (exact:
 |L - N| / N <= 10 %; at_most: L <= N; at_least: L >= N). ``hard_truncation`` adds the paper's token-budget
 baseline: generation stops at N tokens and an answer cut off before its EOS counts as wrong.
+``guided_decoding`` adds LenVM-guided decoding (``lenvm_rl.decoding``) with the LenVM at
+``lenvm_model_path``; every arm's generation time per token is reported beside the table.
 
 Writes ``<output_dir>/results.json``, ``results.md`` (the Markdown table), ``length_score.png`` (length
 score against budget) and ``pareto.png`` (accuracy against mean tokens). Generations are appended to
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +53,17 @@ class EvaluateArguments(DatasetArguments):
     hard_truncation: bool = field(
         default=False, metadata={"help": "Also evaluate each model with generation cut at the budget (cut = wrong)."}
     )
+    lenvm_model_path: str | None = field(
+        default=None, metadata={"help": "A LenVM (`lenvm-rl train-lenvm` output) for guided_decoding."}
+    )
+    guided_decoding: bool = field(
+        default=False, metadata={"help": "Also evaluate each model with LenVM-guided decoding (needs lenvm_model_path)."}
+    )
+    guidance_mode: str = field(default="select", metadata={"help": "select (by budget kind) or tilt (p·exp(βV))."})
+    guidance_top_k: int = field(default=8, metadata={"help": "Candidates scored per step: the top k tokens ..."})
+    guidance_top_p: float = field(default=0.95, metadata={"help": "... within this nucleus mass ..."})
+    guidance_min_p: float = field(default=0.0, metadata={"help": "... and at least min_p times the top probability."})
+    guidance_beta: float = field(default=0.0, metadata={"help": "β of tilt mode: > 0 shorter, < 0 longer."})
     output_dir: str = field(default="runs/evaluate", metadata={"help": "Where results, tables, plots and generations go."})
     max_new_tokens: int = field(default=256, metadata={"help": "Generation limit; a completion without EOS is truncated."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature; 0 decodes greedily."})
@@ -72,16 +86,32 @@ class EvaluateArguments(DatasetArguments):
             raise ConfigError(f"temperature: must be >= 0 (0 = greedy), got {self.temperature}")
         if not self.include_base and not self.adapters:
             raise ConfigError("include_base: false leaves nothing to evaluate; list adapters or set include_base: true")
-        if self.labels is not None and len(self.labels) != len(self.model_specs()):
+        if self.guided_decoding and self.lenvm_model_path is None:
+            raise ConfigError("lenvm_model_path: guided_decoding needs a LenVM; give the output_dir of `lenvm-rl train-lenvm`")
+        from lenvm_rl.decoding import GUIDANCE_MODES
+
+        if self.guidance_mode not in GUIDANCE_MODES:
+            raise ConfigError(f"guidance_mode: {self.guidance_mode!r} is unknown; use one of {', '.join(GUIDANCE_MODES)}")
+        if self.guidance_top_k < 1 or not 0 < self.guidance_top_p <= 1 or not 0 <= self.guidance_min_p < 1:
+            raise ConfigError(
+                f"guidance_top_k / guidance_top_p / guidance_min_p: need k >= 1, p in (0, 1], min_p in [0, 1); got "
+                f"{self.guidance_top_k}, {self.guidance_top_p}, {self.guidance_min_p}"
+            )
+        if self.labels is not None and len(self.labels) != len(self.models()):
             raise ConfigError(f"labels: give one per evaluated model ({len(self.model_specs())}), got {len(self.labels)}")
 
-    def model_specs(self) -> list[tuple[str, str | None, bool]]:
-        """(label, adapter or None, hard truncation) for every evaluated arm, in table order."""
-        models = ([None] if self.include_base else []) + list(self.adapters)
+    def models(self) -> list[str | None]:
+        return ([None] if self.include_base else []) + list(self.adapters)
+
+    def model_specs(self) -> list[tuple[str, str | None, str]]:
+        """(label, adapter or None, decoding: plain | truncation | guided) for every arm, in table order."""
+        models = self.models()
         names = self.labels or ["base" if a is None else Path(a).name for a in models]
-        specs = [(name, adapter, False) for name, adapter in zip(names, models)]
+        specs = [(name, adapter, "plain") for name, adapter in zip(names, models)]
         if self.hard_truncation:
-            specs += [(f"{name} + truncation", adapter, True) for name, adapter in zip(names, models)]
+            specs += [(f"{name} + truncation", adapter, "truncation") for name, adapter in zip(names, models)]
+        if self.guided_decoding:
+            specs += [(f"{name} + LenVM-guided", adapter, "guided") for name, adapter in zip(names, models)]
         return specs
 
 
@@ -112,7 +142,8 @@ def generate_rows(
 
     Records already in ``path`` are kept and their batches skipped (a torn last line is dropped).
     A batch holds rows of one budget: with ``hard_truncation`` the limit is min(N, max_new_tokens).
-    ``logits_processor_for(batch_rows)`` may return a LogitsProcessorList for that batch.
+    ``logits_processor_for(batch_rows, prompt_ids)`` may return a LogitsProcessorList for that batch.
+    Each record keeps its share of its batch's generation seconds (``seconds``) for the cost per token.
     """
     from lenvm_rl.rollouts import generate_hf, tokenize_prompts
 
@@ -134,16 +165,18 @@ def generate_rows(
             batch = prompts.select(rows)
             torch.manual_seed(args.seed + index)
             limit = min(budgets[rows.start], args.max_new_tokens) if hard_truncation else args.max_new_tokens
+            prompt_ids = tokenize_prompts(tokenizer, batch["prompt"])
+            began = time.perf_counter()
             samples = generate_hf(
-                model, tokenizer, tokenize_prompts(tokenizer, batch["prompt"]), args.num_samples, limit,
-                args.temperature, args.top_p,
-                logits_processor=logits_processor_for(batch) if logits_processor_for else None,
+                model, tokenizer, prompt_ids, args.num_samples, limit, args.temperature, args.top_p,
+                logits_processor=logits_processor_for(batch, prompt_ids) if logits_processor_for else None,
             )
+            seconds = (time.perf_counter() - began) / (len(rows) * args.num_samples)
             for row_index, row, group in zip(rows, batch, samples):
                 for sample_index, (ids, finished) in enumerate(group):
                     text = tokenizer.decode(ids, skip_special_tokens=True)
                     record = score_record(row, text, len(ids), finished, hard_truncation)
-                    records.append({"row": row_index, "sample_index": sample_index, **record})
+                    records.append({"row": row_index, "sample_index": sample_index, "seconds": seconds, **record})
                     sink.write(json.dumps(records[-1]) + "\n")
             sink.flush()
             os.fsync(sink.fileno())
@@ -202,8 +235,14 @@ def summarize(records: list[dict]) -> list[dict]:
     return summary
 
 
-def markdown_table(results: dict[str, list[dict]]) -> str:
-    """One row per (model, kind, budget) plus each model's mean over its budgets."""
+def ms_per_token(records: list[dict]) -> float:
+    """Generation wall time per generated token (EOS included) over an arm's records, in milliseconds."""
+    steps = sum(r["tokens"] + r["finished"] for r in records)
+    return 1000 * sum(r.get("seconds", 0.0) for r in records) / max(steps, 1)
+
+
+def markdown_table(results: dict[str, list[dict]], costs: dict[str, float] | None = None) -> str:
+    """One row per (model, kind, budget) plus each model's mean over its budgets; then ms per token."""
     header = "| model | kind | budget | n | accuracy | mean tokens | length dev. | length score | hit rate |"
     lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
 
@@ -216,6 +255,9 @@ def markdown_table(results: dict[str, list[dict]]) -> str:
                 f"| {label} | {s['budget_kind']} | {s['budget_tokens']} | {s['n']} | {cell(s['accuracy'], '.3f')} | "
                 f"{s['mean_tokens']:.1f} | {s['length_deviation']:+.2f} | {s['length_score']:.3f} | {s['hit_rate']:.3f} |"
             )
+    if costs:
+        lines += ["", "| model | generation ms per token |", "|---|---:|"]
+        lines += [f"| {label} | {cost:.1f} |" for label, cost in costs.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -280,6 +322,26 @@ def load_policy(model_name_or_path: str, adapter: str | None, dtype: str):
     return model.eval()
 
 
+def make_guidance(lenvm, args: EvaluateArguments, eos_ids: set[int]) -> Callable:
+    """``logits_processor_for(batch, prompt_ids)``: a LenVM-guided processor for one generate call."""
+    from transformers import LogitsProcessorList
+
+    from lenvm_rl.decoding import LenVMGuidedLogitsProcessor
+
+    def for_batch(batch: Dataset, prompt_ids: list[list[int]]) -> LogitsProcessorList:
+        repeat = args.num_samples  # generate returns the samples of a prompt next to each other
+        return LogitsProcessorList([LenVMGuidedLogitsProcessor(
+            lenvm,
+            budgets=[b for b in batch["budget_tokens"] for _ in range(repeat)],
+            kinds=[k for k in batch["budget_kind"] for _ in range(repeat)],
+            prompt_lengths=[len(p) for p in prompt_ids for _ in range(repeat)],
+            eos_token_ids=eos_ids, mode=args.guidance_mode, top_k=args.guidance_top_k, top_p=args.guidance_top_p,
+            min_p=args.guidance_min_p, beta=args.guidance_beta,
+        )])
+
+    return for_batch
+
+
 def drop_if_stale(file: Path, adapter: str | None) -> None:
     """Delete an arm's generations when its adapter's weights changed since they were written (a retrained run)."""
     fingerprint = None
@@ -309,16 +371,31 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, list[dict]]:
     manifest.write_text(json.dumps(settings, indent=2))
     prompts = budgeted_prompts(args)
     tokenizer = load_tokenizer(args.model_name_or_path)
-    results, loaded = {}, {}
-    for label, adapter, truncate in args.model_specs():
+    results, costs, loaded = {}, {}, {}
+    lenvm = None
+    if args.guided_decoding:
+        from lenvm_rl.modeling import check_lenvm_tokenizer, load_lenvm
+
+        lenvm = load_lenvm(args.lenvm_model_path).eval()
+        check_lenvm_tokenizer(args.lenvm_model_path, tokenizer)
+    for label, adapter, decoding in args.model_specs():
         file = output_dir / "generations" / f"{label.replace(' ', '_').replace('/', '_')}.jsonl"
         drop_if_stale(file, adapter)
         if adapter not in loaded:
             loaded = {adapter: load_policy(args.model_name_or_path, adapter, args.dtype)}  # one model in memory
-        records = generate_rows(loaded[adapter], tokenizer, prompts, file, args, truncate, desc=label)
-        results[label] = summarize(records)
-    (output_dir / "results.json").write_text(json.dumps({"settings": asdict(args), "results": results}, indent=2))
-    (output_dir / "results.md").write_text(markdown_table(results))
+        guidance = None
+        if decoding == "guided":
+            from lenvm_rl.rollouts import eos_token_ids
+
+            guidance = make_guidance(lenvm, args, eos_token_ids(tokenizer, loaded[adapter].generation_config))
+        records = generate_rows(
+            loaded[adapter], tokenizer, prompts, file, args, decoding == "truncation",
+            logits_processor_for=guidance, desc=label,
+        )
+        results[label], costs[label] = summarize(records), ms_per_token(records)
+    payload = {"settings": asdict(args), "results": results, "ms_per_token": costs}
+    (output_dir / "results.json").write_text(json.dumps(payload, indent=2))
+    (output_dir / "results.md").write_text(markdown_table(results, costs))
     plot_results(results, output_dir)
     return results
 
@@ -328,6 +405,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
 
     (args,) = parse_recipe((EvaluateArguments,), argv)
     results = run_evaluation(args)
-    print(markdown_table(results))
+    costs = json.loads((Path(args.output_dir) / "results.json").read_text())["ms_per_token"]
+    print(markdown_table(results, costs))
     print(f"wrote {args.output_dir}/results.json, results.md, length_score.png, pareto.png")
     return results

@@ -152,23 +152,10 @@ class LenVMGRPOTrainer(GRPOTrainer):
         self.lenvm = None
         if args.lenvm_model_path is None:
             return
-        from transformers import AutoTokenizer
-
-        from lenvm_rl.modeling import load_lenvm
+        from lenvm_rl.modeling import check_lenvm_tokenizer, load_lenvm
 
         lenvm = load_lenvm(args.lenvm_model_path, dtype=self.model.dtype)
-        try:
-            lenvm_vocab = AutoTokenizer.from_pretrained(args.lenvm_model_path).get_vocab()
-        except (OSError, ValueError):
-            lenvm_vocab = None
-        policy_vocab = self._tokenizer.get_vocab()
-        if lenvm_vocab != policy_vocab:
-            found = "holds no tokenizer" if lenvm_vocab is None else f"has a {len(lenvm_vocab)}-token vocabulary"
-            raise ConfigError(
-                f"lenvm_model_path: the LenVM at {args.lenvm_model_path!r} {found}, not the policy's "
-                f"({len(policy_vocab)} tokens); LenVM and policy must share a tokenizer: train the LenVM on this "
-                f"policy's rollouts (`lenvm-rl train-lenvm` saves the tokenizer beside it)"
-            )
+        check_lenvm_tokenizer(args.lenvm_model_path, self._tokenizer)
         self.length_gamma = args.length_gamma or lenvm.config.gamma
         lenvm.eval().requires_grad_(False)
         # Prepared as TRL prepares its frozen reference model.

@@ -187,3 +187,21 @@ def load_lenvm(path: str, dtype: torch.dtype | None = None) -> LenVMModel:
             f"of `lenvm-rl train-lenvm`"
         )
     return LenVMModel.from_pretrained(path, dtype=dtype or torch.float32)
+
+
+def check_lenvm_tokenizer(path: str, policy_tokenizer) -> None:
+    """Refuse a LenVM whose saved tokenizer's vocabulary is not the policy's (its values would read other tokens)."""
+    from transformers import AutoTokenizer
+
+    try:
+        lenvm_vocab = AutoTokenizer.from_pretrained(path).get_vocab()
+    except (OSError, ValueError):
+        lenvm_vocab = None
+    policy_vocab = policy_tokenizer.get_vocab()
+    if lenvm_vocab != policy_vocab:
+        found = "holds no tokenizer" if lenvm_vocab is None else f"has a {len(lenvm_vocab)}-token vocabulary"
+        raise ConfigError(
+            f"lenvm_model_path: the LenVM at {path!r} {found}, not the policy's ({len(policy_vocab)} tokens); "
+            f"LenVM and policy must share a tokenizer: train the LenVM on this policy's rollouts "
+            f"(`lenvm-rl train-lenvm` saves the tokenizer beside it)"
+        )

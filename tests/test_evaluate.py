@@ -105,7 +105,8 @@ def test_run_writes_table_json_and_plots(tiny_model_path, adapter_path, tmp_path
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["results"]["base"] == results["base"]
     table = (tmp_path / "results.md").read_text()
-    assert table == markdown_table(results) and table.count("\n") == 2 + 4 * 5
+    assert table == markdown_table(results, saved["ms_per_token"]) and table.count("\n") == 2 + 4 * 5 + 3 + 4
+    assert all(cost > 0 for cost in saved["ms_per_token"].values())
     for name in ("length_score.png", "pareto.png"):
         assert (tmp_path / name).stat().st_size > 5_000
 
@@ -131,7 +132,8 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tiny_model_path, tm
         sink.write('{"row": 5, "torn')  # a write cut by the kill
     monkeypatch.setattr(lenvm_rl.rollouts, "generate_hf", real)
     assert run_evaluation(evaluate_args(tiny_model_path, tmp_path / "resumed")) == reference
-    assert read_records(partial) == expected  # no duplicate, no gap
+    timeless = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]  # noqa: E731
+    assert timeless(read_records(partial)) == timeless(expected)  # no duplicate, no gap
 
 
 def test_retrained_adapter_is_evaluated_again(tiny_model_path, adapter_path, tmp_path, capsys):
@@ -168,3 +170,35 @@ def test_other_settings_in_the_same_folder_are_refused(tiny_model_path, tmp_path
 def test_a_folder_without_an_adapter_is_refused(tiny_model_path, tmp_path):
     with pytest.raises(ConfigError, match="adapters"):
         run_evaluation(evaluate_args(tiny_model_path, tmp_path, adapters=[str(tmp_path)], num_prompts=1))
+
+
+@pytest.fixture(scope="module")
+def lenvm_path(tokenizer, tmp_path_factory):
+    from conftest import make_tiny_llama
+    from lenvm_rl.modeling import LenVMModel
+
+    path = tmp_path_factory.mktemp("lenvm")
+    torch.manual_seed(2)
+    LenVMModel.from_backbone(make_tiny_llama(tokenizer), gamma=0.8).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_guided_decoding_arm(tiny_model_path, lenvm_path, tmp_path):
+    args = evaluate_args(tiny_model_path, tmp_path, guided_decoding=True, lenvm_model_path=lenvm_path, guidance_top_k=4)
+    results = run_evaluation(args)
+    assert list(results) == ["base", "base + LenVM-guided"]
+    guided = read_records(tmp_path / "generations" / "base_+_LenVM-guided.jsonl")
+    plain = read_records(tmp_path / "generations" / "base.jsonl")
+    assert len(guided) == len(plain) == 40 and [r["completion"] for r in guided] != [r["completion"] for r in plain]
+
+
+def test_guided_decoding_needs_a_lenvm_of_the_same_tokenizer(tiny_model_path, lenvm_path, tmp_path):
+    with pytest.raises(ConfigError, match="lenvm_model_path"):
+        evaluate_args(tiny_model_path, tmp_path, guided_decoding=True)
+    other = tmp_path / "other_lenvm"
+    from lenvm_rl.modeling import load_lenvm
+
+    load_lenvm(lenvm_path).save_pretrained(other)  # no tokenizer beside it
+    with pytest.raises(ConfigError, match="tokenizer"):
+        run_evaluation(evaluate_args(tiny_model_path, tmp_path / "out", guided_decoding=True, lenvm_model_path=str(other)))

@@ -395,7 +395,9 @@ def test_recipe_parses(path, tmp_path):
 
 
 def test_recipes_twins_differ_only_in_the_length_signal():
-    for folder in {path.parent for path in RECIPES}:
+    folders = {path.parent for path in RECIPES if path.name == "config_lenvm_budget.yaml"}  # the testbed has its own arms
+    assert len(folders) >= 3
+    for folder in folders:
         lenvm, baseline = (
             yaml.safe_load((folder / name).read_text())
             for name in ("config_lenvm_budget.yaml", "config_seq_length_score.yaml")
