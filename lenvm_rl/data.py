@@ -19,7 +19,10 @@ class DatasetArguments:
 
     dataset_name: str = field(
         default="arithmetic",
-        metadata={"help": "A .jsonl/.json path, a save_to_disk folder, a `datasets` id, or 'arithmetic' (built in)."},
+        metadata={
+            "help": "A .jsonl/.json path, a save_to_disk folder, a `datasets` id, or a built-in task: 'arithmetic', "
+            "'testbed' (lenvm_rl.testbed)."
+        },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Config name of a `datasets` id."})
     dataset_split: str = field(default="train", metadata={"help": "Split of a `datasets` id."})
@@ -75,6 +78,11 @@ def load_prompt_splits(args: DatasetArguments, num_eval_prompts: int) -> tuple[D
         # Twice the prompts asked for: room for the repeats of skipped problems that are dropped below.
         total = args.skip_prompts + 2 * ((args.num_prompts or 1000) + num_eval_prompts)
         dataset = make_arithmetic_dataset(total, seed=args.dataset_seed, difficulty=args.arithmetic_difficulty)
+    elif name == "testbed":
+        from lenvm_rl.testbed import make_testbed_dataset
+
+        total = args.skip_prompts + 2 * ((args.num_prompts or 1000) + num_eval_prompts)  # as for arithmetic
+        dataset = make_testbed_dataset(total, seed=args.dataset_seed)
     elif Path(name).suffix in (".jsonl", ".json"):
         if not Path(name).is_file():
             raise ConfigError(f"dataset_name: no file {name!r}; give an existing .jsonl path")

@@ -1,0 +1,259 @@
+"""A learning testbed for token budgets: a task, a word-level tokenizer and a tiny Llama trained from scratch,
+small enough that GRPO runs hundreds of steps on two CPU cores in minutes (issue #8).
+
+The task ("counting-chain addition"). The prompt asks "What is a + b ?" (a, b in 0..``MAX_OPERAND``) and,
+after the budget transform (``lenvm_rl.budgets.add_budgets``), "Answer in exactly|at most|at least N tokens."
+A solution is k >= 0 chain numbers n_1 <= ... <= n_k drawn from [a, a + b] (counting up from a towards the
+sum, pauses allowed), then ``#### <a + b>``. It has L = k + 2 tokens (EOS excluded): any length from 2 up is a
+valid solution, so the length is a free choice and correctness (the number after ``####``, read by the shared
+``rewards.correctness.is_correct``) does not depend on it. The chain's values tell how far the count has gone,
+which is the progress signal a LenVM can read.
+
+The tokenizer is word-level (whitespace-split): every number 0..``NUMBER_TOKENS - 1`` is one token, so the
+budget N in the prompt is one token the policy can read, and a length in tokens is a count of words.
+
+The starting policy. ``main`` (``python -m lenvm_rl.testbed --output_dir runs/testbed/sft``) trains a Llama
+of about a million parameters from scratch with transformers' ``Trainer`` on solutions whose length L is drawn
+uniformly from [``MIN_SOLUTION_TOKENS``, ``MAX_SOLUTION_TOKENS``] independently of the budget in the prompt:
+the policy learns to add and to stop, but not to follow budgets. That is what GRPO has to teach.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
+
+from lenvm_rl.budgets import DEFAULT_TEMPLATES
+from lenvm_rl.errors import ConfigError
+
+MAX_OPERAND = 19
+NUMBER_TOKENS = 200  # "0" .. "199": operands, sums (<= 38) and budgets are one token each
+MIN_SOLUTION_TOKENS = 2  # "#### s"
+MAX_SOLUTION_TOKENS = 40
+BUDGETS = (8, 16, 32)
+QUESTION = "What is {a} + {b} ?"
+ANSWER_MARKER = "####"
+SPECIAL_TOKENS = ("<unk>", "<pad>", "<eos>", "<|user|>", "<|assistant|>")
+# The assistant turn ends with <eos>, so the SFT loss teaches stopping; the generation prompt ends at <|assistant|>.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m.role == 'assistant' %}<|assistant|> {{ m.content }} <eos> "
+    "{% else %}<|{{ m.role }}|> {{ m.content }} {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def draw_problem(rng: random.Random) -> tuple[int, int]:
+    """Operands (a, b), each uniform in 0..MAX_OPERAND."""
+    return rng.randint(0, MAX_OPERAND), rng.randint(0, MAX_OPERAND)
+
+
+def make_testbed_dataset(num_prompts: int, seed: int = 0) -> Dataset:
+    """``num_prompts`` problems, columns ``prompt`` (one user message "What is a + b ?") and ``answer`` (a + b).
+
+    Deterministic for a seed, and a prefix of the problems for a larger ``num_prompts`` (held-out sets take a
+    disjoint slice; ``lenvm_rl.data.load_prompts`` then drops repeats of the skipped problems).
+
+    >>> row = make_testbed_dataset(1, seed=0)[0]
+    >>> row["prompt"][0]["content"], row["answer"]
+    ('What is 12 + 13 ?', '25')
+    """
+    if num_prompts <= 0:
+        raise ConfigError(f"num_prompts: must be positive, got {num_prompts}")
+    rng = random.Random(seed)
+    problems = [draw_problem(rng) for _ in range(num_prompts)]
+    return Dataset.from_dict({
+        "prompt": [[{"role": "user", "content": QUESTION.format(a=a, b=b)}] for a, b in problems],
+        "answer": [str(a + b) for a, b in problems],
+    })
+
+
+def write_solution(a: int, b: int, solution_tokens: int, rng: random.Random) -> str:
+    """A correct solution of exactly ``solution_tokens`` words: sorted chain numbers in [a, a + b], then #### a + b.
+
+    >>> write_solution(3, 4, 6, random.Random(0))
+    '3 5 6 6 #### 7'
+    """
+    if solution_tokens < MIN_SOLUTION_TOKENS:
+        raise ConfigError(f"solution_tokens: a solution has at least {MIN_SOLUTION_TOKENS} tokens, got {solution_tokens}")
+    chain = sorted(rng.randint(a, a + b) for _ in range(solution_tokens - MIN_SOLUTION_TOKENS))
+    return " ".join([*map(str, chain), ANSWER_MARKER, str(a + b)])
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer (whitespace split) over the task's words, the budget instructions and 0..199.
+
+    Decoding joins tokens with single spaces, so a completion decodes to the text the rewards read.
+
+    >>> tokenizer = make_tokenizer()
+    >>> ids = tokenizer("12 30 #### 42", add_special_tokens=False)["input_ids"]
+    >>> len(ids), tokenizer.decode(ids)
+    (4, '12 30 #### 42')
+    """
+    words = QUESTION.replace("{a}", "").replace("{b}", "").split() + [ANSWER_MARKER]
+    for template in DEFAULT_TEMPLATES.values():
+        words += template.replace("{N}", "").split()
+    vocabulary = [*SPECIAL_TOKENS, *map(str, range(NUMBER_TOKENS)), *dict.fromkeys(words)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocabulary)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="<eos>",
+        additional_special_tokens=["<|user|>", "<|assistant|>"],
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def make_model(tokenizer, hidden_size: int = 128, num_layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
+    """A randomly initialised Llama (about 0.9M parameters at the defaults) whose generation stops on <eos>."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=3 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def make_sft_dataset(
+    tokenizer, num_examples: int, seed: int, budgets=BUDGETS, kinds=("exact", "at_most", "at_least")
+) -> Dataset:
+    """Tokenised SFT rows: ``input_ids`` = prompt + solution + <eos>, ``labels`` = -100 on the prompt.
+
+    Every prompt carries a budget (uniform over ``budgets`` and ``kinds``), and the solution's length is drawn
+    uniformly from [MIN_SOLUTION_TOKENS, MAX_SOLUTION_TOKENS] independently of it.
+    """
+    from lenvm_rl.budgets import add_budgets
+    from lenvm_rl.rollouts import tokenize_prompts
+
+    rng = random.Random(seed)
+    prompts = add_budgets(make_testbed_dataset(num_examples, seed=seed), budgets=list(budgets), kinds=list(kinds), seed=seed)
+    prompt_ids = tokenize_prompts(tokenizer, prompts["prompt"])
+    rows = {"input_ids": [], "labels": []}
+    for ids, prompt in zip(prompt_ids, prompts["prompt"], strict=True):
+        a, b = (int(word) for word in prompt[0]["content"].split()[2:5:2])  # "What is a + b ?"
+        length = rng.randint(MIN_SOLUTION_TOKENS, MAX_SOLUTION_TOKENS)
+        solution = tokenizer(write_solution(a, b, length, rng), add_special_tokens=False)["input_ids"]
+        rows["input_ids"].append(ids + solution + [tokenizer.eos_token_id])
+        rows["labels"].append([-100] * len(ids) + solution + [tokenizer.eos_token_id])
+    return Dataset.from_dict(rows)
+
+
+def collate_sft(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad ``input_ids`` (B, T) with pad, ``labels`` (B, T) with -100; ``attention_mask`` (B, T)."""
+    width = max(len(row["input_ids"]) for row in rows)
+    pad = lambda values, fill: [*values, *[fill] * (width - len(values))]  # noqa: E731
+    return {
+        "input_ids": torch.tensor([pad(r["input_ids"], pad_token_id) for r in rows]),
+        "labels": torch.tensor([pad(r["labels"], -100) for r in rows]),
+        "attention_mask": torch.tensor([pad([1] * len(r["input_ids"]), 0) for r in rows]),
+    }
+
+
+@torch.no_grad()
+def sample_accuracy(model, tokenizer, num_prompts: int = 256, seed: int = 12345, temperature: float = 1.0) -> dict:
+    """Accuracy and mean solution length (tokens, EOS excluded) of one sampled completion per budgeted prompt."""
+    from lenvm_rl.budgets import add_budgets
+    from lenvm_rl.rollouts import generate_hf, tokenize_prompts
+    from rewards.correctness import is_correct
+
+    prompts = add_budgets(make_testbed_dataset(num_prompts, seed=seed), budgets=list(BUDGETS),
+                          kinds=["exact", "at_most", "at_least"], seed=seed)
+    correct, lengths, finished = 0, [], 0
+    torch.manual_seed(seed)
+    for start in range(0, num_prompts, 64):
+        batch = prompts.select(range(start, min(start + 64, num_prompts)))
+        prompt_ids = tokenize_prompts(tokenizer, batch["prompt"])
+        samples = generate_hf(model.eval(), tokenizer, prompt_ids, 1, MAX_SOLUTION_TOKENS + 8, temperature)
+        for row, [(ids, done)] in zip(batch, samples, strict=True):
+            correct += is_correct(tokenizer.decode(ids, skip_special_tokens=True), row["answer"])
+            lengths.append(len(ids))
+            finished += done
+    return {"accuracy": correct / num_prompts, "mean_tokens": sum(lengths) / num_prompts, "finished": finished / num_prompts}
+
+
+@dataclass
+class TestbedSFTArguments:
+    output_dir: str = field(default="runs/testbed/sft", metadata={"help": "Folder of the trained policy and tokenizer."})
+    num_examples: int = field(default=40_000, metadata={"help": "SFT rows (problem, budget, solution length drawn)."})
+    hidden_size: int = field(default=128, metadata={"help": "Llama hidden size (intermediate = 3x)."})
+    num_layers: int = field(default=4, metadata={"help": "Llama decoder layers."})
+    epochs: float = field(default=1.0, metadata={"help": "Passes over the SFT rows."})
+    batch_size: int = field(default=64, metadata={"help": "Rows per optimizer step."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "AdamW peak learning rate (cosine decay)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the weights, the SFT data and the shuffling."})
+
+
+def train_sft(args: TestbedSFTArguments) -> dict:
+    """Train the starting policy from scratch and save it (model, tokenizer) to ``args.output_dir``.
+
+    Returns the sampled accuracy / length summary of ``sample_accuracy`` on fresh problems, and the wall time.
+    """
+    start = time.perf_counter()
+    tokenizer = make_tokenizer()
+    model = make_model(tokenizer, hidden_size=args.hidden_size, num_layers=args.num_layers, seed=args.seed)
+    train_rows = make_sft_dataset(tokenizer, args.num_examples, seed=args.seed + 1)
+    training_args = TrainingArguments(
+        output_dir=args.output_dir,
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=50,
+        weight_decay=0.0,
+        logging_steps=50,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=args.seed,
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_rows,
+        data_collator=lambda rows: collate_sft(rows, tokenizer.pad_token_id),
+    )
+    trainer.train()
+    model.save_pretrained(args.output_dir)
+    tokenizer.save_pretrained(args.output_dir)
+    summary = sample_accuracy(model, tokenizer)
+    summary["wall_s"] = time.perf_counter() - start
+    summary["parameters"] = sum(p.numel() for p in model.parameters())
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m lenvm_rl.testbed [--output_dir runs/testbed/sft] [--num_examples N] ...`"""
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(TestbedSFTArguments).parse_args_into_dataclasses(argv)
+    summary = train_sft(args)
+    print(
+        f"testbed policy in {args.output_dir}: {summary['parameters']:,} parameters, sampled accuracy "
+        f"{summary['accuracy']:.3f}, mean length {summary['mean_tokens']:.1f} tokens, finished "
+        f"{summary['finished']:.3f}, {summary['wall_s']:.0f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()

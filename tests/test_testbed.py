@@ -1,0 +1,177 @@
+"""The learning testbed (lenvm_rl/testbed.py, recipes/testbed, benchmarks/testbed.py).
+
+Fast tests check the task, the tokenizer, the SFT rows and the arm recipes. The ``slow`` test is a learning
+regression test: the real pipeline (SFT from scratch, ``lenvm-rl rollout``, ``lenvm-rl train-lenvm``, ``lenvm-rl
+grpo`` with LenVM budget advantages) must raise the held-out length score clearly while keeping accuracy, which
+catches sign and off-by-one errors in the advantage code that shape-only tests miss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lenvm_rl.budgets import add_budgets
+from lenvm_rl.data import DatasetArguments, load_prompt_splits
+from lenvm_rl.testbed import (
+    ANSWER_MARKER,
+    MAX_OPERAND,
+    MAX_SOLUTION_TOKENS,
+    MIN_SOLUTION_TOKENS,
+    make_sft_dataset,
+    make_testbed_dataset,
+    make_tokenizer,
+    write_solution,
+)
+from rewards import Accuracy, LengthScore
+
+ROOT = Path(__file__).resolve().parents[1]
+ARM_RECIPES = ROOT / "recipes" / "testbed" / "grpo"
+
+
+def test_problems_are_deterministic_prefixes_with_correct_answers():
+    small, large = make_testbed_dataset(20, seed=3), make_testbed_dataset(50, seed=3)
+    assert small["prompt"] == large["prompt"][:20]
+    for row in large:
+        words = row["prompt"][0]["content"].split()
+        a, b = int(words[2]), int(words[4])
+        assert 0 <= a <= MAX_OPERAND and 0 <= b <= MAX_OPERAND
+        assert row["answer"] == str(a + b)
+
+
+@pytest.mark.parametrize("length", [MIN_SOLUTION_TOKENS, 3, 17, MAX_SOLUTION_TOKENS])
+def test_solution_has_the_asked_length_in_tokens_and_is_correct(length):
+    tokenizer, rng = make_tokenizer(), random.Random(length)
+    for a, b in [(0, 0), (7, 12), (19, 19)]:
+        solution = write_solution(a, b, length, rng)
+        ids = tokenizer(solution, add_special_tokens=False)["input_ids"]
+        assert len(ids) == length and tokenizer.unk_token_id not in ids
+        chain = [int(w) for w in solution.split()[: length - 2]]
+        assert chain == sorted(chain) and all(a <= n <= a + b for n in chain)
+        assert Accuracy()(prompts=[""], completions=[solution], completion_ids=[ids], answer=[str(a + b)]) == [1.0]
+        wrong = solution.rsplit(" ", 1)[0] + f" {a + b + 1}"
+        assert Accuracy()(prompts=[""], completions=[wrong], completion_ids=[ids], answer=[str(a + b)]) == [0.0]
+
+
+def test_budgeted_prompt_is_one_known_token_per_word():
+    tokenizer = make_tokenizer()
+    prompts = add_budgets(make_testbed_dataset(30), budgets=[8, 16, 32], kinds=["exact", "at_most", "at_least"])
+    for row in prompts:
+        text = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.unk_token_id not in ids
+        assert len(ids) == len(text.split())  # word-level: the budget N is a single token
+        assert str(row["budget_tokens"]) in tokenizer.convert_ids_to_tokens(ids)
+        assert text.endswith("<|assistant|>")
+
+
+def test_tokenizer_round_trip_and_length_reward_count_words(tmp_path):
+    from lenvm_rl.loading import load_tokenizer
+
+    make_tokenizer().save_pretrained(tmp_path)
+    tokenizer = load_tokenizer(str(tmp_path))
+    text = f"3 5 5 9 {ANSWER_MARKER} 9"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    score = LengthScore(eos_token_id=tokenizer.eos_token_id)
+    assert score(prompts=[""], completions=[text], completion_ids=[ids], budget_tokens=[6], budget_kind=["exact"]) == [1.0]
+
+
+def test_sft_rows_mask_the_prompt_and_draw_lengths_independently_of_the_budget():
+    tokenizer = make_tokenizer()
+    rows = make_sft_dataset(tokenizer, 600, seed=0)
+    budgets = add_budgets(make_testbed_dataset(600, seed=0), budgets=[8, 16, 32],
+                          kinds=["exact", "at_most", "at_least"], seed=0)["budget_tokens"]
+    lengths = {8: [], 16: [], 32: []}
+    for row, budget in zip(rows, budgets, strict=True):
+        prompt_tokens = row["labels"].count(-100)
+        assert row["labels"][prompt_tokens:] == row["input_ids"][prompt_tokens:]
+        assert row["input_ids"][-1] == tokenizer.eos_token_id
+        assert tokenizer.convert_ids_to_tokens(row["input_ids"][prompt_tokens - 1]) == "<|assistant|>"
+        length = len(row["input_ids"]) - prompt_tokens - 1  # EOS excluded
+        assert MIN_SOLUTION_TOKENS <= length <= MAX_SOLUTION_TOKENS
+        lengths[budget].append(length)
+    means = [sum(v) / len(v) for v in lengths.values()]
+    assert max(means) - min(means) < 4  # the budget does not set the length (uniform mean: 21)
+
+
+def test_testbed_dataset_name_gives_content_disjoint_held_out_prompts():
+    args = DatasetArguments(dataset_name="testbed", num_prompts=256, budgets=[8, 16, 32],
+                            budget_kinds=["exact", "at_most", "at_least"])
+    train, held_out = load_prompt_splits(args, 64)
+    assert len(train) == 256 and len(held_out) == 64
+    assert {"budget_tokens", "budget_kind", "answer"} <= set(held_out.column_names)
+    questions = lambda rows: {p[0]["content"].splitlines()[0] for p in rows["prompt"]}  # noqa: E731
+    assert not questions(train) & questions(held_out)
+
+
+def load_recipe(name: str) -> dict:
+    return yaml.safe_load((ARM_RECIPES / name).read_text())
+
+
+@pytest.mark.parametrize(
+    ("recipe", "base", "changed"),
+    [
+        ("config_length_score.yaml", "config_accuracy.yaml", {"reward_funcs": ["accuracy", "length_score"]}),
+        ("config_lenvm_lambda1.yaml", "config_accuracy.yaml", {"length_objective": "budget"}),
+        ("config_lenvm_lambda095.yaml", "config_lenvm_lambda1.yaml", {"length_lambda": 0.95}),
+    ],
+)
+def test_arms_differ_in_one_recipe_field(recipe, base, changed):
+    arm, reference = load_recipe(recipe), load_recipe(base)
+    differing = {k for k in arm.keys() | reference.keys() if arm.get(k) != reference.get(k)} - {"output_dir"}
+    assert differing == set(changed)
+    assert {k: arm[k] for k in changed} == changed
+
+
+def test_arm_a_is_correctness_only():
+    recipe = load_recipe("config_accuracy.yaml")
+    assert recipe["reward_funcs"] == ["accuracy"] and recipe["length_objective"] == "none"
+
+
+# ------------------------------------------------------------------------------------ learning regression
+
+
+def run_stage(args: list[str], log: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    with log.open("w") as out:
+        result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    assert result.returncode == 0, log.read_text()[-3000:]
+
+
+@pytest.mark.slow
+def test_lenvm_budget_advantages_teach_budgets(tmp_path):
+    """One short seed of arm (c), λ = 1, end to end; see SLOW_TEST_* in the module for the sizes."""
+    recipes = ROOT / "recipes" / "testbed"
+    run_stage(["-m", "lenvm_rl.testbed", "--output_dir", str(tmp_path / "sft"), *SLOW_SFT_ARGS], tmp_path / "sft.log")
+    run_stage(["-m", "lenvm_rl", "rollout", "--config", str(recipes / "rollout" / "config_testbed.yaml"),
+               "--model_name_or_path", str(tmp_path / "sft"), "--output_dir", str(tmp_path / "rollouts"),
+               "--num_prompts", "128"], tmp_path / "rollout.log")
+    run_stage(["-m", "lenvm_rl", "train-lenvm", "--config", str(recipes / "lenvm" / "config_full.yaml"),
+               "--model_name_or_path", str(tmp_path / "sft"), "--rollouts_path", str(tmp_path / "rollouts"),
+               "--output_dir", str(tmp_path / "lenvm")], tmp_path / "lenvm.log")
+    run_stage(["-m", "lenvm_rl", "grpo", "--config", str(recipes / "grpo" / "config_lenvm_lambda1.yaml"),
+               "--model_name_or_path", str(tmp_path / "sft"), "--lenvm_model_path", str(tmp_path / "lenvm"),
+               "--output_dir", str(tmp_path / "grpo"), *SLOW_GRPO_ARGS], tmp_path / "grpo.log")
+    history = json.loads((tmp_path / "grpo" / "trainer_state.json").read_text())["log_history"]
+    evals = [row for row in history if "eval_length/mean_length_score" in row]
+    start, end = evals[0], evals[-1]
+    assert start["step"] == 0 and end["step"] > 0
+    score_start, score_end = start["eval_length/mean_length_score"], end["eval_length/mean_length_score"]
+    accuracy_start, accuracy_end = start["eval_rewards/accuracy/mean"], end["eval_rewards/accuracy/mean"]
+    assert score_end >= score_start + SLOW_MIN_SCORE_GAIN, (score_start, score_end)
+    assert accuracy_end >= accuracy_start - SLOW_MAX_ACCURACY_DROP, (accuracy_start, accuracy_end)
+
+
+SLOW_SFT_ARGS: list[str] = []
+SLOW_GRPO_ARGS = ["--max_steps", "100", "--eval_steps", "50"]
+SLOW_MIN_SCORE_GAIN = 0.10
+SLOW_MAX_ACCURACY_DROP = 0.05
