@@ -376,7 +376,7 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, list[dict]]:
     if args.guided_decoding:
         from lenvm_rl.modeling import check_lenvm_tokenizer, load_lenvm
 
-        lenvm = load_lenvm(args.lenvm_model_path).eval()
+        lenvm = load_lenvm(args.lenvm_model_path, dtype=getattr(torch, args.dtype)).eval()  # the head stays float32
         check_lenvm_tokenizer(args.lenvm_model_path, tokenizer)
     for label, adapter, decoding in args.model_specs():
         file = output_dir / "generations" / f"{label.replace(' ', '_').replace('/', '_')}.jsonl"
