@@ -269,12 +269,14 @@ def main(argv: list[str] | None = None) -> None:
 
     from lenvm_rl.cli import parse_recipe
     from lenvm_rl.data import load_prompt_splits
+    from lenvm_rl.faults import SaveOnSigterm, resume_checkpoint
     from lenvm_rl.loading import load_causal_lm, load_tokenizer
     from lenvm_rl.rollouts import eos_token_ids
     from rewards import REWARDS, get_reward
     from rewards.base import TokenLengthReward
 
     script_args, config, model_args = parse_recipe((GRPOScriptArguments, LenVMGRPOConfig, ModelConfig), argv)
+    resume_from = resume_checkpoint(config.resume_from_checkpoint, config.output_dir)  # before any model loads
     set_seed(config.seed)
 
     ################ Data
@@ -303,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
         reward_funcs.append(get_reward(name, **params))
 
     ################ Trainer
+    sigterm = SaveOnSigterm()
     trainer = LenVMGRPOTrainer(
         model=model,
         reward_funcs=reward_funcs,
@@ -311,10 +314,12 @@ def main(argv: list[str] | None = None) -> None:
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
+        callbacks=[sigterm],
     )
 
     ################ Train
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_from)
+    sigterm.exit_if_stopped(trainer)  # SIGTERM: a checkpoint is saved; exit 143 without a final model
 
     ################ Save (the adapter alone with LoRA; the tokenizer beside it)
     trainer.save_model(config.output_dir)

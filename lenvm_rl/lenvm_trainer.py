@@ -219,11 +219,13 @@ def main(argv: list[str] | None = None) -> None:
     from trl import ModelConfig
 
     from lenvm_rl.cli import parse_recipe
+    from lenvm_rl.faults import SaveOnSigterm, resume_checkpoint
     from lenvm_rl.loading import load_tokenizer
     from lenvm_rl.returns import auto_gamma
     from lenvm_rl.rollouts import load_rollouts
 
     script_args, config, model_args = parse_recipe((LenVMScriptArguments, LenVMTrainingConfig, ModelConfig), argv)
+    resume_from = resume_checkpoint(config.resume_from_checkpoint, config.output_dir)  # before any model loads
     torch.manual_seed(config.seed)
 
     ################ Data
@@ -252,8 +254,12 @@ def main(argv: list[str] | None = None) -> None:
     model = build_lenvm(model_args, config, gamma, finished_lengths)
 
     ################ Train
-    trainer = LenVMTrainer(model, config, train_dataset=train_rows, eval_dataset=eval_rows, processing_class=tokenizer)
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    sigterm = SaveOnSigterm()
+    trainer = LenVMTrainer(
+        model, config, train_dataset=train_rows, eval_dataset=eval_rows, processing_class=tokenizer, callbacks=[sigterm]
+    )
+    trainer.train(resume_from_checkpoint=resume_from)
+    sigterm.exit_if_stopped(trainer)  # SIGTERM: a checkpoint is saved; exit 143 without a final model
     metrics = trainer.evaluate()
 
     ################ Save (a LoRA LenVM is merged: the saved model is a plain LenVM)

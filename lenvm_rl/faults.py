@@ -1,0 +1,124 @@
+"""Surviving a killed training run: checkpoint on SIGTERM, and find the checkpoint to resume from.
+
+What happens to a `grpo` or `train-lenvm` run that is killed:
+
+- **SIGTERM** (a scheduler's pre-emption, `kill PID`, Ctrl-C is SIGINT and is not handled): the run
+  finishes the optimizer step it is in, saves a full checkpoint `output_dir/checkpoint-<step>` (adapter
+  or weights, optimizer, scheduler, RNG, trainer state), prints one line to stderr and exits with
+  status 143 (128 + SIGTERM, what a shell reports for a process SIGTERM killed), so a scheduler sees a
+  terminated run, not a finished one. The final model is *not* written to `output_dir`: a folder with
+  the final adapter means the run finished. This works with `save_strategy: no` too. A second SIGTERM
+  kills at once.
+- **SIGKILL** (out of memory, a hard time limit) cannot be caught: the run resumes from its last
+  periodic checkpoint (`save_strategy: steps`, `save_steps`), losing the steps after it.
+
+Resume with the same recipe plus `--resume_from_checkpoint true` (the last complete checkpoint in
+`output_dir`) or `--resume_from_checkpoint <output_dir>/checkpoint-N`. transformers' Trainer then
+restores the weights (or LoRA adapter), optimizer, scheduler, RNG and `global_step`, skips the batches
+already seen, and appends to the same `log_history`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from lenvm_rl.errors import ConfigError
+
+# 128 + signal number: the status a shell gives a process that the signal ended.
+SIGTERM_EXIT_STATUS = 128 + signal.SIGTERM
+
+
+class SaveOnSigterm(TrainerCallback):
+    """On SIGTERM, ask the Trainer to save a checkpoint at the end of the current step and stop.
+
+    The handler only sets a flag (Python runs it between bytecodes, so it never interrupts a tensor op);
+    ``on_step_end`` turns it into ``should_save`` and ``should_training_stop``. Under several processes the
+    flag is max-reduced over ranks at every step end, so all ranks save and stop at the same step even
+    when the launcher signalled only some of them (otherwise the others would wait in a collective forever).
+    """
+
+    def __init__(self):
+        self.received = False
+        self._previous_handler = None
+
+    def _handle(self, signum, frame):
+        if self.received:  # a second SIGTERM: the user wants it gone now
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.received = True
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            self._previous_handler = signal.signal(signal.SIGTERM, self._handle)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        received = self.received
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor(float(received), device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            received = self.received = bool(flag.item())
+        if received:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
+
+    def exit_if_stopped(self, trainer) -> None:
+        """After ``trainer.train()``: exit 143 with one line naming the checkpoint when SIGTERM stopped the run."""
+        if not self.received:
+            return
+        if trainer.is_world_process_zero():
+            checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+            print(
+                f"lenvm-rl: stopped by SIGTERM after step {trainer.state.global_step}; saved {checkpoint}; "
+                f"resume with the same recipe and --resume_from_checkpoint true",
+                file=sys.stderr,
+            )
+        sys.exit(SIGTERM_EXIT_STATUS)
+
+
+def resume_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: str) -> str | None:
+    """The checkpoint folder a recipe's ``resume_from_checkpoint`` names, checked before any model is loaded.
+
+    None, false or "" → None (start afresh). true → the highest ``checkpoint-N`` in ``output_dir`` that is
+    complete, i.e. has ``trainer_state.json`` (the Trainer writes it last, so a run killed while saving
+    leaves an incomplete folder that is skipped). A path → that folder, which must be a complete checkpoint.
+    Raises ConfigError naming the field and the fix when there is nothing to resume from.
+
+    >>> resume_checkpoint("false", "runs/x") is None
+    True
+    """
+    value = str(resume_from_checkpoint).strip() if resume_from_checkpoint is not None else ""
+    if value.lower() in ("", "false", "none"):
+        return None
+    if value.lower() == "true":
+        folder = Path(output_dir)
+        steps = sorted(
+            (int(match.group(1)), path)
+            for path in (folder.iterdir() if folder.is_dir() else [])
+            if (match := re.fullmatch(r"checkpoint-(\d+)", path.name)) and (path / "trainer_state.json").is_file()
+        )
+        if not steps:
+            raise ConfigError(
+                f"resume_from_checkpoint: no complete checkpoint-N folder in output_dir {output_dir!r} to resume "
+                f"from; check output_dir, save checkpoints with save_strategy: steps, or drop resume_from_checkpoint"
+            )
+        return str(steps[-1][1])
+    if not (Path(value) / "trainer_state.json").is_file():
+        raise ConfigError(
+            f"resume_from_checkpoint: {value!r} is not a complete checkpoint folder (no trainer_state.json); give "
+            f"an <output_dir>/checkpoint-N folder, or true for the last one in output_dir"
+        )
+    return value

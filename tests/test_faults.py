@@ -1,0 +1,122 @@
+"""A GRPO run (tiny model, LoRA) killed with SIGTERM and with SIGKILL resumes from its last checkpoint with the
+same step counter and its adapter; `resume_checkpoint` finds the last complete checkpoint or refuses clearly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import OFFLINE_ENV, ROOT, make_tiny_llama
+from lenvm_rl.errors import ConfigError
+from lenvm_rl.faults import SIGTERM_EXIT_STATUS, resume_checkpoint
+from lenvm_rl.modeling import LenVMModel
+
+MAX_STEPS, SAVE_STEPS = 8, 2
+ADAPTER = "adapter_model.safetensors"
+
+
+def slow_reward(completions, **kwargs):
+    """A constant reward that takes 0.5 s: a step lasts long enough for a signal to land inside the run."""
+    time.sleep(0.5)
+    return [0.0] * len(completions)
+
+
+def start_grpo(recipe: Path, *flags) -> subprocess.Popen:
+    env = {
+        **os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [sys.executable, "-m", "lenvm_rl", "grpo", "--config", str(recipe), *flags]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            pytest.fail(f"the run ended (status {process.returncode}) before {path} existed:\n{process.stderr.read()[-3000:]}")
+        assert time.monotonic() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.05)
+
+
+def complete_checkpoints(output_dir: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in output_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file())
+
+
+def global_step(checkpoint: Path) -> int:
+    return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+
+
+def test_grpo_resumes_after_sigterm_and_sigkill(tiny_model_path, tokenizer, tmp_path):
+    lenvm = tmp_path / "lenvm"
+    torch.manual_seed(1)
+    LenVMModel.from_backbone(make_tiny_llama(tokenizer), gamma=0.9).save_pretrained(lenvm)
+    tokenizer.save_pretrained(lenvm)
+    output_dir = tmp_path / "out"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(dict(
+        model_name_or_path=tiny_model_path, use_peft=True, lora_r=4, lora_target_modules=["q_proj", "v_proj"],
+        num_prompts=8, budgets=[3, 6], reward_funcs=["test_faults:slow_reward"], lenvm_model_path=str(lenvm),
+        num_generations=2, per_device_train_batch_size=4, max_completion_length=8, max_steps=MAX_STEPS,
+        learning_rate=1e-2, save_strategy="steps", save_steps=SAVE_STEPS, logging_steps=1, use_cpu=True, bf16=False,
+        activation_checkpointing=False, report_to="none", disable_tqdm=True, seed=0, output_dir=str(output_dir),
+    )))
+
+    # SIGTERM once the first periodic checkpoint exists: the step in flight ends, is saved, and the run exits 143.
+    run = start_grpo(recipe)
+    wait_for(output_dir / f"checkpoint-{SAVE_STEPS}" / "trainer_state.json", run)
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == SIGTERM_EXIT_STATUS, stderr[-3000:]
+    stopped_at = complete_checkpoints(output_dir)[-1]
+    assert SAVE_STEPS < stopped_at < MAX_STEPS  # a checkpoint the schedule would not have written
+    assert stderr.strip().splitlines()[-1] == (
+        f"lenvm-rl: stopped by SIGTERM after step {stopped_at}; saved {output_dir}/checkpoint-{stopped_at}; "
+        f"resume with the same recipe and --resume_from_checkpoint true"
+    )
+    assert global_step(output_dir / f"checkpoint-{stopped_at}") == stopped_at
+    assert (output_dir / f"checkpoint-{stopped_at}" / ADAPTER).is_file()
+    assert not (output_dir / ADAPTER).exists()  # no final adapter: the folder does not look like a finished run
+
+    # Resume, then SIGKILL once the next periodic checkpoint is complete: nothing runs at a SIGKILL.
+    next_periodic = (stopped_at // SAVE_STEPS + 1) * SAVE_STEPS
+    assert next_periodic < MAX_STEPS
+    run = start_grpo(recipe, "--resume_from_checkpoint", "true")
+    wait_for(output_dir / f"checkpoint-{next_periodic}" / "trainer_state.json", run)
+    run.kill()
+    run.communicate(timeout=60)
+    assert run.returncode == -signal.SIGKILL
+    assert not (output_dir / ADAPTER).exists()
+    resume_from = output_dir / f"checkpoint-{complete_checkpoints(output_dir)[-1]}"
+    assert resume_checkpoint("true", str(output_dir)) == str(resume_from)
+
+    # Resume to the end: the step counter continues, every step is logged once, the adapter is saved.
+    run = start_grpo(recipe, "--resume_from_checkpoint", "true")
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr[-3000:]
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert state["global_step"] == MAX_STEPS
+    assert [row["step"] for row in state["log_history"] if "loss" in row] == list(range(1, MAX_STEPS + 1))
+    assert {"adapter_config.json", ADAPTER} <= {p.name for p in output_dir.iterdir()}
+
+
+def test_resume_checkpoint_skips_incomplete_and_refuses_nothing(tmp_path):
+    for step, complete in ((2, True), (4, True), (10, True), (12, False)):  # 12: killed while saving
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert resume_checkpoint(True, str(tmp_path)) == str(tmp_path / "checkpoint-10")  # numeric, not text order
+    assert resume_checkpoint("true", str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    assert resume_checkpoint(str(tmp_path / "checkpoint-4"), str(tmp_path)) == str(tmp_path / "checkpoint-4")
+    assert resume_checkpoint(None, str(tmp_path)) is None and resume_checkpoint("false", str(tmp_path)) is None
+    with pytest.raises(ConfigError, match="^resume_from_checkpoint: no complete checkpoint-N folder"):
+        resume_checkpoint("true", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="^resume_from_checkpoint: .*checkpoint-12' is not a complete checkpoint"):
+        resume_checkpoint(str(tmp_path / "checkpoint-12"), str(tmp_path))
