@@ -20,6 +20,7 @@ STAGES = {
     "length-tokens": ("lenvm_rl.length_tokens", "the tokens whose LenVM TD residual most often passes ±threshold"),
     "evaluate": ("lenvm_rl.evaluate", "accuracy, tokens, length score and hit rate per budget; table and plots"),
     "rewards": ("lenvm_rl.cli", "list the reward registry (name, formula, columns read)"),
+    "push": ("lenvm_rl.hub", "upload a trained adapter or LenVM with a generated model card to the Hub"),
 }
 
 

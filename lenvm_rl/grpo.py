@@ -27,6 +27,7 @@ from trl.models import prepare_deepspeed, prepare_fsdp
 
 from lenvm_rl.data import DatasetArguments
 from lenvm_rl.errors import ConfigError
+from lenvm_rl.hub import defer_push, model_card, push_folder, record_run
 from lenvm_rl.returns import (
     BUDGET_KINDS,
     LENGTH_ADVANTAGE_MODES,
@@ -278,6 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     script_args, config, model_args = parse_recipe((GRPOScriptArguments, LenVMGRPOConfig, ModelConfig), argv)
     resume_from = resume_checkpoint(config.resume_from_checkpoint, config.output_dir)  # before any model loads
     set_seed(config.seed)
+    hub_model_id = defer_push(config)  # pushed once after saving, never by the Trainer (hub.defer_push)
 
     ################ Data
     dataset, eval_dataset = load_prompt_splits(script_args, script_args.eval_num_prompts)
@@ -325,8 +327,10 @@ def main(argv: list[str] | None = None) -> None:
     trainer.save_model(config.output_dir)
     if trainer.is_world_process_zero():
         trainer.state.save_to_json(f"{config.output_dir}/trainer_state.json")  # every logged metric, for curves
-        trainer.create_model_card(dataset_name=script_args.dataset_name, tags=["lenvm-rl", "grpo"])
+        record_run(config.output_dir, "grpo", argv, script_args, config, model_args)  # the command and the recipe
+        model_card(config.output_dir, hub_model_id).save(f"{config.output_dir}/README.md")
 
-    ################ Push
-    if config.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name, tags=["lenvm-rl", "grpo"])
+    ################ Push (the model files and the card, not checkpoints: hub.push_folder)
+    if hub_model_id and trainer.is_world_process_zero():
+        url = push_folder(config.output_dir, hub_model_id, config.hub_private_repo, config.hub_revision, config.hub_token)
+        print(f"pushed {config.output_dir} to {hub_model_id}: {url}")

@@ -19,6 +19,7 @@ from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
 from lenvm_rl.errors import ConfigError
+from lenvm_rl.hub import defer_push, model_card, push_folder, record_run
 from lenvm_rl.lenvm_eval import collate_states, constant_baselines, length_metrics, score_rollouts
 from lenvm_rl.returns import prompt_boundary_ground_truth, resolve_gamma
 
@@ -227,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     script_args, config, model_args = parse_recipe((LenVMScriptArguments, LenVMTrainingConfig, ModelConfig), argv)
     resume_from = resume_checkpoint(config.resume_from_checkpoint, config.output_dir)  # before any model loads
     torch.manual_seed(config.seed)
+    hub_model_id = defer_push(config)  # pushed once after saving, never by the Trainer (hub.defer_push)
 
     ################ Data
     rollouts = load_rollouts(script_args.rollouts_path)
@@ -270,11 +272,15 @@ def main(argv: list[str] | None = None) -> None:
         final.save_pretrained(config.output_dir)
         tokenizer.save_pretrained(config.output_dir)
         trainer.save_metrics("eval", metrics)
-        if config.push_to_hub:
-            final.push_to_hub(config.hub_model_id or config.output_dir)
-            tokenizer.push_to_hub(config.hub_model_id or config.output_dir)
+        record_run(config.output_dir, "train-lenvm", argv, script_args, config, model_args)  # the command and the recipe
+        model_card(config.output_dir, hub_model_id).save(f"{config.output_dir}/README.md")
         print(
             f"held-out prompt-boundary MRE: LenVM {metrics['eval_boundary_mre']:.3f}; constant predictors: mean "
             f"training length {metrics['eval_constant_mre']:.3f}, best constant in value space "
             f"{metrics['eval_constant_value_mre']:.3f}"
         )
+
+    ################ Push (config, weights, tokenizer and the card: hub.push_folder)
+    if hub_model_id and trainer.is_world_process_zero():
+        url = push_folder(config.output_dir, hub_model_id, config.hub_private_repo, config.hub_revision, config.hub_token)
+        print(f"pushed {config.output_dir} to {hub_model_id}: {url}")
