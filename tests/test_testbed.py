@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import yaml
 
 from lenvm_rl.budgets import add_budgets
 from lenvm_rl.data import DatasetArguments, load_prompt_splits
+from lenvm_rl.errors import ConfigError
 from lenvm_rl.testbed import (
     ANSWER_MARKER,
     MAX_OPERAND,
@@ -48,16 +48,20 @@ def test_problems_are_deterministic_prefixes_with_correct_answers():
 
 @pytest.mark.parametrize("length", [MIN_SOLUTION_TOKENS, 3, 17, MAX_SOLUTION_TOKENS])
 def test_solution_has_the_asked_length_in_tokens_and_is_correct(length):
-    tokenizer, rng = make_tokenizer(), random.Random(length)
-    for a, b in [(0, 0), (7, 12), (19, 19)]:
-        solution = write_solution(a, b, length, rng)
+    tokenizer = make_tokenizer()
+    for a, b in [(0, 0), (7, 12), (MAX_OPERAND, MAX_OPERAND)]:
+        solution = write_solution(a, b, length)
         ids = tokenizer(solution, add_special_tokens=False)["input_ids"]
         assert len(ids) == length and tokenizer.unk_token_id not in ids
-        chain = [int(w) for w in solution.split()[: length - 2]]
-        assert chain == sorted(chain) and all(a <= n <= a + b for n in chain)
+        assert solution.split()[: length - 2] == [str(step) for step in range(1, length - 1)]
         assert Accuracy()(prompts=[""], completions=[solution], completion_ids=[ids], answer=[str(a + b)]) == [1.0]
         wrong = solution.rsplit(" ", 1)[0] + f" {a + b + 1}"
         assert Accuracy()(prompts=[""], completions=[wrong], completion_ids=[ids], answer=[str(a + b)]) == [0.0]
+
+
+def test_too_short_solution_is_refused():
+    with pytest.raises(ConfigError, match="solution_tokens"):
+        write_solution(1, 2, MIN_SOLUTION_TOKENS - 1)
 
 
 def test_budgeted_prompt_is_one_known_token_per_word():
