@@ -119,7 +119,7 @@ class LenVMGuidedLogitsProcessor(LogitsProcessor):
         self.cache = output.cache
         self.cache.crop(-num_candidates)  # drop the candidates: keep the accepted prefix only
         self.key_mask = key_mask
-        return output.values[:, n:].double()  # (R, K)
+        return output.length_values[:, n:].double()  # (R, K)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         rows = scores.size(0)

@@ -88,7 +88,16 @@ class LenVMGRPOConfig(GRPOConfig):
     lenvm_batch_size: int = field(default=8, metadata={"help": "Sequences per LenVM forward pass."})
 
     def __post_init__(self):
-        super().__post_init__()
+        try:
+            super().__post_init__()
+        except ValueError as error:  # TRL's group-size checks speak of generation_batch_size, rarely set by hand
+            if "generations" not in str(error):
+                raise
+            raise ConfigError(
+                f"num_generations: {self.num_generations} completions per prompt must be >= 2 and divide the batch "
+                f"(per_device_train_batch_size x processes x steps_per_generation; per_device_eval_batch_size x "
+                f"processes for evaluation); TRL says: {str(error).splitlines()[0]}"
+            ) from None
         if self.length_objective not in LENGTH_OBJECTIVES:
             raise ConfigError(
                 f"length_objective: {self.length_objective!r} is unknown; use one of {', '.join(LENGTH_OBJECTIVES)}"
@@ -180,7 +189,7 @@ class LenVMGRPOTrainer(GRPOTrainer):
                 attention_mask=attention_mask[i : i + size],
                 position_ids=position_ids[i : i + size],
                 use_cache=False,
-            ).values
+            ).length_values
             for i in range(0, input_ids.size(0), size)
         ])
 

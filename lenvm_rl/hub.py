@@ -205,7 +205,7 @@ def model_card(folder: str | Path, repo_id: str | None = None) -> ModelCard:
                   f'tokenizer = AutoTokenizer.from_pretrained("{load_id}")']
     elif kind == "lenvm":
         lines += ["from lenvm_rl.modeling import load_lenvm  # pip install lenvm-rl", "",
-                  f'lenvm = load_lenvm("{load_id}")  # .values (B, S) in (-1, 0)']
+                  f'lenvm = load_lenvm("{load_id}")  # .length_values (B, S) in (-1, 0)']
     else:
         lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                   f'model = AutoModelForCausalLM.from_pretrained("{load_id}")',

@@ -69,7 +69,7 @@ def score_rollouts(model, rows, pad_token_id: int, batch_size: int = 8) -> list[
             attention_mask=inputs["attention_mask"].to(device),
             state_positions=inputs["state_positions"].to(device),
         )
-        for row, v in zip(batch, out.values.float().cpu()):
+        for row, v in zip(batch, out.length_values.float().cpu()):
             values.append(v[: len(row["completion_ids"]) + 1])
     model.train(was_training)
     return values

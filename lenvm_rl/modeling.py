@@ -59,12 +59,13 @@ class LenVMConfig(PreTrainedConfig):
 
 @dataclass
 class LenVMOutput(ModelOutput):
-    """``values`` (B, S) in (-1, 0) and ``logits`` (B, S) float32, at every position, or at
+    """``length_values`` (B, S) in (-1, 0) and ``logits`` (B, S) float32, at every position, or at
     ``state_positions`` when given; ``loss`` is the token-mean value loss when targets are given;
     ``cache`` the backbone's cache when called with ``use_cache=True``."""
 
     loss: torch.Tensor | None = None
-    values: torch.Tensor | None = None
+    # Not ``values``: a ModelOutput is a dict, and DDP's output walk calls ``output.values()``.
+    length_values: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     cache: object | None = None
 
@@ -165,7 +166,7 @@ class LenVMModel(PreTrainedModel):
                 per_state = F.binary_cross_entropy_with_logits(logits, -targets, reduction="none")
             denominator = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
             loss = (per_state * mask).sum() / denominator
-        return LenVMOutput(loss=loss, values=values, logits=logits, cache=output.cache)
+        return LenVMOutput(loss=loss, length_values=values, logits=logits, cache=output.cache)
 
 
 AutoConfig.register("lenvm", LenVMConfig)

@@ -65,7 +65,7 @@ def test_cached_candidate_values_equal_a_plain_recompute(random_lenvm, tokenizer
         for row, prompt in enumerate(prompts):
             for k in range(4):
                 sequence = torch.tensor([prompt + generated[row][:step] + [candidates[row, k].item()]])
-                expected = random_lenvm(input_ids=sequence).values[0, -1].double()
+                expected = random_lenvm(input_ids=sequence).length_values[0, -1].double()
                 assert cached[row, k].item() == pytest.approx(expected.item(), abs=1e-5)
         input_ids = torch.cat([input_ids, torch.tensor([[generated[0][step]], [generated[1][step]]])], dim=1)
     assert processor.forward_calls == 3  # one LenVM forward per step

@@ -57,14 +57,14 @@ def test_values_in_open_interval_and_logits_float32(dtype):
     batch = make_batch()
     with torch.no_grad():
         out = model(**states_only(batch))
-    assert out.logits.dtype == torch.float32 and out.values.dtype == torch.float32
-    assert out.values.shape == batch["state_positions"].shape  # (B, S)
-    assert ((out.values > -1) & (out.values < 0)).all()
-    torch.testing.assert_close(out.values, -torch.sigmoid(out.logits))
+    assert out.logits.dtype == torch.float32 and out.length_values.dtype == torch.float32
+    assert out.length_values.shape == batch["state_positions"].shape  # (B, S)
+    assert ((out.length_values > -1) & (out.length_values < 0)).all()
+    torch.testing.assert_close(out.length_values, -torch.sigmoid(out.logits))
     # Without state_positions: one value per input position.
     with torch.no_grad():
         full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    assert full.values.shape == batch["input_ids"].shape
+    assert full.length_values.shape == batch["input_ids"].shape
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -75,12 +75,12 @@ def test_save_and_load_round_trip(tmp_path):
     model.save_pretrained(tmp_path)
     batch = states_only(make_batch())
     with torch.no_grad():
-        expected = model(**batch).values
+        expected = model(**batch).length_values
         for loaded in (LenVMModel.from_pretrained(tmp_path), load_lenvm(str(tmp_path))):
             assert isinstance(loaded, LenVMModel)
             assert loaded.config.gamma == GAMMA and loaded.config.head_hidden_size == 16
             assert loaded.config.train_length_mean == 3.5
-            assert torch.equal(loaded.eval()(**batch).values, expected)
+            assert torch.equal(loaded.eval()(**batch).length_values, expected)
 
 
 def test_load_lenvm_refuses_a_plain_causal_lm(tiny_model_path, tmp_path):
@@ -119,7 +119,7 @@ def test_loss_is_token_mean_over_valid_states(kind, bootstrap):
     batch = make_batch()
     with torch.no_grad():
         out = model(**batch)
-    total, count = hand_loss(out.values.double(), out.logits.double(), ROWS, GAMMA, kind, bootstrap)
+    total, count = hand_loss(out.length_values.double(), out.logits.double(), ROWS, GAMMA, kind, bootstrap)
     assert count == sum(length + 1 for length, finished in ROWS if finished or bootstrap)
     assert torch.isfinite(out.loss)
     assert out.loss.item() == pytest.approx(total / count, rel=1e-5)
@@ -183,5 +183,5 @@ def test_head_weights_stay_float32_with_a_bf16_backbone(tmp_path):
     assert reloaded.head.dense.weight.dtype == torch.float32 and reloaded.backbone.dtype == torch.bfloat16
     with torch.no_grad():  # same weights; bf16 kernels may differ in the last bits between two model objects
         torch.testing.assert_close(
-            model(**states_only(make_batch())).values, reloaded(**states_only(make_batch())).values, atol=1e-5, rtol=0
+            model(**states_only(make_batch())).length_values, reloaded(**states_only(make_batch())).length_values, atol=1e-5, rtol=0
         )
