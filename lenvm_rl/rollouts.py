@@ -26,7 +26,7 @@ from datasets import Dataset, concatenate_datasets, load_from_disk
 from tqdm.auto import tqdm
 
 from lenvm_rl.data import DatasetArguments, load_prompts
-from lenvm_rl.errors import ConfigError
+from lenvm_rl.errors import ConfigError, require_single_process
 from lenvm_rl.loading import load_causal_lm, load_tokenizer, resolve_model_path
 
 MANIFEST = "rollout_args.json"
@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     from lenvm_rl.cli import parse_recipe
 
     args, model_args = parse_recipe((RolloutArguments, ModelConfig), argv)
+    require_single_process("rollout")
     output_dir = run_rollouts(args, model_args.model_name_or_path or "smollm2-135m-instruct", model_args.dtype)
     rollouts = load_rollouts(output_dir)
     finished = sum(rollouts["finished"])

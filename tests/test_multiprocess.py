@@ -144,3 +144,14 @@ def test_lenvm_is_prepared_like_trls_reference_model(monkeypatch, tiny_model_pat
         make_trainer(tiny_model_path, tokenizer, dataset, tmp_path / backend, lenvm_model_path=str(lenvm))
         monkeypatch.setattr(grpo.GRPOTrainer, "__init__", original_init)
     assert calls == [("deepspeed", "LenVMModel"), ("fsdp", "LenVMModel")]
+
+
+@pytest.mark.parametrize("stage", ["rollout", "evaluate"])
+def test_single_process_stages_refuse_a_multi_process_launch(stage, monkeypatch, capsys):
+    from lenvm_rl.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exit_info:
+        main([stage, "--budgets", "8", "--output_dir", "unused"])
+    assert exit_info.value.code == 2
+    assert "runs as one process" in capsys.readouterr().err
