@@ -11,6 +11,7 @@ import datasets
 from datasets import Dataset
 
 from lenvm_rl.errors import ConfigError
+from lenvm_rl.returns import BUDGET_KINDS
 
 
 @dataclass
@@ -55,6 +56,17 @@ class DatasetArguments:
             raise ConfigError(f"num_prompts: must be positive, got {self.num_prompts}")
         if self.skip_prompts < 0:
             raise ConfigError(f"skip_prompts: must be >= 0, got {self.skip_prompts}")
+        # Checked here as well as in add_budgets: a bad budget fails before any model loads or file is written.
+        if self.budgets is not None and not (self.budgets and all(b > 0 for b in self.budgets)):
+            raise ConfigError(f"budgets: need positive token counts, e.g. [16, 32, 64]; got {self.budgets}")
+        low_high = self.budget_range
+        if low_high is not None and not (len(low_high) == 2 and 0 < low_high[0] <= low_high[1]):
+            raise ConfigError(f"budget_range: need [low, high] with 0 < low <= high tokens, got {self.budget_range}")
+        unknown_kinds = [kind for kind in self.budget_kinds if kind not in BUDGET_KINDS]
+        if unknown_kinds or not self.budget_kinds:
+            raise ConfigError(
+                f"budget_kinds: {unknown_kinds or self.budget_kinds} not budget kinds; use some of {', '.join(BUDGET_KINDS)}"
+            )
 
 
 def load_prompts(args: DatasetArguments) -> Dataset:
@@ -86,7 +98,13 @@ def load_prompt_splits(args: DatasetArguments, num_eval_prompts: int) -> tuple[D
     elif Path(name).suffix in (".jsonl", ".json"):
         if not Path(name).is_file():
             raise ConfigError(f"dataset_name: no file {name!r}; give an existing .jsonl path")
-        dataset = datasets.load_dataset("json", data_files=name, split="train")
+        try:
+            dataset = datasets.load_dataset("json", data_files=name, split="train")
+        except Exception as error:  # an empty file raises StopIteration, a bad line a DatasetGenerationError
+            raise ConfigError(
+                f"dataset_name: cannot read {name!r} as JSON lines ({type(error).__name__}); it must hold one JSON "
+                f"object per line, at least one"
+            ) from None
     elif Path(name, "dataset_info.json").is_file() or Path(name, "state.json").is_file():
         dataset = datasets.load_from_disk(name)
     else:

@@ -361,14 +361,15 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, list[dict]]:
     from lenvm_rl.loading import load_tokenizer
 
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     manifest = output_dir / "evaluate_args.json"
     settings = {k: v for k, v in asdict(args).items() if k not in ("output_dir", "labels", "adapters", "include_base", "hard_truncation")}
     if manifest.exists() and json.loads(manifest.read_text()) != settings:
         raise ConfigError(
             f"output_dir: {output_dir} holds an evaluation with other settings ({manifest}); use another output_dir"
         )
-    manifest.write_text(json.dumps(settings, indent=2))
+    missing = [adapter for adapter in args.adapters if not Path(adapter, "adapter_config.json").is_file()]
+    if missing:  # before the base model is evaluated, not after
+        raise ConfigError(f"adapters: {missing[0]!r} holds no adapter_config.json; give a LoRA output_dir of `lenvm-rl grpo`")
     prompts = budgeted_prompts(args)
     tokenizer = load_tokenizer(args.model_name_or_path)
     results, costs, loaded = {}, {}, {}
@@ -378,6 +379,9 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, list[dict]]:
 
         lenvm = load_lenvm(args.lenvm_model_path, dtype=getattr(torch, args.dtype)).eval()  # the head stays float32
         check_lenvm_tokenizer(args.lenvm_model_path, tokenizer)
+    # Written once the data and models load: a failed start leaves no manifest that would refuse the fixed rerun.
+    output_dir.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps(settings, indent=2))
     for label, adapter, decoding in args.model_specs():
         file = output_dir / "generations" / f"{label.replace(' ', '_').replace('/', '_')}.jsonl"
         drop_if_stale(file, adapter)
