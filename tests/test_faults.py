@@ -120,3 +120,38 @@ def test_resume_checkpoint_skips_incomplete_and_refuses_nothing(tmp_path):
         resume_checkpoint("true", str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="^resume_from_checkpoint: .*checkpoint-12' is not a complete checkpoint"):
         resume_checkpoint(str(tmp_path / "checkpoint-12"), str(tmp_path))
+
+
+def test_train_lenvm_saves_on_sigterm_and_resumes(tiny_model_path, rollouts_dir, tmp_path, monkeypatch):
+    """The same contract in-process for `train-lenvm`: SIGTERM (sent to itself at the end of step 2) saves
+    checkpoint-2, exits 143 without a final model; the resumed run ends at max_steps with every step logged once."""
+    from lenvm_rl.faults import SaveOnSigterm
+    from lenvm_rl.lenvm_trainer import main
+
+    output_dir = tmp_path / "lenvm"
+    recipe = tmp_path / "lenvm.yaml"
+    recipe.write_text(yaml.safe_dump(dict(
+        model_name_or_path=tiny_model_path, rollouts_path=str(rollouts_dir), eval_prompt_fraction=0.34, max_steps=4,
+        per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1, save_strategy="steps", save_steps=4,
+        report_to="none", use_cpu=True, disable_tqdm=True, seed=0, output_dir=str(output_dir),
+    )))
+    on_step_end = SaveOnSigterm.on_step_end
+
+    def sigterm_at_step_2(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler only sets a flag, read just below
+        return on_step_end(self, args, state, control, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SaveOnSigterm, "on_step_end", sigterm_at_step_2)
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--config", str(recipe)])
+    assert exit_info.value.code == SIGTERM_EXIT_STATUS
+    assert complete_checkpoints(output_dir) == [2] and not (output_dir / "model.safetensors").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed when training ends
+
+    main(["--config", str(recipe), "--resume_from_checkpoint", "true"])
+    state = json.loads((output_dir / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert [row["step"] for row in state["log_history"] if "loss" in row] == [1, 2, 3, 4]
+    assert (output_dir / "model.safetensors").is_file()
