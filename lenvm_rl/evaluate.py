@@ -30,7 +30,7 @@ from datasets import Dataset, concatenate_datasets
 from tqdm.auto import tqdm
 
 from lenvm_rl.data import DatasetArguments, load_prompts
-from lenvm_rl.errors import ConfigError
+from lenvm_rl.errors import ConfigError, require_single_process
 from lenvm_rl.returns import BUDGET_KINDS, budget_hit, budget_kind_codes, lifebench_length_score
 
 METRICS = ("accuracy", "mean_tokens", "length_deviation", "abs_length_deviation", "length_score", "hit_rate")
@@ -98,7 +98,7 @@ class EvaluateArguments(DatasetArguments):
                 f"{self.guidance_top_k}, {self.guidance_top_p}, {self.guidance_min_p}"
             )
         if self.labels is not None and len(self.labels) != len(self.models()):
-            raise ConfigError(f"labels: give one per evaluated model ({len(self.model_specs())}), got {len(self.labels)}")
+            raise ConfigError(f"labels: give one per evaluated model ({len(self.models())}: the base, then each adapter), got {len(self.labels)}")
 
     def models(self) -> list[str | None]:
         return ([None] if self.include_base else []) + list(self.adapters)
@@ -408,6 +408,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     from lenvm_rl.cli import parse_recipe
 
     (args,) = parse_recipe((EvaluateArguments,), argv)
+    require_single_process("evaluate")
     results = run_evaluation(args)
     costs = json.loads((Path(args.output_dir) / "results.json").read_text())["ms_per_token"]
     print(markdown_table(results, costs))
