@@ -18,6 +18,7 @@ STAGES = {
     "train-lenvm": ("lenvm_rl.lenvm_trainer", "train a Length Value Model on rollouts"),
     "predict-length": ("lenvm_rl.predict", "compare the LenVM's prompt-boundary prediction with sampled lengths"),
     "grpo": ("lenvm_rl.grpo", "GRPO with per-token LenVM length advantages"),
+    "ppo": ("lenvm_rl.ppo", "PPO with a learned task critic plus the LenVM's per-token length advantages"),
     "length-tokens": ("lenvm_rl.length_tokens", "the tokens whose LenVM TD residual most often passes ±threshold"),
     "evaluate": ("lenvm_rl.evaluate", "accuracy, tokens, length score and hit rate per budget; table and plots"),
     "rewards": ("lenvm_rl.cli", "list the reward registry (name, formula, columns read)"),

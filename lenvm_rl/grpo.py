@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
@@ -62,6 +63,9 @@ class GRPOScriptArguments(DatasetArguments):
 class LenVMGRPOConfig(GRPOConfig):
     """GRPOConfig plus the LenVM critic's fields."""
 
+    # GRPO's baseline is the group mean, so it needs >= 2 completions per prompt; PPO's critic allows 1.
+    min_generations: ClassVar[int] = 2
+
     lenvm_model_path: str | None = field(
         default=None,
         metadata={"help": "Output folder of `lenvm-rl train-lenvm`; with length_objective none it feeds metrics only."},
@@ -93,11 +97,15 @@ class LenVMGRPOConfig(GRPOConfig):
         except ValueError as error:  # TRL's group-size checks speak of generation_batch_size, rarely set by hand
             if "generations" not in str(error):
                 raise
-            raise ConfigError(
-                f"num_generations: {self.num_generations} completions per prompt must be >= 2 and divide the batch "
-                f"(per_device_train_batch_size x processes x steps_per_generation; per_device_eval_batch_size x "
-                f"processes for evaluation); TRL says: {str(error).splitlines()[0]}"
-            ) from None
+            # TRL's last generation check refuses 1, which a critic baseline (PPO) allows; only TRL's vLLM
+            # importance-sampling clip checks come after that check, and are skipped then.
+            if self.num_generations < self.min_generations or "at least 2 generations" not in str(error):
+                raise ConfigError(
+                    f"num_generations: {self.num_generations} completions per prompt must be >= "
+                    f"{self.min_generations} and divide the batch "
+                    f"(per_device_train_batch_size x processes x steps_per_generation; per_device_eval_batch_size x "
+                    f"processes for evaluation); TRL says: {str(error).splitlines()[0]}"
+                ) from None
         if self.length_objective not in LENGTH_OBJECTIVES:
             raise ConfigError(
                 f"length_objective: {self.length_objective!r} is unknown; use one of {', '.join(LENGTH_OBJECTIVES)}"
@@ -193,6 +201,14 @@ class LenVMGRPOTrainer(GRPOTrainer):
             for i in range(0, input_ids.size(0), size)
         ])
 
+    def masked_whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(x - mean) / (std + 1e-8), mean and std over the valid tokens of all ranks; padding is not zeroed. (B, T)"""
+        stats = torch.stack([(x * mask).sum(), (x.square() * mask).sum(), mask.sum().to(x.dtype)])
+        total, total_sq, count = self.accelerator.reduce(stats, reduction="sum").tolist()
+        mean = total / max(count, 1.0)
+        std = max(total_sq / max(count, 1.0) - mean**2, 0.0) ** 0.5
+        return (x - mean) / (std + 1e-8)
+
     def assemble_advantages(
         self, task_advantages, values_full, prompt_length, completion_mask, finished, budgets=None, kinds=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,11 +224,7 @@ class LenVMGRPOTrainer(GRPOTrainer):
             budgets=budgets, kinds=kinds, score=args.length_score, discount=args.length_discount,
         )  # (B, T)
         if args.whiten_length_advantage:
-            stats = torch.stack([(length * mask).sum(), (length.square() * mask).sum(), mask.sum().to(length.dtype)])
-            total, total_sq, count = self.accelerator.reduce(stats, reduction="sum").tolist()
-            mean = total / max(count, 1.0)
-            std = max(total_sq / max(count, 1.0) - mean**2, 0.0) ** 0.5
-            length = (length - mean) / (std + 1e-8)
+            length = self.masked_whiten(length, mask)
         length = args.length_advantage_coef * length * mask  # (B, T)
         advantages = (task_advantages[:, None] + length) * mask  # (B, T)
         return advantages.to(task_advantages.dtype), length
@@ -274,6 +286,11 @@ class LenVMGRPOTrainer(GRPOTrainer):
 
 def main(argv: list[str] | None = None) -> None:
     """`lenvm-rl grpo --config recipes/<Model>/grpo/config_<variant>.yaml`"""
+    train_policy(argv, "grpo", LenVMGRPOConfig, LenVMGRPOTrainer)
+
+
+def train_policy(argv: list[str] | None, stage: str, config_class: type, trainer_class: type) -> None:
+    """The `grpo` and `ppo` entry points: parse the recipe into ``config_class``, train with ``trainer_class``."""
     from transformers import set_seed
     from trl import ModelConfig, get_peft_config
 
@@ -285,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     from rewards import REWARDS, get_reward
     from rewards.base import TokenLengthReward
 
-    script_args, config, model_args = parse_recipe((GRPOScriptArguments, LenVMGRPOConfig, ModelConfig), argv)
+    script_args, config, model_args = parse_recipe((GRPOScriptArguments, config_class, ModelConfig), argv)
     resume_from = resume_checkpoint(config.resume_from_checkpoint, config.output_dir)  # before any model loads
     set_seed(config.seed)
     hub_model_id = defer_push(config)  # pushed once after saving, never by the Trainer (hub.defer_push)
@@ -317,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
 
     ################ Trainer
     sigterm = SaveOnSigterm()
-    trainer = LenVMGRPOTrainer(
+    trainer = trainer_class(
         model=model,
         reward_funcs=reward_funcs,
         args=config,
@@ -332,11 +349,11 @@ def main(argv: list[str] | None = None) -> None:
     trainer.train(resume_from_checkpoint=resume_from)
     sigterm.exit_if_stopped(trainer)  # SIGTERM: a checkpoint is saved; exit 143 without a final model
 
-    ################ Save (the adapter alone with LoRA; the tokenizer beside it)
+    ################ Save (the adapter alone with LoRA; the tokenizer beside it; ppo adds its task value head)
     trainer.save_model(config.output_dir)
     if trainer.is_world_process_zero():
         trainer.state.save_to_json(f"{config.output_dir}/trainer_state.json")  # every logged metric, for curves
-        record_run(config.output_dir, "grpo", argv, script_args, config, model_args)  # the command and the recipe
+        record_run(config.output_dir, stage, argv, script_args, config, model_args)  # the command and the recipe
         model_card(config.output_dir, hub_model_id).save(f"{config.output_dir}/README.md")
 
     ################ Push (the model files and the card, not checkpoints: hub.push_folder)

@@ -340,3 +340,57 @@ def length_advantages(
     kinds = torch.as_tensor(kinds, device=values.device)[:, None]  # (B, 1)
     potentials = LENGTH_SCORES[score](predicted, budgets, kinds)  # (B, T + 1) Φ_j
     return masked_gae(zeros, potentials, mask, discount, lam)[0]
+
+
+# ------------------------------------------------------------------------------------ PPO task critic
+
+
+def task_advantages(
+    scores: torch.Tensor,
+    values: torch.Tensor,
+    completion_mask: torch.Tensor,
+    gamma: float,
+    lam: float,
+    kl: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO task advantages and returns: GAE(γ, λ) over the task score placed on the last completion token.
+
+    Row b has n = mask.sum() valid tokens (a prefix; TRL's mask ends at and includes the EOS). Per-token reward
+    r_j = -kl_coef · kl_j for j < n, plus ``scores[b]`` at j = n - 1. Every completion ends the episode after its
+    last valid token, finished or truncated: the task reward already scored the text as it stands, so there is no
+    bootstrap (V after the last token := 0). ``values[:, j]`` = V(s_j), the critic's value of the state in which
+    token j is chosen; entries at and beyond n are ignored. A row with n = 0 gets zeros.
+
+    Shapes: scores (B,), values (B, T), completion_mask (B, T), kl (B, T) or None -> advantages (B, T), returns (B, T),
+    0 on padding, dtype promoted to at least float32.
+    """
+    mask = completion_mask.bool()
+    dtype = torch.promote_types(torch.promote_types(scores.dtype, values.dtype), torch.float32)
+    lengths = mask.long().sum(1)  # (B,) n
+    positions = torch.arange(mask.shape[1], device=mask.device)  # (T,)
+    last = positions == (lengths - 1)[:, None]  # (B, T) the last valid token; no column for n = 0
+    rewards = torch.where(last, scores.to(dtype)[:, None], 0.0)  # (B, T)
+    if kl is not None and kl_coef != 0.0:
+        rewards = rewards - kl_coef * torch.where(mask, kl.to(dtype), 0.0)
+    states = torch.cat([values.to(dtype), values.new_zeros(values.shape[0], 1, dtype=dtype)], dim=1)  # (B, T + 1)
+    states = torch.where(torch.arange(mask.shape[1] + 1, device=mask.device) < lengths[:, None], states, 0.0)
+    return masked_gae(rewards, states, mask, gamma, lam)
+
+
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, cliprange: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped value loss per token: ½ max((V - R)², (V_clip - R)²), V_clip = V_old + clip(V - V_old, ±ε).
+
+    Also returns where the clipped term is the larger one (the clip is active). The caller masks and averages.
+
+    >>> loss, clipped = clipped_value_loss(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([2.0]), 0.2)
+    >>> loss, clipped  # V_clip = 0.2: ½ (0.2 - 2)² = 1.62 > ½ (1 - 2)²
+    (tensor([1.6200]), tensor([True]))
+
+    Shapes: all (B, T) -> per-token loss (B, T), clipped (B, T) bool.
+    """
+    clipped_values = old_values + (values - old_values).clamp(-cliprange, cliprange)
+    loss_unclipped, loss_clipped = (values - returns).square(), (clipped_values - returns).square()
+    return 0.5 * torch.maximum(loss_unclipped, loss_clipped), loss_clipped > loss_unclipped

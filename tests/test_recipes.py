@@ -10,6 +10,7 @@ from lenvm_rl.errors import ConfigError
 from lenvm_rl.evaluate import EvaluateArguments
 from lenvm_rl.grpo import GRPOScriptArguments, LenVMGRPOConfig
 from lenvm_rl.lenvm_trainer import LenVMScriptArguments, LenVMTrainingConfig
+from lenvm_rl.ppo import LenVMPPOConfig
 from lenvm_rl.rollouts import RolloutArguments
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,6 +19,7 @@ STAGES = {
     "lenvm": ((LenVMScriptArguments, LenVMTrainingConfig, ModelConfig), ["--report_to", "none", "--bf16", "false"]),
     "evaluate": ((EvaluateArguments,), []),
     "grpo": ((GRPOScriptArguments, LenVMGRPOConfig, ModelConfig), ["--report_to", "none", "--bf16", "false", "--use_vllm", "false"]),
+    "ppo": ((GRPOScriptArguments, LenVMPPOConfig, ModelConfig), ["--report_to", "none", "--bf16", "false", "--use_vllm", "false"]),
 }
 RECIPES = sorted(ROOT.glob("recipes/*/*/config_*.yaml"))
 
