@@ -1,16 +1,21 @@
 """A learning testbed for token budgets: a task, a word-level tokenizer and a tiny Llama trained from scratch,
 small enough that GRPO runs hundreds of steps on two CPU cores in minutes (issue #8).
 
-The task ("addition with numbered steps"). The prompt asks "What is a + b ?" (a, b in 0..``MAX_OPERAND``) and,
-after the budget transform (``lenvm_rl.budgets.add_budgets``), "Answer in exactly|at most|at least N tokens."
-A solution is k >= 0 numbered steps "1 2 ... k" (stand-ins for reasoning tokens; they carry nothing about the
-answer), then ``#### <a + b>``: L = k + 2 tokens (EOS excluded). Every length from 2 up is a valid solution, so
-the length is a free choice and correctness (the number after ``####``, read by the shared
+The task ("addition with a budget tracker"). The prompt asks "What is a + b ?" (a, b in 0..``MAX_OPERAND``)
+and, after the budget transform (``lenvm_rl.budgets.add_budgets``), "Answer in exactly|at most|at least N tokens."
+A solution is k >= 0 steps, then ``#### <a + b>``: L = k + 2 tokens (EOS excluded). Step i writes N - (i + 2),
+the budget that would be left if the solution ended right after it (stand-ins for reasoning tokens that track
+the budget, as a person counting words would; they carry nothing about the answer). Every length from 2 up is a
+valid solution, so the length is a free choice and correctness (the number after ``####``, read by the shared
 ``rewards.correctness.is_correct``) does not depend on it. The length is decided by one kind of action, writing
-``####`` instead of the next step number, and the step numbers say how far the solution has come: a policy can
-follow a budget by comparing its step count with N, and a LenVM can read the remaining length off the count.
-(A first version drew the chain as sorted random numbers between a and a + b; its chains helped the answer, so
-accuracy rose with length, and GRPO moved the held-out length score from 0.53 to only 0.62 in 75 steps.)
+``####`` instead of the next step: the starting policy writes the tracker but stops at random; ending right
+after the step "0" gives L = N exactly.
+
+Two earlier designs did not learn in the step counts a CPU allows, which is why the tracker is in the solution:
+(1) steps drawn as sorted random numbers between a and a + b: the chain helped the answer (accuracy rose with
+length) and GRPO moved the held-out length score from 0.53 to 0.62 in 75 steps; (2) steps numbered 1 .. k: the
+policy shifted all its lengths together (towards the budget-blind optimum near 30 tokens) but learned no
+dependence on the budget in 150 steps, because the starting policy never attends to the budget token.
 
 The tokenizer is word-level (whitespace-split): every number 0..``NUMBER_TOKENS - 1`` is one token, so the
 budget N in the prompt is one token the policy can read, and a length in tokens is a count of words.
@@ -37,6 +42,7 @@ from lenvm_rl.errors import ConfigError
 
 MAX_OPERAND = 19
 NUMBER_TOKENS = 200  # "0" .. "199": operands, sums (<= 38) and budgets are one token each
+NEGATIVE_TOKENS = 40  # "-1" .. "-40": the budget tracker of a solution longer than its budget
 MIN_SOLUTION_TOKENS = 2  # "#### s"
 MAX_SOLUTION_TOKENS = 40
 BUDGETS = (8, 16, 32)
@@ -76,20 +82,21 @@ def make_testbed_dataset(num_prompts: int, seed: int = 0) -> Dataset:
     })
 
 
-def write_solution(a: int, b: int, solution_tokens: int) -> str:
-    """A correct solution of exactly ``solution_tokens`` words: steps 1 .. k (k = solution_tokens - 2), #### a + b.
+def write_solution(a: int, b: int, solution_tokens: int, budget_tokens: int) -> str:
+    """A correct solution of exactly ``solution_tokens`` words: steps i = 1 .. k (k = solution_tokens - 2) that
+    write N - (i + 2) for the budget N = ``budget_tokens``, then #### a + b.
 
-    >>> write_solution(3, 4, 6)
-    '1 2 3 4 #### 7'
+    >>> write_solution(3, 4, 6, budget_tokens=5), write_solution(3, 4, 2, budget_tokens=5)
+    ('2 1 0 -1 #### 7', '#### 7')
     """
     if solution_tokens < MIN_SOLUTION_TOKENS:
         raise ConfigError(f"solution_tokens: a solution has at least {MIN_SOLUTION_TOKENS} tokens, got {solution_tokens}")
-    steps = range(1, solution_tokens - MIN_SOLUTION_TOKENS + 1)
+    steps = [budget_tokens - (i + MIN_SOLUTION_TOKENS) for i in range(1, solution_tokens - MIN_SOLUTION_TOKENS + 1)]
     return " ".join([*map(str, steps), ANSWER_MARKER, str(a + b)])
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer (whitespace split) over the task's words, the budget instructions and 0..199.
+    """Word-level tokenizer (whitespace split) over the task's words, the budget instructions and -40..199.
 
     Decoding joins tokens with single spaces, so a completion decodes to the text the rewards read.
 
@@ -101,7 +108,8 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     words = QUESTION.replace("{a}", "").replace("{b}", "").split() + [ANSWER_MARKER]
     for template in DEFAULT_TEMPLATES.values():
         words += template.replace("{N}", "").split()
-    vocabulary = [*SPECIAL_TOKENS, *map(str, range(NUMBER_TOKENS)), *dict.fromkeys(words)]
+    numbers = [*map(str, range(NUMBER_TOKENS)), *(str(-n) for n in range(1, NEGATIVE_TOKENS + 1))]
+    vocabulary = [*SPECIAL_TOKENS, *numbers, *dict.fromkeys(words)]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocabulary)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
@@ -152,10 +160,11 @@ def make_sft_dataset(
     prompts = add_budgets(make_testbed_dataset(num_examples, seed=seed), budgets=list(budgets), kinds=list(kinds), seed=seed)
     prompt_ids = tokenize_prompts(tokenizer, prompts["prompt"])
     rows = {"input_ids": [], "labels": []}
-    for ids, prompt in zip(prompt_ids, prompts["prompt"], strict=True):
-        a, b = (int(word) for word in prompt[0]["content"].split()[2:5:2])  # "What is a + b ?"
+    for ids, row in zip(prompt_ids, prompts, strict=True):
+        a, b = (int(word) for word in row["prompt"][0]["content"].split()[2:5:2])  # "What is a + b ?"
         length = rng.randint(MIN_SOLUTION_TOKENS, MAX_SOLUTION_TOKENS)
-        solution = tokenizer(write_solution(a, b, length), add_special_tokens=False)["input_ids"]
+        solution = write_solution(a, b, length, row["budget_tokens"])
+        solution = tokenizer(solution, add_special_tokens=False)["input_ids"]
         rows["input_ids"].append(ids + solution + [tokenizer.eos_token_id])
         rows["labels"].append([-100] * len(ids) + solution + [tokenizer.eos_token_id])
     return Dataset.from_dict(rows)

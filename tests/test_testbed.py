@@ -47,13 +47,16 @@ def test_problems_are_deterministic_prefixes_with_correct_answers():
 
 
 @pytest.mark.parametrize("length", [MIN_SOLUTION_TOKENS, 3, 17, MAX_SOLUTION_TOKENS])
-def test_solution_has_the_asked_length_in_tokens_and_is_correct(length):
+@pytest.mark.parametrize("budget", [8, 16, 32])
+def test_solution_has_the_asked_length_in_tokens_and_is_correct(length, budget):
     tokenizer = make_tokenizer()
     for a, b in [(0, 0), (7, 12), (MAX_OPERAND, MAX_OPERAND)]:
-        solution = write_solution(a, b, length)
+        solution = write_solution(a, b, length, budget)
         ids = tokenizer(solution, add_special_tokens=False)["input_ids"]
         assert len(ids) == length and tokenizer.unk_token_id not in ids
-        assert solution.split()[: length - 2] == [str(step) for step in range(1, length - 1)]
+        # Step i tracks the budget left if the solution ended after it: the last step is N - L.
+        steps = [int(word) for word in solution.split()[: length - 2]]
+        assert steps == list(range(budget - 3, budget - length - 1, -1))
         assert Accuracy()(prompts=[""], completions=[solution], completion_ids=[ids], answer=[str(a + b)]) == [1.0]
         wrong = solution.rsplit(" ", 1)[0] + f" {a + b + 1}"
         assert Accuracy()(prompts=[""], completions=[wrong], completion_ids=[ids], answer=[str(a + b)]) == [0.0]
@@ -61,7 +64,7 @@ def test_solution_has_the_asked_length_in_tokens_and_is_correct(length):
 
 def test_too_short_solution_is_refused():
     with pytest.raises(ConfigError, match="solution_tokens"):
-        write_solution(1, 2, MIN_SOLUTION_TOKENS - 1)
+        write_solution(1, 2, MIN_SOLUTION_TOKENS - 1, budget_tokens=8)
 
 
 def test_budgeted_prompt_is_one_known_token_per_word():
@@ -81,7 +84,7 @@ def test_tokenizer_round_trip_and_length_reward_count_words(tmp_path):
 
     make_tokenizer().save_pretrained(tmp_path)
     tokenizer = load_tokenizer(str(tmp_path))
-    text = f"3 5 5 9 {ANSWER_MARKER} 9"
+    text = f"3 2 1 0 {ANSWER_MARKER} 9"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert tokenizer.decode(ids, skip_special_tokens=True) == text
     score = LengthScore(eos_token_id=tokenizer.eos_token_id)
