@@ -14,8 +14,8 @@ What changes is where the advantage comes from, and a value loss is added (DESIG
   keep in the optimizer or sync with vLLM (memory matters for a 1.5B policy beside a colocated vLLM and the
   LenVM), and with LoRA the critic shares the adapter. The price is the textbook one of a shared trunk: the value
   loss's gradient reaches the trunk (or the adapter), scaled by ``vf_coef``; with LoRA the critic's capacity beyond
-  its head is the adapter. The head is the LenVM's MLP (``modeling.LengthValueHead``: W2 · SiLU(W1 h + b1) + b2,
-  float32, unbounded), output layer zero-initialised (V = 0 at the start), with its own learning rate
+  its head is the adapter. The head is the LenVM head's MLP, unbounded (``TaskValueHead``: W2 · SiLU(W1 h + b1) + b2,
+  float32), output layer zero-initialised (V = 0 at the start), with its own learning rate
   (``value_head_learning_rate``: a fresh head learns nothing at a full fine-tune's 1e-6).
 - Values: V(s_j), the state in which completion token j is chosen, is read at position P - 1 + j. Old values (for
   GAE and the value clip) come from one extra no-grad forward through TRL's log-prob path right after generation;
@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -61,11 +62,31 @@ from trl.trainer.utils import add_fused_lm_head, create_model_from_path, get_con
 
 from lenvm_rl.errors import ConfigError
 from lenvm_rl.grpo import LenVMGRPOConfig, LenVMGRPOTrainer, train_policy
-from lenvm_rl.modeling import LengthValueHead
 from lenvm_rl.returns import clipped_value_loss, task_advantages
 
 VALUE_HEAD_FILE = "task_value_head.safetensors"
 VALUE_HEAD_PREFIX = "task_value_head."
+
+
+class TaskValueHead(nn.Module):
+    """V = W2 · SiLU(W1 h + b1) + b2 (B, S) from hidden states (B, S, H), outside autocast, returned in float32.
+
+    Runs in the head's own dtype (float32 unless DeepSpeed casts the model) and calls its Linear submodules, so
+    ZeRO-3 gathers their weights as it does for any module's forward.
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.out = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.dense.weight, std=hidden_size**-0.5)
+        nn.init.zeros_(self.dense.bias)
+        nn.init.zeros_(self.out.weight)  # V = 0 at the start; W1 learns once W2 has moved
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return self.out(F.silu(self.dense(hidden.to(self.out.weight.dtype)))).squeeze(-1).float()
 
 
 @dataclass
@@ -117,12 +138,7 @@ class LenVMPPOTrainer(LenVMGRPOTrainer):
             raise TypeError(f"args: LenVMPPOTrainer needs a LenVMPPOConfig, got {type(args).__name__}")
         super().__init__(model, reward_funcs, args, train_dataset, **kwargs)
         causal_lm = self.model.get_base_model() if is_peft_model(self.model) else self.model
-        hidden_size = causal_lm.config.get_text_config().hidden_size
-        head = LengthValueHead(hidden_size, hidden_size)
-        nn.init.normal_(head.dense.weight, std=hidden_size**-0.5)
-        nn.init.zeros_(head.dense.bias)
-        nn.init.zeros_(head.out.weight)  # V = 0 at the start; W1 learns once W2 has moved
-        nn.init.zeros_(head.out.bias)
+        head = TaskValueHead(causal_lm.config.get_text_config().hidden_size)
         # A submodule of the trained model: DDP reduces its gradients, DeepSpeed shards it, the optimizer sees it.
         self.model.add_module("task_value_head", head.to(causal_lm.device))
         if not is_peft_model(self.model):  # the saved policy stays a plain causal LM; the head has its own file
@@ -146,7 +162,7 @@ class LenVMPPOTrainer(LenVMGRPOTrainer):
                 self.ref_model = self.accelerator.prepare_model(reference, evaluation_mode=True)
 
     @property
-    def task_value_head(self) -> LengthValueHead:
+    def task_value_head(self) -> TaskValueHead:
         return self.model.task_value_head
 
     def _capture_values(self, module, args, output):
