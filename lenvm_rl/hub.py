@@ -99,10 +99,10 @@ def folder_kind(folder: Path) -> str:
     elif (folder / "config.json").is_file():
         model_type = json.loads((folder / "config.json").read_text()).get("model_type")
         kind = "lenvm" if model_type == "lenvm" else "policy"
-        if kind == "policy" and run_record(folder).get("stage") != "grpo":
+        if kind == "policy" and run_record(folder).get("stage") not in ("grpo", "ppo"):
             raise ConfigError(
-                f"push: {folder} holds a {model_type!r} model that lenvm-rl did not train (no {RUN_RECORD} from grpo); "
-                f"{fix}"
+                f"push: {folder} holds a {model_type!r} model that lenvm-rl did not train (no {RUN_RECORD} from grpo "
+                f"or ppo); {fix}"
             )
     else:
         problem = "does not exist" if not folder.exists() else "holds no adapter_config.json nor config.json"
