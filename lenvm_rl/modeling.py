@@ -71,7 +71,12 @@ class LenVMOutput(ModelOutput):
 
 
 class LengthValueHead(nn.Module):
-    """z = W2 · SiLU(W1 h + b1) + b2, computed in float32."""
+    """z = W2 · SiLU(W1 h + b1) + b2 outside autocast, in the head's own dtype (float32: the model keeps the head
+    in float32 under a bf16 backbone, unless DeepSpeed casts the whole model), returned in float32.
+
+    It calls its Linear submodules rather than ``F.linear`` on their weights: ZeRO-3 gathers a module's
+    partitioned weights only around that module's own forward.
+    """
 
     def __init__(self, hidden_size: int, head_hidden_size: int):
         super().__init__()
@@ -79,11 +84,9 @@ class LengthValueHead(nn.Module):
         self.out = nn.Linear(head_hidden_size, 1)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = hidden.float()
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            z = F.linear(hidden, self.dense.weight.float(), self.dense.bias.float())
-            z = F.linear(F.silu(z), self.out.weight.float(), self.out.bias.float())
-        return z.squeeze(-1)
+            z = self.out(F.silu(self.dense(hidden.to(self.dense.weight.dtype))))
+        return z.squeeze(-1).float()
 
 
 class LenVMModel(PreTrainedModel):
