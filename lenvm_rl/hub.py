@@ -156,6 +156,7 @@ def model_card(folder: str | Path, repo_id: str | None = None) -> ModelCard:
     kind = folder_kind(folder)
     record = run_record(folder)
     recipe = record.get("recipe", {})
+    stage = "ppo" if record.get("stage") == "ppo" else "grpo"  # a policy's trainer; unused for a LenVM
     config_file = "adapter_config.json" if kind == "adapter" else "config.json"
     config = json.loads((folder / config_file).read_text())
     if kind == "lenvm":
@@ -166,11 +167,11 @@ def model_card(folder: str | Path, repo_id: str | None = None) -> ModelCard:
     data = ModelCardData(
         base_model=hub_id(base),
         library_name="peft" if kind == "adapter" else "transformers",
-        tags=["lenvm-rl", "lenvm" if kind == "lenvm" else "grpo", "length-control"] + ["lora"] * (kind == "adapter"),
+        tags=["lenvm-rl", "lenvm" if kind == "lenvm" else stage, "length-control"] + ["lora"] * (kind == "adapter"),
         datasets=[hub_id(dataset)] if hub_id(dataset) else None,
         pipeline_tag=None if kind == "lenvm" else "text-generation",
     )
-    summary, rows = training_rows(kind, base, recipe, config)
+    summary, rows = training_rows(kind, base, recipe, config, stage)
     if dataset:
         prompts = f", {recipe['num_prompts']} prompts" if recipe.get("num_prompts") else ""
         rows.append(("Dataset", f"`{dataset}`{prompts}"))
@@ -214,7 +215,9 @@ def model_card(folder: str | Path, repo_id: str | None = None) -> ModelCard:
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
-def training_rows(kind: str, base: str | None, recipe: dict, config: dict) -> tuple[str, list[tuple[str, str]]]:
+def training_rows(
+    kind: str, base: str | None, recipe: dict, config: dict, stage: str = "grpo"
+) -> tuple[str, list[tuple[str, str]]]:
     """The card's opening sentence and its (field, value) rows: base model, LenVM, objective, budgets, rewards."""
     rows = [("Base model", f"`{base}`" if base else "not recorded")]
     if kind == "lenvm":
@@ -238,9 +241,9 @@ def training_rows(kind: str, base: str | None, recipe: dict, config: dict) -> tu
             ("Reward functions", "none (value regression on sampled lengths)"),
         ]
     summary = (
-        f"{'LoRA adapter' if kind == 'adapter' else 'Full fine-tune'} of `{base}` trained with lenvm-rl GRPO to hit "
-        f"a token budget stated in the prompt: a frozen Length Value Model adds per-token length advantages to "
-        f"GRPO's task advantages."
+        f"{'LoRA adapter' if kind == 'adapter' else 'Full fine-tune'} of `{base}` trained with lenvm-rl "
+        f"{stage.upper()} to hit a token budget stated in the prompt: a frozen Length Value Model adds per-token "
+        f"length advantages to {'the task critic' if stage == 'ppo' else 'GRPO'}'s task advantages."
     )
     objective = recipe.get("length_objective", "not recorded")
     if objective not in ("none", "not recorded"):
