@@ -165,6 +165,8 @@ def table(curves: dict, target: float, run_times: dict) -> str:
         runs = list(seeds.values())
         reached = [steps_to(run, target) for run in runs]
         shown = ", ".join("–" if step is None else str(step) for step in reached)
+        if all(step is not None for step in reached):
+            shown += f" (median {statistics.median(reached):g})"
         best = statistics.fmean(max(run["score"]) for run in runs)
         mean = lambda key, i: statistics.fmean(run[key][i] for run in runs)  # noqa: E731
         walls = [run_times[(arm, seed)] for seed in seeds if (arm, seed) in run_times]

@@ -156,7 +156,11 @@ def run_stage(args: list[str], log: Path) -> None:
 
 @pytest.mark.slow
 def test_lenvm_budget_advantages_teach_budgets(tmp_path):
-    """One short seed of arm (c), λ = 1, end to end; see SLOW_TEST_* in the module for the sizes."""
+    """One short seed of arm (c), λ = 1, end to end; the sizes are the SLOW_* constants below.
+
+    A budget-blind policy cannot pass: the best single length for the testbed's budget mix (32 tokens) scores
+    about 0.59 and the starting policy about 0.6, so a gain of 0.1 needs lengths that depend on the budget.
+    """
     recipes = ROOT / "recipes" / "testbed"
     run_stage(["-m", "lenvm_rl.testbed", "--output_dir", str(tmp_path / "sft"), *SLOW_SFT_ARGS], tmp_path / "sft.log")
     run_stage(["-m", "lenvm_rl", "rollout", "--config", str(recipes / "rollout" / "config_testbed.yaml"),
@@ -178,7 +182,10 @@ def test_lenvm_budget_advantages_teach_budgets(tmp_path):
     assert accuracy_end >= accuracy_start - SLOW_MAX_ACCURACY_DROP, (accuracy_start, accuracy_end)
 
 
-SLOW_SFT_ARGS: list[str] = []
-SLOW_GRPO_ARGS = ["--max_steps", "100", "--eval_steps", "50"]
+# Sizes of the slow test (about 4 minutes on 2 idle CPU cores): a smaller SFT than `make testbed`'s (20,000 rows,
+# 2 epochs), a LenVM on 128 prompts x 8 rollouts, 150 GRPO steps of arm (c) with 128 held-out prompts (256 samples:
+# an evaluation's sampling error is about ±0.02). In the study, arm (c) went from 0.61 to 0.81 in 150 steps.
+SLOW_SFT_ARGS = ["--num_examples", "20000", "--epochs", "2"]
+SLOW_GRPO_ARGS = ["--max_steps", "150", "--eval_steps", "75", "--eval_num_prompts", "128"]
 SLOW_MIN_SCORE_GAIN = 0.10
-SLOW_MAX_ACCURACY_DROP = 0.05
+SLOW_MAX_ACCURACY_DROP = 0.08
