@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     lists = {direction: ranked(stats, direction, args.min_count, args.top) for direction in ("up", "down")}
 
     lines = [f"TD residuals of {len(rows)} finished rollouts, γ = {gamma:.4f}, threshold ±{args.threshold}", ""]
-    for direction, meaning in (("up", "shortens the rest (s_t > +threshold)"), ("down", "lengthens the rest (s_t < -threshold)")):
+    for direction, meaning in (("up", "shorten the rest (s_t > +threshold)"), ("down", "lengthen the rest (s_t < -threshold)")):
         lines += [f"Tokens that most often {meaning}:", "", "| token | seen | passes | rate | mean s_t |", "|---|---:|---:|---:|---:|"]
         lines += [
             f"| {shown(text, escape_bars=True)} | {s['count']} | {s[direction]} | {s[direction + '_rate']:.2f} | "
