@@ -10,12 +10,15 @@ What changes is where the advantage comes from, and a value loss is added (DESIG
 - **Task critic: a value head on the policy's trunk, not a separate value model.** One forward per micro-batch
   gives both the log-probs and the values: a forward hook on the causal LM's backbone (the module TRL's fused LM
   head calls) reads the last hidden states of TRL's own policy forward, so TRL's ``_compute_loss`` runs unchanged
-  and this class adds ``vf_coef`` × the value loss to what it returns. No second model to load, shard, prepare,
-  keep in the optimizer or sync with vLLM (memory matters for a 1.5B policy beside a colocated vLLM and the
-  LenVM), and with LoRA the critic shares the adapter. The price is the textbook one of a shared trunk: the value
-  loss's gradient reaches the trunk (or the adapter), scaled by ``vf_coef``; with LoRA the critic's capacity beyond
-  its head is the adapter. The head is the LenVM head's MLP, unbounded (``TaskValueHead``: W2 · SiLU(W1 h + b1) + b2,
-  float32), output layer zero-initialised (V = 0 at the start), with its own learning rate
+  and this class adds ``vf_coef`` × the value loss to what it returns. The head runs inside the policy's forward,
+  and a second hook adds its values to the policy's output (``FusedOutputWithValues``): DDP with
+  ``find_unused_parameters`` (Trainer's default without activation checkpointing) walks back from that output to
+  find the parameters in use, and would otherwise count the head as unused and fail in the backward. No second
+  model to load, shard, prepare, keep in the optimizer or sync with vLLM (memory matters for a 1.5B policy beside a
+  colocated vLLM and the LenVM), and with LoRA the critic shares the adapter. The price is the textbook one of a
+  shared trunk: the value loss's gradient reaches the trunk (or the adapter), scaled by ``vf_coef``; with LoRA the
+  critic's capacity beyond its head is the adapter. The head is the LenVM head's MLP, unbounded (``TaskValueHead``:
+  W2 · SiLU(W1 h + b1) + b2, float32), output layer zero-initialised (V = 0 at the start), with its own learning rate
   (``value_head_learning_rate``: a fresh head learns nothing at a full fine-tune's 1e-6).
 - Values: V(s_j), the state in which completion token j is chosen, is read at position P - 1 + j. Old values (for
   GAE and the value clip) come from one extra no-grad forward through TRL's log-prob path right after generation;
@@ -39,9 +42,10 @@ What changes is where the advantage comes from, and a value loss is added (DESIG
   ``ppo/explained_variance`` (1 - Var(R - V_old) / Var(R) over the valid tokens of the generation batch, before the
   update), ``ppo/mean_value``, ``ppo/mean_return`` and ``ppo/kl`` (with ``kl_coef``). The policy clip fraction is
   TRL's ``clip_ratio/region_mean``.
-- Saving: the head is a submodule of the trained model (so DDP, DeepSpeed and the optimizer see it) and is written
-  to ``task_value_head.safetensors`` beside the adapter or weights, in checkpoints too, and read back on resume; a
-  full fine-tune's ``model.safetensors`` leaves it out, so the saved policy loads as a plain causal LM.
+- Saving: the head is a submodule of the trained model (so DDP all-reduces its gradients, DeepSpeed and FSDP shard
+  it with the policy, the optimizer sees it) and is written to ``task_value_head.safetensors`` beside the adapter or
+  weights, in checkpoints too, and read back on resume; a full fine-tune's ``model.safetensors`` leaves it out, so
+  the saved policy loads as a plain causal LM.
 """
 
 from __future__ import annotations
@@ -58,7 +62,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import add_fused_lm_head, create_model_from_path, get_config_model_id, use_adapter
+from trl.trainer.utils import (
+    FusedCausalLMOutput,
+    add_fused_lm_head,
+    create_model_from_path,
+    get_config_model_id,
+    use_adapter,
+)
 
 from lenvm_rl.errors import ConfigError
 from lenvm_rl.grpo import LenVMGRPOConfig, LenVMGRPOTrainer, train_policy
@@ -87,6 +97,16 @@ class TaskValueHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             return self.out(F.silu(self.dense(hidden.to(self.out.weight.dtype)))).squeeze(-1).float()
+
+
+@dataclass
+class FusedOutputWithValues(FusedCausalLMOutput):
+    """TRL's fused log-prob output plus the task critic's values (B, P + T) (``LenVMPPOTrainer._expose_values``).
+
+    A ModelOutput subclass, so the pytree flatten and rebuild DDP applies to a forward's output keep the field.
+    """
+
+    task_values: torch.Tensor | None = None
 
 
 @dataclass
@@ -147,6 +167,7 @@ class LenVMPPOTrainer(LenVMGRPOTrainer):
             }
         self._captured_values = None  # a list while a forward's values are wanted (see _capture_values)
         causal_lm.base_model.register_forward_hook(self._capture_values)
+        self.model.register_forward_hook(self._expose_values)  # the module that DDP, DeepSpeed or FSDP wraps
         if args.kl_coef > 0 and self.ref_model is None and not is_peft_model(self.model):
             # TRL builds its reference model only when beta != 0; the reward's KL penalty needs one as well.
             reference = create_model_from_path(
@@ -169,6 +190,16 @@ class LenVMPPOTrainer(LenVMGRPOTrainer):
         """Forward hook on the backbone: V at every position (B, P + T), float32, when a caller asked for it."""
         if self._captured_values is not None:
             self._captured_values.append(self.task_value_head(output[0]))
+
+    def _expose_values(self, module, args, output):
+        """Forward hook on the policy: its output gains the values just captured, ``task_values`` (B, P + T).
+
+        DDP with ``find_unused_parameters`` (Trainer's default unless activation checkpointing is on) marks every
+        parameter it cannot reach from the forward's output as unused, ready before the backward; a head whose values
+        left only through the backbone hook was marked ready again when the value loss reached it, and failed.
+        """
+        if self._captured_values:  # only TRL's fused log-prob forward asks for values
+            return FusedOutputWithValues(**output, task_values=self._captured_values[-1])
 
     def _forward_with_values(self, model, output, batch_size=None, **kwargs):
         """TRL's log-prob forward of cat(prompt, completion) plus the critic's V(s_0..s_{T-1}): (B, T), (B, T)."""

@@ -1,10 +1,12 @@
 """Two processes on CPU (`accelerate launch --config_file accelerate_configs/cpu_2proc.yaml`, gloo) on the tiny
-model: LenVM training's token-mean loss equals the single-process loss on the same data, and in LenVM-shaped
+model: LenVM training's token-mean loss equals the single-process loss on the same data, in LenVM-shaped
 GRPO both ranks' advantages agree with one computation over the gathered batch (whitening uses global
-statistics). Also: the shipped accelerate configs parse, and the LenVM is prepared the way TRL prepares its
-reference model under DeepSpeed and FSDP."""
+statistics), and PPO trains with the task value head's gradients all-reduced (both ranks end with the same
+head). Also: the shipped accelerate configs parse, and the LenVM is prepared the way TRL prepares its reference
+model under DeepSpeed and FSDP."""
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from conftest import OFFLINE_ENV, ROOT, make_tiny_llama
 from lenvm_rl.modeling import LenVMModel
@@ -105,6 +108,33 @@ def test_grpo_ranks_agree_on_the_advantages(tiny_model_path, tokenizer, tmp_path
         torch.testing.assert_close(d["advantages"].double(), expected.double(), atol=1e-5, rtol=1e-5)
         assert (d["advantages"][~m] == 0).all()
     assert (tmp_path / "out" / "adapter_model.safetensors").exists() or (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_ppo_trains_with_two_processes(tiny_model_path, tokenizer, tmp_path):
+    lenvm = tmp_path / "lenvm"
+    LenVMModel.from_backbone(make_tiny_llama(tokenizer), gamma=0.9).save_pretrained(lenvm)
+    tokenizer.save_pretrained(lenvm)
+    recipe = tmp_path / "ppo.yaml"
+    recipe.write_text(yaml.safe_dump(dict(
+        model_name_or_path=tiny_model_path, use_peft=True, lora_r=4, lora_target_modules=["q_proj", "v_proj"],
+        num_prompts=8, budgets=[3, 6], reward_funcs=["accuracy", "length_score"], lenvm_model_path=str(lenvm),
+        num_generations=1, per_device_train_batch_size=4, max_completion_length=8, max_steps=2, use_cpu=True,
+        bf16=False, activation_checkpointing=False, report_to="none", save_strategy="no", disable_tqdm=True,
+        logging_steps=1, output_dir=str(tmp_path / "out"), seed=0,
+    )))
+    dumps = tmp_path / "dumps"
+    launch([str(ROOT / "tests" / "mp_ppo_probe.py"), str(dumps), "--config", str(recipe)], 2, tmp_path)
+    out = tmp_path / "out"
+    assert (out / "adapter_model.safetensors").is_file() and (out / "task_value_head.safetensors").is_file()
+    logged = [row for row in json.loads((out / "trainer_state.json").read_text())["log_history"] if "ppo/value_loss" in row]
+    assert len(logged) == 2 and all(math.isfinite(row["ppo/value_loss"]) for row in logged)
+    # The ranks trained on different prompts: identical heads mean the head's gradients were all-reduced.
+    heads = [torch.load(dumps / f"rank{r}_head.pt") for r in range(2)]
+    assert heads[0]["out.weight"].abs().sum() > 0  # trained away from its zero initialisation
+    for name, value in heads[0].items():
+        torch.testing.assert_close(heads[1][name], value, rtol=0, atol=0)
+    saved = load_file(out / "task_value_head.safetensors")
+    assert saved.keys() == heads[0].keys() and all(torch.equal(saved[k], heads[0][k].float()) for k in saved)
 
 
 @pytest.mark.parametrize("name", ["ddp", "zero2", "zero3", "fsdp", "cpu_2proc"])
