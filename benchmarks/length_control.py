@@ -6,7 +6,8 @@ On the demo's 30 held-out prompts × exact budgets {16, 32, 64} (recipes/SmolLM2
 config_before_after.yaml, same sampling and seeds for every arm): (a) the base model, (b) hard truncation
 at the budget (a cut answer is wrong), (c) LenVM-guided decoding with the demo's LenVM, (d) GRPO with the
 length score as a sequence-level reward and (e) GRPO with LenVM budget advantages (the seed-0 adapters of
-benchmarks/grpo_two_arms.py; arms whose adapter is missing are left out). Writes
+benchmarks/grpo_two_arms.py, whose evaluation of them and of the base model is reused when present: the same
+recipe, prompts and seeds; arms whose adapter is missing are left out). Writes
 ``<output>/summary.md`` (the table, means over budgets, and each arm's generation ms per token).
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,8 +45,18 @@ def main() -> None:
     parser.add_argument("--grpo_runs", type=Path, default=ROOT / "runs" / "bench_two_arms")
     parser.add_argument("--guidance_top_k", type=int, default=8)
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "length_control")
+    parser.add_argument(
+        "--reuse_base", type=Path, default=ROOT / "runs" / "bench_two_arms" / "evaluate" / "generations" / "base.jsonl",
+        help="the base model's generations from an evaluation with the same recipe (grpo_two_arms.py's): evaluate "
+        "resumes from them instead of sampling the same completions again",
+    )
     options = parser.parse_args()
 
+    generations = options.output / "inference" / "generations"
+    if options.reuse_base.is_file() and not (generations / "(a)_base.jsonl").exists():
+        generations.mkdir(parents=True, exist_ok=True)
+        shutil.copy(options.reuse_base, generations / "(a)_base.jsonl")
+        shutil.copy(options.reuse_base.with_suffix(".adapter.json"), generations / "(a)_base.adapter.json")
     inference = evaluate(
         options.output / "inference", adapters=[], labels=["(a) base"], hard_truncation=True, guided_decoding=True,
         lenvm_model_path=options.lenvm, guidance_top_k=options.guidance_top_k,
@@ -58,7 +70,12 @@ def main() -> None:
     costs = {name: inference["ms_per_token"][key] for name, key in arms.items()}
     grpo = {"(d) GRPO, sequence-level length score": "seq_length_score_seed0", "(e) GRPO, LenVM advantages": "lenvm_budget_seed0"}
     present = {name: options.grpo_runs / run for name, run in grpo.items() if (options.grpo_runs / run / "adapter_config.json").exists()}
-    if present:
+    previous = options.grpo_runs / "evaluate" / "results.json"  # grpo_two_arms.py scored these adapters already
+    reused = json.loads(previous.read_text()) if previous.is_file() else {"results": {}, "ms_per_token": {}}
+    if present and all(run in reused["results"] for run in map(lambda path: path.name, present.values())):
+        results.update({name: reused["results"][path.name] for name, path in present.items()})
+        costs.update({name: reused["ms_per_token"][path.name] for name, path in present.items()})
+    elif present:
         tuned = evaluate(options.output / "grpo", include_base=False, adapters=list(map(str, present.values())),
                          labels=list(present))
         results.update(tuned["results"])
