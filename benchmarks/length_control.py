@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--lenvm", default="runs/smollm2/lenvm")
     parser.add_argument("--grpo_runs", type=Path, default=ROOT / "runs" / "bench_two_arms")
     parser.add_argument("--guidance_top_k", type=int, default=8)
+    parser.add_argument("--guidance_min_p", type=float, default=0.3)
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "length_control")
     parser.add_argument(
         "--reuse_base", type=Path, default=ROOT / "runs" / "bench_two_arms" / "evaluate" / "generations" / "base.jsonl",
@@ -59,7 +60,7 @@ def main() -> None:
         shutil.copy(options.reuse_base.with_suffix(".adapter.json"), generations / "(a)_base.adapter.json")
     inference = evaluate(
         options.output / "inference", adapters=[], labels=["(a) base"], hard_truncation=True, guided_decoding=True,
-        lenvm_model_path=options.lenvm, guidance_top_k=options.guidance_top_k,
+        lenvm_model_path=options.lenvm, guidance_top_k=options.guidance_top_k, guidance_min_p=options.guidance_min_p,
     )
     arms = {
         "(a) base": "(a) base",
