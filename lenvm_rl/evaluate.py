@@ -9,6 +9,11 @@ baseline: generation stops at N tokens and an answer cut off before its EOS coun
 ``guided_decoding`` adds LenVM-guided decoding (``lenvm_rl.decoding``) with the LenVM at
 ``lenvm_model_path``; every arm's generation time per token is reported beside the table.
 
+Generation runs on vLLM when it is installed and a GPU is visible (``use_vllm``; one engine serves the
+base and every adapter, each applied per request as a LoRA), else with ``model.generate`` (on the GPU
+when there is one). Guided arms always use ``model.generate``: the LenVM scores candidates through the
+HF KV cache at every step. The backend of each arm is in ``results.json`` and beside its cost per token.
+
 Writes ``<output_dir>/results.json``, ``results.md`` (the Markdown table), ``length_score.png`` (length
 score against budget) and ``pareto.png`` (accuracy against mean tokens). Generations are appended to
 ``<output_dir>/generations/<label>.jsonl`` one batch at a time and batch i is sampled with seed
@@ -18,6 +23,7 @@ run would have.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -74,10 +80,19 @@ class EvaluateArguments(DatasetArguments):
     num_samples: int = field(default=1, metadata={"help": "Completions per prompt and budget."})
     batch_size: int = field(default=16, metadata={"help": "Prompts per generate call."})
     dtype: str = field(default="float32", metadata={"help": "Model dtype: float32 or bfloat16."})
-    seed: int = field(default=0, metadata={"help": "Sampling seed; batch i uses seed + i."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed; batch i uses seed + i (vLLM: row i uses seed·1000003 + i)."})
+    use_vllm: bool | None = field(
+        default=None,
+        metadata={"help": "Generate the plain and truncation arms with vLLM: unset = when vLLM is installed and a GPU is visible."},
+    )
+    vllm_gpu_memory_utilization: float = field(default=0.8, metadata={"help": "vLLM's GPU memory share."})
 
     def __post_init__(self):
         super().__post_init__()
+        if self.use_vllm and importlib.util.find_spec("vllm") is None:
+            raise ConfigError("use_vllm: vLLM is not installed; `pip install 'lenvm-rl[vllm]'` on a GPU machine, or set use_vllm: false")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ConfigError(f"vllm_gpu_memory_utilization: must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         if self.budgets is None:
             raise ConfigError("budgets: evaluate needs the budgets to ask for, e.g. budgets: [16, 32, 64]")
         if self.budget_range is not None:
@@ -102,6 +117,12 @@ class EvaluateArguments(DatasetArguments):
             )
         if self.labels is not None and len(self.labels) != len(self.models()):
             raise ConfigError(f"labels: give one per evaluated model ({len(self.models())}: the base, then each adapter), got {len(self.labels)}")
+
+    def backend(self) -> str:
+        """"vllm" or "hf": the generator of the plain and truncation arms (guided arms are always "hf")."""
+        if self.use_vllm is None:
+            return "vllm" if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available() else "hf"
+        return "vllm" if self.use_vllm else "hf"
 
     def models(self) -> list[str | None]:
         return ([None] if self.include_base else []) + list(self.adapters)
@@ -131,24 +152,49 @@ def budgeted_prompts(args: DatasetArguments) -> Dataset:
     ])
 
 
+Sampler = Callable[[Dataset, list[list[int]], range, int], list[list[tuple[list[int], bool]]]]
+
+
+def hf_sampler(model, tokenizer, args: EvaluateArguments, logits_processor_for: Callable | None = None) -> Sampler:
+    """``sample(batch, prompt_ids, rows, limit)`` with ``model.generate``; ``logits_processor_for(batch, prompt_ids)``
+    may return a LogitsProcessorList for that batch (guided decoding)."""
+    from lenvm_rl.rollouts import generate_hf
+
+    def sample(batch, prompt_ids, rows, limit):
+        processors = logits_processor_for(batch, prompt_ids) if logits_processor_for else None
+        return generate_hf(
+            model, tokenizer, prompt_ids, args.num_samples, limit, args.temperature, args.top_p, logits_processor=processors
+        )
+
+    return sample
+
+
+def vllm_sampler(generate: Callable, args: EvaluateArguments, adapter: str | None) -> Sampler:
+    """``sample(batch, prompt_ids, rows, limit)`` with a ``rollouts.make_vllm_generate`` engine; row i's seed is
+    fixed by i, so a resumed run samples what an uninterrupted one would have."""
+
+    def sample(batch, prompt_ids, rows, limit):
+        return generate(prompt_ids, [args.seed * 1_000_003 + row for row in rows], limit, adapter)
+
+    return sample
+
+
 def generate_rows(
-    model,
+    sample: Sampler,
     tokenizer,
     prompts: Dataset,
     path: Path,
     args: EvaluateArguments,
     hard_truncation: bool = False,
-    logits_processor_for: Callable | None = None,
     desc: str = "evaluate",
 ) -> list[dict]:
     """Generate for every row of ``prompts`` (num_samples each), appending records to the jsonl ``path``.
 
     Records already in ``path`` are kept and their batches skipped (a torn last line is dropped).
     A batch holds rows of one budget: with ``hard_truncation`` the limit is min(N, max_new_tokens).
-    ``logits_processor_for(batch_rows, prompt_ids)`` may return a LogitsProcessorList for that batch.
     Each record keeps its share of its batch's generation seconds (``seconds``) for the cost per token.
     """
-    from lenvm_rl.rollouts import generate_hf, tokenize_prompts
+    from lenvm_rl.rollouts import tokenize_prompts
 
     done = read_records(path)
     records, start = list(done), len(done) // args.num_samples
@@ -170,10 +216,7 @@ def generate_rows(
             limit = min(budgets[rows.start], args.max_new_tokens) if hard_truncation else args.max_new_tokens
             prompt_ids = tokenize_prompts(tokenizer, batch["prompt"])
             began = time.perf_counter()
-            samples = generate_hf(
-                model, tokenizer, prompt_ids, args.num_samples, limit, args.temperature, args.top_p,
-                logits_processor=logits_processor_for(batch, prompt_ids) if logits_processor_for else None,
-            )
+            samples = sample(batch, prompt_ids, rows, limit)
             seconds = (time.perf_counter() - began) / (len(rows) * args.num_samples)
             for row_index, row, group in zip(rows, batch, samples):
                 for sample_index, (ids, finished) in enumerate(group):
@@ -244,7 +287,9 @@ def ms_per_token(records: list[dict]) -> float:
     return 1000 * sum(r.get("seconds", 0.0) for r in records) / max(steps, 1)
 
 
-def markdown_table(results: dict[str, list[dict]], costs: dict[str, float] | None = None) -> str:
+def markdown_table(
+    results: dict[str, list[dict]], costs: dict[str, float] | None = None, backends: dict[str, str] | None = None
+) -> str:
     """One row per (model, kind, budget) plus each model's mean over its budgets; then ms per token."""
     header = "| model | kind | budget | n | accuracy | mean tokens | length dev. | length score | hit rate |"
     lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -259,8 +304,9 @@ def markdown_table(results: dict[str, list[dict]], costs: dict[str, float] | Non
                 f"{s['mean_tokens']:.1f} | {s['length_deviation']:+.2f} | {s['length_score']:.3f} | {s['hit_rate']:.3f} |"
             )
     if costs:
-        lines += ["", "| model | generation ms per token |", "|---|---:|"]
-        lines += [f"| {label} | {cost:.1f} |" for label, cost in costs.items()]
+        backends = backends or {}
+        lines += ["", "| model | generation ms per token | generator |", "|---|---:|---|"]
+        lines += [f"| {label} | {cost:.1f} | {backends.get(label, 'hf')} |" for label, cost in costs.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -312,8 +358,8 @@ def plot_results(results: dict[str, list[dict]], output_dir: Path) -> list[Path]
 
 
 def load_policy(model_name_or_path: str, adapter: str | None, dtype: str):
-    """The base model, or the base with a LoRA adapter merged into it, in eval mode."""
-    from lenvm_rl.loading import load_causal_lm
+    """The base model, or the base with a LoRA adapter merged into it, in eval mode on the inference device."""
+    from lenvm_rl.loading import inference_device, load_causal_lm
 
     model = load_causal_lm(model_name_or_path, dtype=dtype)
     if adapter is not None:
@@ -322,7 +368,7 @@ def load_policy(model_name_or_path: str, adapter: str | None, dtype: str):
         if not Path(adapter, "adapter_config.json").is_file():
             raise ConfigError(f"adapters: {adapter!r} holds no adapter_config.json; give a LoRA output_dir of `lenvm-rl grpo`")
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    return model.eval()
+    return model.to(inference_device()).eval()
 
 
 def make_guidance(lenvm, args: EvaluateArguments, eos_ids: set[int]) -> Callable:
@@ -361,11 +407,16 @@ def drop_if_stale(file: Path, adapter: str | None) -> None:
 
 def run_evaluation(args: EvaluateArguments) -> dict[str, list[dict]]:
     """Evaluate every arm of ``args.model_specs()``; write results.json / results.md / plots; return summaries."""
-    from lenvm_rl.loading import load_tokenizer
+    from lenvm_rl.loading import inference_device, load_tokenizer, resolve_model_path
+    from lenvm_rl.rollouts import eos_token_ids, generation_eos_ids, make_vllm_generate
 
     output_dir = Path(args.output_dir)
     manifest = output_dir / "evaluate_args.json"
-    settings = {k: v for k, v in asdict(args).items() if k not in ("output_dir", "labels", "adapters", "include_base", "hard_truncation")}
+    backend = args.backend()
+    ignored = ("output_dir", "labels", "adapters", "include_base", "hard_truncation", "use_vllm", "vllm_gpu_memory_utilization")
+    settings = {k: v for k, v in asdict(args).items() if k not in ignored}
+    if backend == "vllm":  # samples differ from generate's: a resume must not mix the two
+        settings["generator"] = "vllm"
     if manifest.exists() and json.loads(manifest.read_text()) != settings:
         raise ConfigError(
             f"output_dir: {output_dir} holds an evaluation with other settings ({manifest}); use another output_dir"
@@ -375,34 +426,42 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, list[dict]]:
         raise ConfigError(f"adapters: {missing[0]!r} holds no adapter_config.json; give a LoRA output_dir of `lenvm-rl grpo`")
     prompts = budgeted_prompts(args)
     tokenizer = load_tokenizer(args.model_name_or_path)
-    results, costs, loaded = {}, {}, {}
+    results, costs, backends, loaded = {}, {}, {}, {}
     lenvm = None
     if args.guided_decoding:
         from lenvm_rl.modeling import check_lenvm_tokenizer, load_lenvm
 
-        lenvm = load_lenvm(args.lenvm_model_path, dtype=getattr(torch, args.dtype)).eval()  # the head stays float32
+        lenvm = load_lenvm(args.lenvm_model_path, dtype=getattr(torch, args.dtype)).to(inference_device()).eval()  # head: float32
         check_lenvm_tokenizer(args.lenvm_model_path, tokenizer)
+    vllm_generate = None
+    if backend == "vllm":
+        path = resolve_model_path(args.model_name_or_path)
+        vllm_generate = make_vllm_generate(
+            path, num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
+            eos_ids=generation_eos_ids(path, tokenizer), dtype=args.dtype,
+            gpu_memory_utilization=args.vllm_gpu_memory_utilization, seed=args.seed, adapters=list(args.adapters),
+        )
     # Written once the data and models load: a failed start leaves no manifest that would refuse the fixed rerun.
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest.write_text(json.dumps(settings, indent=2))
     for label, adapter, decoding in args.model_specs():
         file = output_dir / "generations" / f"{label.replace(' ', '_').replace('/', '_')}.jsonl"
         drop_if_stale(file, adapter)
-        if adapter not in loaded:
-            loaded = {adapter: load_policy(args.model_name_or_path, adapter, args.dtype)}  # one model in memory
-        guidance = None
-        if decoding == "guided":
-            from lenvm_rl.rollouts import eos_token_ids
-
-            guidance = make_guidance(lenvm, args, eos_token_ids(tokenizer, loaded[adapter].generation_config))
-        records = generate_rows(
-            loaded[adapter], tokenizer, prompts, file, args, decoding == "truncation",
-            logits_processor_for=guidance, desc=label,
-        )
+        backends[label] = "hf" if decoding == "guided" else backend
+        if backends[label] == "vllm":
+            sample = vllm_sampler(vllm_generate, args, adapter)
+        else:
+            if adapter not in loaded:
+                loaded = {adapter: load_policy(args.model_name_or_path, adapter, args.dtype)}  # one model in memory
+            guidance = None
+            if decoding == "guided":
+                guidance = make_guidance(lenvm, args, eos_token_ids(tokenizer, loaded[adapter].generation_config))
+            sample = hf_sampler(loaded[adapter], tokenizer, args, guidance)
+        records = generate_rows(sample, tokenizer, prompts, file, args, decoding == "truncation", desc=label)
         results[label], costs[label] = summarize(records), ms_per_token(records)
-    payload = {"settings": asdict(args), "results": results, "ms_per_token": costs}
+    payload = {"settings": asdict(args), "generator": backends, "results": results, "ms_per_token": costs}
     (output_dir / "results.json").write_text(json.dumps(payload, indent=2))
-    (output_dir / "results.md").write_text(markdown_table(results, costs))
+    (output_dir / "results.md").write_text(markdown_table(results, costs, backends))
     plot_results(results, output_dir)
     return results
 
@@ -413,7 +472,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     (args,) = parse_recipe((EvaluateArguments,), argv)
     require_single_process("evaluate")
     results = run_evaluation(args)
-    costs = json.loads((Path(args.output_dir) / "results.json").read_text())["ms_per_token"]
-    print(markdown_table(results, costs))
+    saved = json.loads((Path(args.output_dir) / "results.json").read_text())
+    print(markdown_table(results, saved["ms_per_token"], saved["generator"]))
     print(f"wrote {args.output_dir}/results.json, results.md, length_score.png, pareto.png")
     return results

@@ -79,12 +79,12 @@ def ranked(stats: dict[str, dict], direction: str, min_count: int, top: int) -> 
 def main(argv: list[str] | None = None) -> dict:
     from lenvm_rl.cli import parse_recipe
     from lenvm_rl.lenvm_eval import score_rollouts
-    from lenvm_rl.loading import load_tokenizer
+    from lenvm_rl.loading import inference_device, load_tokenizer
     from lenvm_rl.modeling import load_lenvm
     from lenvm_rl.rollouts import load_rollouts
 
     (args,) = parse_recipe((LengthTokenArguments,), argv)
-    model = load_lenvm(args.lenvm_model_path)
+    model = load_lenvm(args.lenvm_model_path).to(inference_device())
     tokenizer = load_tokenizer(args.lenvm_model_path)
     rows = load_rollouts(args.rollouts_path).filter(lambda f: f, input_columns="finished")
     if len(rows) == 0:

@@ -79,6 +79,11 @@ def load_causal_lm(name_or_path: str, dtype: str | None = None, **kwargs) -> Pre
         raise ConfigError(_unreachable(name_or_path, error)) from None
 
 
+def inference_device() -> torch.device:
+    """Where generation and LenVM scoring outside a Trainer run: the GPU when one is visible, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _unreachable(name_or_path: str, error: OSError) -> str:
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return (

@@ -52,13 +52,13 @@ def plot_value_trace(values: torch.Tensor, length: int, gamma: float, path: Path
 def main(argv: list[str] | None = None) -> dict:
     from lenvm_rl.cli import parse_recipe
     from lenvm_rl.lenvm_eval import constant_baselines, length_metrics, score_rollouts
-    from lenvm_rl.loading import load_tokenizer
+    from lenvm_rl.loading import inference_device, load_tokenizer
     from lenvm_rl.modeling import load_lenvm
     from lenvm_rl.returns import prompt_boundary_ground_truth, remaining_from_value
     from lenvm_rl.rollouts import load_rollouts
 
     (args,) = parse_recipe((PredictArguments,), argv)
-    model = load_lenvm(args.lenvm_model_path)
+    model = load_lenvm(args.lenvm_model_path).to(inference_device())
     tokenizer = load_tokenizer(args.lenvm_model_path)
     rows = load_rollouts(args.rollouts_path)
     if args.num_prompts is not None:

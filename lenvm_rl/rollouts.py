@@ -18,6 +18,7 @@ import importlib.util
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 
 from lenvm_rl.data import DatasetArguments, load_prompts
 from lenvm_rl.errors import ConfigError, require_single_process
-from lenvm_rl.loading import load_causal_lm, load_tokenizer, resolve_model_path
+from lenvm_rl.loading import inference_device, load_causal_lm, load_tokenizer, resolve_model_path
 
 MANIFEST = "rollout_args.json"
 
@@ -115,21 +116,54 @@ def generate_hf(
     return [completions[i * num_samples : (i + 1) * num_samples] for i in range(len(prompt_ids))]
 
 
-def make_vllm_generate(model_path: str, args: RolloutArguments, dtype: str | None, eos_ids: set[int]):
-    from vllm import LLM, SamplingParams
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's max_lora_rank accepts
 
-    llm = LLM(model=model_path, dtype=dtype or "auto", gpu_memory_utilization=args.vllm_gpu_memory_utilization, seed=args.seed)
 
-    def generate(prompt_ids, seeds):
+def make_vllm_generate(
+    model_path: str,
+    *,
+    num_samples: int,
+    temperature: float,
+    top_p: float,
+    eos_ids: set[int],
+    dtype: str | None = None,
+    gpu_memory_utilization: float = 0.8,
+    seed: int = 0,
+    adapters: list[str] = (),
+) -> Callable:
+    """``generate(prompt_ids, seeds, max_tokens, adapter=None)``: per prompt, ``num_samples`` (ids, finished) pairs.
+
+    One vLLM engine serves the base model and every LoRA adapter folder in ``adapters``, each applied per
+    request as a ``LoRARequest`` (no merge, no reload between models).
+    """
+    from vllm import LLM
+
+    engine = dict(model=model_path, dtype=dtype or "auto", gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+    if adapters:
+        rank = max(json.loads(Path(a, "adapter_config.json").read_text())["r"] for a in adapters)
+        fits = [r for r in VLLM_LORA_RANKS if r >= rank]
+        if not fits:
+            raise ConfigError(f"adapters: LoRA rank {rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]}); set use_vllm: false")
+        engine.update(enable_lora=True, max_lora_rank=fits[0], max_loras=1)
+    llm = LLM(**engine)
+    lora_ids = {adapter: index for index, adapter in enumerate(adapters, start=1)}
+
+    def generate(prompt_ids, seeds, max_tokens, adapter=None):
+        from vllm import SamplingParams
+
         # One seed per prompt: a shared seed would give sample k of every prompt the same random stream.
         params = [
-            SamplingParams(
-                n=args.num_samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
-                max_tokens=args.max_completion_tokens, seed=seed,
-            )
+            SamplingParams(n=num_samples, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
             for seed in seeds
         ]
-        outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+        lora = None
+        if adapter is not None:
+            from vllm.lora.request import LoRARequest
+
+            lora = LoRARequest(Path(adapter).name, lora_ids[adapter], str(adapter))
+        outputs = llm.generate(
+            [{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False, lora_request=lora
+        )
         # finish_reason "stop" = an EOS (or stop token) ended it; "length" = truncated at max_tokens.
         return [
             [(split_completion(list(c.token_ids), eos_ids)[0], c.finish_reason == "stop") for c in o.outputs]
@@ -137,6 +171,17 @@ def make_vllm_generate(model_path: str, args: RolloutArguments, dtype: str | Non
         ]
 
     return generate
+
+
+def generation_eos_ids(model_path: str, tokenizer) -> set[int]:
+    """The ids a model's generation stops on, read from its folder (for vLLM, which loads no HF model)."""
+    from transformers import GenerationConfig
+
+    try:
+        generation_config = GenerationConfig.from_pretrained(model_path)
+    except OSError:  # a model without generation_config.json stops on the tokenizer's EOS only
+        generation_config = None
+    return eos_token_ids(tokenizer, generation_config)
 
 
 def check_manifest(output_dir: Path, args: RolloutArguments, model_name: str, dtype: str | None) -> None:
@@ -175,16 +220,14 @@ def run_rollouts(args: RolloutArguments, model_name_or_path: str, dtype: str | N
     def shard_rows(shard: int) -> range:
         return range(shard * args.shard_size, min((shard + 1) * args.shard_size, len(prompts)))
     if args.use_vllm:
-        from transformers import GenerationConfig
-
         path = resolve_model_path(model_name_or_path)
-        try:
-            generation_config = GenerationConfig.from_pretrained(path)
-        except OSError:  # a model without generation_config.json stops on the tokenizer's EOS only
-            generation_config = None
-        generate_vllm = make_vllm_generate(path, args, dtype, eos_token_ids(tokenizer, generation_config))
+        generate_vllm = make_vllm_generate(
+            path, num_samples=args.num_samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
+            eos_ids=generation_eos_ids(path, tokenizer), dtype=dtype,
+            gpu_memory_utilization=args.vllm_gpu_memory_utilization, seed=args.seed,
+        )
     else:
-        model = load_causal_lm(model_name_or_path, dtype=dtype).eval()
+        model = load_causal_lm(model_name_or_path, dtype=dtype).to(inference_device()).eval()
     extra_columns = [c for c in prompts.column_names if c != "prompt"]
     remaining = sum(len(shard_rows(i)) for i in todo)
     progress = tqdm(total=len(prompts), initial=len(prompts) - remaining, desc="rollouts", unit="prompt")
@@ -198,7 +241,7 @@ def run_rollouts(args: RolloutArguments, model_name_or_path: str, dtype: str | N
             first_prompt_id = args.skip_prompts + shard_rows(shard)[start]
             if args.use_vllm:
                 seeds = [args.seed * 1_000_003 + first_prompt_id + i for i in range(len(prompt_ids))]
-                samples = generate_vllm(prompt_ids, seeds)
+                samples = generate_vllm(prompt_ids, seeds, args.max_completion_tokens)
             else:
                 samples = generate_hf(
                     model, tokenizer, prompt_ids, args.num_samples_per_prompt, args.max_completion_tokens,

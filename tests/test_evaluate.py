@@ -202,3 +202,116 @@ def test_guided_decoding_needs_a_lenvm_of_the_same_tokenizer(tiny_model_path, le
     load_lenvm(lenvm_path).save_pretrained(other)  # no tokenizer beside it
     with pytest.raises(ConfigError, match="tokenizer"):
         run_evaluation(evaluate_args(tiny_model_path, tmp_path / "out", guided_decoding=True, lenvm_model_path=str(other)))
+
+
+@pytest.fixture
+def stand_in_vllm(monkeypatch, tokenizer):
+    """vLLM is GPU-only: a stand-in engine that records its calls and answers from the request's seed.
+
+    Sample k of a request with seed s (LoRA id j, 0 for the base) wants 1 + (s + k + 3j) % 7 tokens: it ends with
+    an EOS if that fits in max_tokens, else it is cut at max_tokens (finish_reason "length")."""
+    import importlib.machinery
+    import sys
+    import types
+
+    calls = {"engines": [], "requests": []}
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.__dict__.update(kwargs)
+
+    class LoRARequest:
+        def __init__(self, lora_name, lora_int_id, lora_path):
+            self.lora_name, self.lora_int_id, self.lora_path = lora_name, lora_int_id, lora_path
+
+    class LLM:
+        def __init__(self, **kwargs):
+            calls["engines"].append(kwargs)
+
+        def generate(self, prompts, params, use_tqdm, lora_request=None):
+            lora = lora_request.lora_int_id if lora_request else 0
+            outputs = []
+            for prompt, p in zip(prompts, params):
+                calls["requests"].append((p.seed, p.max_tokens, lora_request and lora_request.lora_path, p.temperature))
+                samples = []
+                for k in range(p.n):
+                    want = 1 + (p.seed + k + 3 * lora) % 7
+                    if want < p.max_tokens:
+                        samples.append(types.SimpleNamespace(token_ids=[5] * want + [tokenizer.eos_token_id], finish_reason="stop"))
+                    else:
+                        samples.append(types.SimpleNamespace(token_ids=[5] * p.max_tokens, finish_reason="length"))
+                outputs.append(types.SimpleNamespace(outputs=samples))
+            return outputs
+
+    modules = {"vllm": dict(LLM=LLM, SamplingParams=SamplingParams), "vllm.lora": {}, "vllm.lora.request": dict(LoRARequest=LoRARequest)}
+    for name, attributes in modules.items():
+        module = types.ModuleType(name)
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        module.__dict__.update(attributes)
+        monkeypatch.setitem(sys.modules, name, module)
+    return calls
+
+
+def test_backend_is_vllm_when_installed_with_a_gpu(tiny_model_path, tmp_path, monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else object())
+    assert evaluate_args(tiny_model_path, tmp_path).backend() == "hf"  # not installed
+    with pytest.raises(ConfigError, match="use_vllm: vLLM is not installed"):
+        evaluate_args(tiny_model_path, tmp_path, use_vllm=True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert evaluate_args(tiny_model_path, tmp_path).backend() == "hf"  # installed, no GPU
+    assert evaluate_args(tiny_model_path, tmp_path, use_vllm=True).backend() == "vllm"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert evaluate_args(tiny_model_path, tmp_path).backend() == "vllm"
+    assert evaluate_args(tiny_model_path, tmp_path, use_vllm=False).backend() == "hf"
+
+
+def test_vllm_serves_base_adapters_and_truncation_and_guided_arms_use_generate(
+    stand_in_vllm, tiny_model_path, adapter_path, lenvm_path, tmp_path, monkeypatch
+):
+    import lenvm_rl.evaluate as evaluate
+
+    hf_loads = []
+    load_policy = evaluate.load_policy
+    monkeypatch.setattr(evaluate, "load_policy", lambda *a: hf_loads.append(a[1]) or load_policy(*a))
+    args = evaluate_args(
+        tiny_model_path, tmp_path, adapters=[adapter_path], hard_truncation=True, use_vllm=True, seed=1,
+        guided_decoding=True, lenvm_model_path=lenvm_path, guidance_top_k=4,
+    )
+    results = run_evaluation(args)
+
+    (engine,) = stand_in_vllm["engines"]  # one engine for the base and the adapter
+    assert engine["model"] == tiny_model_path and engine["enable_lora"] and engine["max_lora_rank"] == 8  # r = 2 -> 8
+    assert hf_loads == [None, adapter_path]  # only the two guided arms load an HF model
+    requests = stand_in_vllm["requests"]
+    rows = 5 * 2 * 2  # prompts x budgets x kinds
+    assert len(requests) == 4 * rows  # (base, adapter) x (plain, truncation), one request per row
+    seeds = [1 * 1_000_003 + row for row in range(rows)]
+    for arm in range(4):  # row i gets seed(i) in every arm: a resume samples what a full run would have
+        assert [r[0] for r in requests[arm * rows : (arm + 1) * rows]] == seeds
+    assert {r[2] for r in requests[:rows]} == {None} and {r[2] for r in requests[rows : 2 * rows]} == {adapter_path}
+    assert {r[1] for r in requests[:rows]} == {8}  # plain: max_new_tokens
+    assert {r[1] for r in requests[2 * rows :]} == {2, 6}  # truncation: min(budget, max_new_tokens)
+
+    plain = read_records(tmp_path / "generations" / "base.jsonl")
+    for record, seed in zip(plain, (s for s in seeds for _ in range(2))):
+        want = 1 + (seed + record["sample_index"]) % 7  # the stand-in's rule, EOS stripped
+        assert (record["tokens"], record["finished"]) == (want, True)
+    tuned = read_records(tmp_path / "generations" / "grpo_run.jsonl")
+    assert [r["tokens"] for r in tuned] != [r["tokens"] for r in plain]  # the LoRA request reached the engine
+    truncated = read_records(tmp_path / "generations" / "base_+_truncation.jsonl")
+    assert all(r["tokens"] <= r["budget_tokens"] for r in truncated) and not all(r["finished"] for r in truncated)
+    assert all(not r["correct"] for r in truncated if not r["finished"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["generator"] == {
+        "base": "vllm", "grpo_run": "vllm", "base + truncation": "vllm", "grpo_run + truncation": "vllm",
+        "base + LenVM-guided": "hf", "grpo_run + LenVM-guided": "hf",
+    }
+    assert len(results) == 6 and all(len(read_records(f)) == 40 for f in (tmp_path / "generations").glob("*.jsonl"))
+    costs = (tmp_path / "results.md").read_text().split("| generator |")[1].splitlines()
+    assert [line.rsplit("|", 2)[1].strip() for line in costs if line.startswith("| ")] == list(saved["generator"].values())
+
+    with pytest.raises(ConfigError, match="other settings"):  # generate's samples must not join vLLM's
+        run_evaluation(evaluate_args(tiny_model_path, tmp_path, adapters=[adapter_path], use_vllm=False))

@@ -146,17 +146,21 @@ def test_vllm_path_seeds_each_prompt_and_strips_eos(monkeypatch):
         def __init__(self, **kwargs):
             calls["llm"] = kwargs
 
-        def generate(self, prompts, params, use_tqdm):
+        def generate(self, prompts, params, use_tqdm, lora_request=None):
             calls["seeds"] = [p.seed for p in params]
+            calls["max_tokens"] = {p.max_tokens for p in params}
+            calls["lora"] = lora_request
             done = types.SimpleNamespace(token_ids=[5, 6, 2], finish_reason="stop")  # 2 = EOS
             cut = types.SimpleNamespace(token_ids=[7, 8, 9], finish_reason="length")
             return [types.SimpleNamespace(outputs=[done, cut]) for _ in prompts]
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
-    args = rollout_args("unused", num_samples_per_prompt=2)
-    generate = lenvm_rl.rollouts.make_vllm_generate("some/model", args, "bfloat16", eos_ids={2})
-    samples = generate([[1, 3], [1, 4]], seeds=[11, 12])
-    assert calls["seeds"] == [11, 12]
+    generate = lenvm_rl.rollouts.make_vllm_generate(
+        "some/model", num_samples=2, temperature=1.0, top_p=1.0, eos_ids={2}, dtype="bfloat16", seed=5
+    )
+    assert calls["llm"] == dict(model="some/model", dtype="bfloat16", gpu_memory_utilization=0.8, seed=5)  # no LoRA
+    samples = generate([[1, 3], [1, 4]], seeds=[11, 12], max_tokens=3)
+    assert calls["seeds"] == [11, 12] and calls["max_tokens"] == {3} and calls["lora"] is None
     assert samples == [[([5, 6], True), ([7, 8, 9], False)]] * 2
 
 
