@@ -125,3 +125,51 @@ def write_rollout_shard(output_dir, rows: list[dict]) -> Path:
 
     Dataset.from_list(rows).save_to_disk(str(Path(output_dir) / "shards" / "shard-00000"))
     return Path(output_dir)
+
+
+@pytest.fixture
+def stand_in_vllm(monkeypatch, tokenizer):
+    """vLLM is GPU-only: a stand-in engine that records its calls and answers from the request's seed.
+
+    Sample k of a request with seed s (LoRA id j, 0 for the base) wants 1 + (s + k + 3j) % 7 tokens: it ends with
+    an EOS if that fits in max_tokens, else it is cut at max_tokens (finish_reason "length")."""
+    import importlib.machinery
+    import sys
+    import types
+
+    calls = {"engines": [], "requests": []}
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.__dict__.update(kwargs)
+
+    class LoRARequest:
+        def __init__(self, lora_name, lora_int_id, lora_path):
+            self.lora_name, self.lora_int_id, self.lora_path = lora_name, lora_int_id, lora_path
+
+    class LLM:
+        def __init__(self, **kwargs):
+            calls["engines"].append(kwargs)
+
+        def generate(self, prompts, params, use_tqdm, lora_request=None):
+            lora = lora_request.lora_int_id if lora_request else 0
+            outputs = []
+            for prompt, p in zip(prompts, params):
+                calls["requests"].append((p.seed, p.max_tokens, lora_request and lora_request.lora_path, p.temperature))
+                samples = []
+                for k in range(p.n):
+                    want = 1 + (p.seed + k + 3 * lora) % 7
+                    if want < p.max_tokens:
+                        samples.append(types.SimpleNamespace(token_ids=[5] * want + [tokenizer.eos_token_id], finish_reason="stop"))
+                    else:
+                        samples.append(types.SimpleNamespace(token_ids=[5] * p.max_tokens, finish_reason="length"))
+                outputs.append(types.SimpleNamespace(outputs=samples))
+            return outputs
+
+    modules = {"vllm": dict(LLM=LLM, SamplingParams=SamplingParams), "vllm.lora": {}, "vllm.lora.request": dict(LoRARequest=LoRARequest)}
+    for name, attributes in modules.items():
+        module = types.ModuleType(name)
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        module.__dict__.update(attributes)
+        monkeypatch.setitem(sys.modules, name, module)
+    return calls

@@ -164,6 +164,24 @@ def test_vllm_path_seeds_each_prompt_and_strips_eos(monkeypatch):
     assert samples == [[([5, 6], True), ([7, 8, 9], False)]] * 2
 
 
+def test_vllm_rollouts_write_shards_and_resume_identically(stand_in_vllm, tiny_model_path, tmp_path, monkeypatch):
+    args = rollout_args(tmp_path / "full", use_vllm=True, seed=2)
+    run_rollouts(args, tiny_model_path, "bfloat16")
+    (engine,) = stand_in_vllm["engines"]
+    assert engine == dict(model=tiny_model_path, dtype="bfloat16", gpu_memory_utilization=0.8, seed=2)
+    assert [r[0] for r in stand_in_vllm["requests"]] == [2 * 1_000_003 + prompt for prompt in range(6)]
+    assert {r[1] for r in stand_in_vllm["requests"]} == {8}  # max_completion_tokens
+    rows = load_rollouts(tmp_path / "full")
+    for row in rows:  # the stand-in's rule: 1 + (seed + k) % 7 tokens then an EOS, cut at 8
+        want = 1 + (2 * 1_000_003 + row["prompt_id"] + row["sample_index"]) % 7
+        assert (row["completion_tokens"], row["finished"]) == (want, True)
+
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "shards" / "shard-00001")
+    run_rollouts(rollout_args(tmp_path / "resumed", use_vllm=True, seed=2), tiny_model_path, "bfloat16")
+    assert records(tmp_path / "resumed") == records(tmp_path / "full")
+
+
 def test_held_out_slice_shares_no_prompt_with_the_skipped_one():
     # "easy" has 64 distinct problems, so an index-disjoint slice would repeat training prompts.
     train = load_prompts(rollout_args("unused", num_prompts=50, arithmetic_difficulty="easy"))
