@@ -160,7 +160,7 @@ def make_vllm_generate(
         if adapter is not None:
             from vllm.lora.request import LoRARequest
 
-            lora = LoRARequest(Path(adapter).name, lora_ids[adapter], str(adapter))
+            lora = LoRARequest(f"{lora_ids[adapter]}-{Path(adapter).name}", lora_ids[adapter], str(adapter))  # unique names
         outputs = llm.generate(
             [{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False, lora_request=lora
         )
