@@ -1,7 +1,7 @@
 """Issue #5's benchmark on SmolLM2-135M-Instruct (CPU): PPO + LenVM against GRPO + LenVM at an equal number of
 generated completions, scored on held-out prompts for length score and accuracy.
 
-    python benchmarks/ppo_vs_grpo.py --max_steps 40 --seeds 0 1 2      # after `make demo` (needs its LenVM)
+    python benchmarks/ppo_vs_grpo.py --max_steps 12 --seeds 0 1 2      # after `make demo` (needs its LenVM); docs/BENCHMARKS.md
 
 Each (arm, seed) is a real run of the arm's recipe with ``--max_steps`` and ``--seed``: `lenvm-rl grpo` with
 grpo/config_lenvm_budget.yaml (2 prompts x 8 completions per step, group baseline) and `lenvm-rl ppo` with
