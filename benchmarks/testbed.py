@@ -11,6 +11,9 @@ Stages, each skipped when its output already exists (a rerun resumes; delete a f
 
     python benchmarks/testbed.py                      # what `make testbed` runs
     python benchmarks/testbed.py --arms lenvm_lambda1 --seeds 0 --max-steps 60   # a quick look
+
+Arm (d), ``ppo_lenvm_lambda1`` (``lenvm-rl ppo``: a learned task critic instead of the group baseline, 32 prompts x 1
+completion per step against GRPO's 4 x 8), runs only when named in ``--arms``; docs/BENCHMARKS.md has its study.
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes" / "testbed"
-ARMS = {  # name -> (recipe, label in figures and table)
-    "accuracy": ("config_accuracy.yaml", "(a) correctness only"),
-    "length_score": ("config_length_score.yaml", "(b) + sequence-level length score"),
-    "lenvm_lambda1": ("config_lenvm_lambda1.yaml", "(c) + LenVM budget advantages, λ = 1"),
-    "lenvm_lambda095": ("config_lenvm_lambda095.yaml", "(c) + LenVM budget advantages, λ = 0.95"),
+ARMS = {  # name -> (recipe under recipes/testbed, whose folder names the stage; label in figures and table)
+    "accuracy": ("grpo/config_accuracy.yaml", "(a) correctness only"),
+    "length_score": ("grpo/config_length_score.yaml", "(b) + sequence-level length score"),
+    "lenvm_lambda1": ("grpo/config_lenvm_lambda1.yaml", "(c) + LenVM budget advantages, λ = 1"),
+    "lenvm_lambda095": ("grpo/config_lenvm_lambda095.yaml", "(c) + LenVM budget advantages, λ = 0.95"),
+    "ppo_lenvm_lambda1": ("ppo/config_lenvm_lambda1.yaml", "(d) PPO task critic + LenVM budget advantages, λ = 1"),
 }
+DEFAULT_ARMS = ["accuracy", "length_score", "lenvm_lambda1", "lenvm_lambda095"]  # issue #8's study; (d) on request
 SCORE_KEY, ACCURACY_KEY, HIT_KEY = "eval_length/mean_length_score", "eval_rewards/accuracy/mean", "eval_length/budget_hit_rate"
 BEGIN, END = "<!-- testbed:begin (written by benchmarks/testbed.py) -->", "<!-- testbed:end -->"
 THREADS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -76,9 +81,10 @@ def prepare(runs: Path) -> dict:
     return times
 
 
-def grpo_command(runs: Path, arm: str, seed: int, args) -> list[str]:
+def train_command(runs: Path, arm: str, seed: int, args) -> list[str]:
+    recipe = RECIPES / ARMS[arm][0]
     return [
-        sys.executable, "-m", "lenvm_rl", "grpo", "--config", str(RECIPES / "grpo" / ARMS[arm][0]),
+        sys.executable, "-m", "lenvm_rl", recipe.parent.name, "--config", str(recipe),
         "--model_name_or_path", str(runs / "sft"), "--lenvm_model_path", str(runs / "lenvm"),
         "--output_dir", str(runs / "study" / arm / f"seed{seed}"), "--seed", str(seed),
         "--max_steps", str(args.max_steps), "--eval_steps", str(args.eval_steps),
@@ -93,8 +99,8 @@ def run_study(runs: Path, args) -> dict:
     while queue or running:
         while queue and len(running) < args.jobs:
             arm, seed = queue.pop(0)
-            log = runs / "logs" / f"grpo_{arm}_seed{seed}.log"
-            running[(arm, seed)] = (run_logged(grpo_command(runs, arm, seed, args), log), log, time.perf_counter())
+            log = runs / "logs" / f"{ARMS[arm][0].split('/')[0]}_{arm}_seed{seed}.log"
+            running[(arm, seed)] = (run_logged(train_command(runs, arm, seed, args), log), log, time.perf_counter())
             print(f"testbed: grpo {arm} seed {seed} ...", flush=True)
         time.sleep(1.0)
         for key, (process, log, start) in list(running.items()):
@@ -145,7 +151,7 @@ def plot(curves: dict, key: str, ylabel: str, path: Path, target: float | None =
         axis.plot(steps[: len(mean)], mean, color=color, linewidth=2, label=f"{ARMS[arm][1]} (mean of {len(runs)})")
     if target is not None:
         axis.axhline(target, color="grey", linestyle="--", linewidth=0.8)
-    axis.set_xlabel("GRPO step")
+    axis.set_xlabel("training step (32 completions each)")
     axis.set_ylabel(ylabel)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, loc="best")
@@ -237,7 +243,7 @@ def write_docs(docs: Path, section: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="runs/testbed", help="folder of every artefact and log")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--max-steps", type=int, default=300)
     parser.add_argument("--eval-steps", type=int, default=25)
