@@ -101,13 +101,13 @@ def run_study(runs: Path, args) -> dict:
             arm, seed = queue.pop(0)
             log = runs / "logs" / f"{ARMS[arm][0].split('/')[0]}_{arm}_seed{seed}.log"
             running[(arm, seed)] = (run_logged(train_command(runs, arm, seed, args), log), log, time.perf_counter())
-            print(f"testbed: grpo {arm} seed {seed} ...", flush=True)
+            print(f"testbed: {arm} seed {seed} ...", flush=True)
         time.sleep(1.0)
         for key, (process, log, start) in list(running.items()):
             if process.poll() is not None:
                 check(process, log)
                 times[key] = time.perf_counter() - start
-                print(f"testbed: grpo {key[0]} seed {key[1]} done in {times[key]:.0f} s", flush=True)
+                print(f"testbed: {key[0]} seed {key[1]} done in {times[key]:.0f} s", flush=True)
                 del running[key]
     return times
 

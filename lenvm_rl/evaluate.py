@@ -86,6 +86,9 @@ class EvaluateArguments(DatasetArguments):
         metadata={"help": "Generate the plain and truncation arms with vLLM: unset = when vLLM is installed and a GPU is visible."},
     )
     vllm_gpu_memory_utilization: float = field(default=0.8, metadata={"help": "vLLM's GPU memory share."})
+    vllm_tensor_parallel_size: int = field(
+        default=1, metadata={"help": "GPUs vLLM splits the model over (from one process; the others must be visible)."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -97,7 +100,7 @@ class EvaluateArguments(DatasetArguments):
             raise ConfigError("budgets: evaluate needs the budgets to ask for, e.g. budgets: [16, 32, 64]")
         if self.budget_range is not None:
             raise ConfigError("budget_range: evaluate asks every prompt at every budget; give budgets: [...] instead")
-        for name in ("max_new_tokens", "num_samples", "batch_size"):
+        for name in ("max_new_tokens", "num_samples", "batch_size", "vllm_tensor_parallel_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.temperature < 0:
@@ -413,7 +416,8 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, list[dict]]:
     output_dir = Path(args.output_dir)
     manifest = output_dir / "evaluate_args.json"
     backend = args.backend()
-    ignored = ("output_dir", "labels", "adapters", "include_base", "hard_truncation", "use_vllm", "vllm_gpu_memory_utilization")
+    ignored = ("output_dir", "labels", "adapters", "include_base", "hard_truncation", "use_vllm", "vllm_gpu_memory_utilization",
+               "vllm_tensor_parallel_size")
     settings = {k: v for k, v in asdict(args).items() if k not in ignored}
     if backend == "vllm":  # samples differ from generate's: a resume must not mix the two
         settings["generator"] = "vllm"
@@ -440,6 +444,7 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, list[dict]]:
             path, num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
             eos_ids=generation_eos_ids(path, tokenizer), dtype=args.dtype,
             gpu_memory_utilization=args.vllm_gpu_memory_utilization, seed=args.seed, adapters=list(args.adapters),
+            tensor_parallel_size=args.vllm_tensor_parallel_size,
         )
     # Written once the data and models load: a failed start leaves no manifest that would refuse the fixed rerun.
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -45,10 +45,13 @@ class RolloutArguments(DatasetArguments):
     seed: int = field(default=0, metadata={"help": "Sampling seed; shard i uses seed + i."})
     use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (GPU; `pip install lenvm-rl[vllm]`)."})
     vllm_gpu_memory_utilization: float = field(default=0.8, metadata={"help": "vLLM's GPU memory share."})
+    vllm_tensor_parallel_size: int = field(
+        default=1, metadata={"help": "GPUs vLLM splits the model over (from one process; the others must be visible)."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("num_samples_per_prompt", "max_completion_tokens", "prompts_per_batch", "shard_size"):
+        for name in ("num_samples_per_prompt", "max_completion_tokens", "prompts_per_batch", "shard_size", "vllm_tensor_parallel_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.temperature <= 0:
@@ -130,6 +133,7 @@ def make_vllm_generate(
     gpu_memory_utilization: float = 0.8,
     seed: int = 0,
     adapters: list[str] = (),
+    tensor_parallel_size: int = 1,
 ) -> Callable:
     """``generate(prompt_ids, seeds, max_tokens, adapter=None)``: per prompt, ``num_samples`` (ids, finished) pairs.
 
@@ -139,6 +143,8 @@ def make_vllm_generate(
     from vllm import LLM
 
     engine = dict(model=model_path, dtype=dtype or "auto", gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+    if tensor_parallel_size > 1:
+        engine["tensor_parallel_size"] = tensor_parallel_size
     if adapters:
         rank = max(json.loads(Path(a, "adapter_config.json").read_text())["r"] for a in adapters)
         fits = [r for r in VLLM_LORA_RANKS if r >= rank]
@@ -188,6 +194,7 @@ def check_manifest(output_dir: Path, args: RolloutArguments, model_name: str, dt
     """Refuse to resume into a folder written with other settings: the shards would not match."""
     settings = {**asdict(args), "model_name_or_path": model_name, "dtype": dtype}
     settings.pop("output_dir")
+    settings.pop("vllm_tensor_parallel_size")  # how vLLM lays the model over GPUs, not what it samples
     manifest = output_dir / MANIFEST
     if manifest.exists() and any((output_dir / "shards").glob("shard-*")):
         previous = json.loads(manifest.read_text())
@@ -225,6 +232,7 @@ def run_rollouts(args: RolloutArguments, model_name_or_path: str, dtype: str | N
             path, num_samples=args.num_samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
             eos_ids=generation_eos_ids(path, tokenizer), dtype=dtype,
             gpu_memory_utilization=args.vllm_gpu_memory_utilization, seed=args.seed,
+            tensor_parallel_size=args.vllm_tensor_parallel_size,
         )
     else:
         model = load_causal_lm(model_name_or_path, dtype=dtype).to(inference_device()).eval()

@@ -229,13 +229,14 @@ def test_vllm_serves_base_adapters_and_truncation_and_guided_arms_use_generate(
     load_policy = evaluate.load_policy
     monkeypatch.setattr(evaluate, "load_policy", lambda *a: hf_loads.append(a[1]) or load_policy(*a))
     args = evaluate_args(
-        tiny_model_path, tmp_path, adapters=[adapter_path], hard_truncation=True, use_vllm=True, seed=1,
+        tiny_model_path, tmp_path, adapters=[adapter_path], hard_truncation=True, use_vllm=True, seed=1, vllm_tensor_parallel_size=2,
         guided_decoding=True, lenvm_model_path=lenvm_path, guidance_top_k=4,
     )
     results = run_evaluation(args)
 
     (engine,) = stand_in_vllm["engines"]  # one engine for the base and the adapter
     assert engine["model"] == tiny_model_path and engine["enable_lora"] and engine["max_lora_rank"] == 8  # r = 2 -> 8
+    assert engine["tensor_parallel_size"] == 2
     assert hf_loads == [None, adapter_path]  # only the two guided arms load an HF model
     requests = stand_in_vllm["requests"]
     rows = 5 * 2 * 2  # prompts x budgets x kinds
