@@ -6,6 +6,7 @@ What changes is where the advantage comes from, and a value loss is added (DESIG
 
     A_j = whiten(A_task)_j + c · A_len_j      on completion tokens, 0 on padding
     A_task = GAE(task_gamma, task_lambda) of r_j = -kl_coef · (log π_old - log π_ref)_j + R · [j = n - 1]
+    critic targets: the returns of GAE(task_gamma, task_value_lambda)
 
 - **Task critic: a value head on the policy's trunk, not a separate value model.** One forward per micro-batch
   gives both the log-probs and the values: a forward hook on the causal LM's backbone (the module TRL's fused LM
@@ -29,6 +30,14 @@ What changes is where the advantage comes from, and a value loss is added (DESIG
   last completion token (the EOS when finished). Every completion ends its episode there, truncated ones too: the
   reward already scored the text as it stands, so nothing is bootstrapped (``returns.task_advantages``). A row for
   which every reward function returned None gets no task advantage and keeps its old value as the target.
+- λ defaults to 1 for both the actor (``task_lambda``) and the critic's targets (``task_value_lambda``), so
+  A_task_j = R - V(s_j) (γ = 1, no KL). With λ < 1 and a critic that has not learned yet (V ≈ constant), GAE
+  discounts the final reward by λ^(distance to the end): the early tokens of a long completion get almost none of
+  it, every token of a short one gets most of it, and after whitening the policy is pushed towards short
+  completions whatever the length critic says. Measured on the learning testbed (docs/BENCHMARKS.md): λ 0.95
+  collapsed completions from 19 to 3 tokens within 25 steps and the held-out length score from 0.55 to 0.37,
+  λ 1 took it to 0.99. This is VC-PPO's diagnosis (Yuan et al. 2025, "What's Behind PPO's Collapse in
+  Long-CoT?"); its decoupled GAE (actor λ < 1, critic λ = 1) is available once the critic explains the returns.
 - Groups are optional: ``num_generations: 1`` is allowed (the critic is the baseline); with groups the completions
   of one prompt are simply more samples. TRL's sequence-level ``advantages`` metric stays the group-normalised one.
 - KL penalty (``kl_coef`` > 0): the per-token k1 estimate log π_old - log π_ref of the sampled token, in the reward
@@ -120,7 +129,14 @@ class LenVMPPOConfig(LenVMGRPOConfig):
         default=0.2, metadata={"help": "ε of the value clip: V_clip = V_old + clip(V - V_old, ±ε), in reward units."}
     )
     task_gamma: float = field(default=1.0, metadata={"help": "Discount γ_task of the task GAE, in (0, 1]."})
-    task_lambda: float = field(default=0.95, metadata={"help": "λ_task of the task GAE, in [0, 1]."})
+    task_lambda: float = field(
+        default=1.0,
+        metadata={"help": "λ_task of the actor's GAE, in [0, 1]. < 1 with a critic that has not learned yet favours "
+                          "short completions (module docstring): lower it only once the critic explains the returns."},
+    )
+    task_value_lambda: float = field(
+        default=1.0, metadata={"help": "λ of the critic's GAE returns (its targets), in [0, 1]; 1 = Monte Carlo."}
+    )
     kl_coef: float = field(
         default=0.0,
         metadata={"help": "Per-token KL penalty -kl_coef · (log π - log π_ref) in the task reward; 0 turns it off."},
@@ -140,8 +156,9 @@ class LenVMPPOConfig(LenVMGRPOConfig):
             raise ConfigError(f"cliprange_value: must be > 0 (in reward units), got {self.cliprange_value}")
         if not 0.0 < self.task_gamma <= 1.0:
             raise ConfigError(f"task_gamma: must lie in (0, 1], got {self.task_gamma}")
-        if not 0.0 <= self.task_lambda <= 1.0:
-            raise ConfigError(f"task_lambda: must lie in [0, 1], got {self.task_lambda}")
+        for name in ("task_lambda", "task_value_lambda"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name}: must lie in [0, 1], got {getattr(self, name)}")
         if self.kl_coef < 0:
             raise ConfigError(f"kl_coef: must be >= 0 (0 turns the KL penalty off), got {self.kl_coef}")
         if self.value_head_learning_rate is not None and self.value_head_learning_rate <= 0:
@@ -261,7 +278,8 @@ class LenVMPPOTrainer(LenVMGRPOTrainer):
             ref_logps = output.get("ref_per_token_logps")  # TRL's, when beta != 0
             kl = logps - (ref_logps if ref_logps is not None else self.reference_logps(output, batch_size))  # (B, T)
         advantages, returns = task_advantages(
-            scores, old_values, mask, args.task_gamma, args.task_lambda, kl=kl, kl_coef=args.kl_coef
+            scores, old_values, mask, args.task_gamma, args.task_lambda, kl=kl, kl_coef=args.kl_coef,
+            value_lam=args.task_value_lambda,
         )  # (B, T), (B, T)
         returns = torch.where(scorable[:, None] & mask, returns, old_values * mask)
         task_mask = mask & scorable[:, None]

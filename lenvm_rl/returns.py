@@ -353,8 +353,12 @@ def task_advantages(
     lam: float,
     kl: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    value_lam: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO task advantages and returns: GAE(γ, λ) over the task score placed on the last completion token.
+
+    The returns (the critic's targets) are A + V of GAE(γ, ``value_lam``), by default ``lam``: decoupled GAE
+    (VC-PPO, Yuan et al. 2025) gives the actor λ < 1 while the critic regresses on unbiased λ = 1 returns.
 
     Row b has n = mask.sum() valid tokens (a prefix; TRL's mask ends at and includes the EOS). Per-token reward
     r_j = -kl_coef · kl_j for j < n, plus ``scores[b]`` at j = n - 1. Every completion ends the episode after its
@@ -375,7 +379,10 @@ def task_advantages(
         rewards = rewards - kl_coef * torch.where(mask, kl.to(dtype), 0.0)
     states = torch.cat([values.to(dtype), values.new_zeros(values.shape[0], 1, dtype=dtype)], dim=1)  # (B, T + 1)
     states = torch.where(torch.arange(mask.shape[1] + 1, device=mask.device) < lengths[:, None], states, 0.0)
-    return masked_gae(rewards, states, mask, gamma, lam)
+    advantages, returns = masked_gae(rewards, states, mask, gamma, lam)
+    if value_lam is not None and value_lam != lam:
+        _, returns = masked_gae(rewards, states, mask, gamma, value_lam)
+    return advantages, returns
 
 
 def clipped_value_loss(

@@ -98,6 +98,29 @@ def test_task_advantages_hand_example():
     torch.testing.assert_close(returns, torch.tensor([[1.0, 1.0, 1.0], [2.0, 0.0, 0.0]]))
 
 
+def test_decoupled_lambda_changes_only_the_returns():
+    """value_lam: the advantages keep λ, the returns are those of GAE(γ, value_lam) (VC-PPO's decoupled GAE)."""
+    torch.manual_seed(1)
+    mask = (torch.arange(6) < torch.tensor([6, 2, 4])[:, None]).long()
+    scores, values = torch.randn(3), torch.randn(3, 6)
+    advantages, returns = task_advantages(scores, values, mask, 1.0, 0.9, value_lam=1.0)
+    torch.testing.assert_close(advantages, task_advantages(scores, values, mask, 1.0, 0.9)[0])
+    torch.testing.assert_close(returns, task_advantages(scores, values, mask, 1.0, 1.0)[1])
+    torch.testing.assert_close(returns, scores[:, None] * mask)  # γ = λ = 1, no KL: the return is R at every token
+
+
+def test_lambda_below_one_with_a_cold_critic_favours_short_completions():
+    """Why task_lambda defaults to 1: with V = 0, equal rewards, λ = 0.95, a short completion's tokens get more
+    advantage than a long one's on average; with λ = 1 every token of both gets R."""
+    mask = (torch.arange(40) < torch.tensor([40, 4])[:, None]).long()
+    scores, values = torch.ones(2), torch.zeros(2, 40)
+    advantages, _ = task_advantages(scores, values, mask, 1.0, 0.95)
+    long_mean, short_mean = advantages[0, :40].mean(), advantages[1, :4].mean()
+    assert short_mean > 0.9 and long_mean < 0.5
+    advantages, _ = task_advantages(scores, values, mask, 1.0, 1.0)
+    torch.testing.assert_close(advantages, mask.float())
+
+
 def test_clipped_value_loss():
     values, old, returns = torch.tensor([1.0, 0.1, -1.0]), torch.zeros(3), torch.tensor([2.0, 2.0, 0.0])
     loss, clipped = clipped_value_loss(values, old, returns, 0.2)
@@ -107,13 +130,14 @@ def test_clipped_value_loss():
 
 
 def test_total_advantage_is_whitened_task_gae(tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path):
-    """length_objective none: A = whiten(GAE of the raw weighted reward on the old values), on valid tokens only."""
+    """length_objective none: A = whiten(GAE of the raw weighted reward on the old values), on valid tokens only;
+    the returns use task_value_lambda (1 by default), not task_lambda."""
     trainer = make_trainer(tiny_model_path, tokenizer, dataset, tmp_path, lenvm_model_path=lenvm_path,
                            length_objective="none", task_gamma=0.9, task_lambda=0.8)
     batch = generation_batch(trainer, dataset)
     mask = batch["completion_mask"].bool()
     scores = (trainer._rewards_per_func * trainer.reward_weights).nansum(1)  # one process: no slicing
-    expected, returns = task_advantages(scores, batch["old_values"], mask, 0.9, 0.8)
+    expected, returns = task_advantages(scores, batch["old_values"], mask, 0.9, 0.8, value_lam=1.0)  # critic: λ 1
     valid = expected[mask]
     expected = (expected - valid.mean()) / (valid.std(unbiased=False) + 1e-8) * mask
     torch.testing.assert_close(batch["advantages"], expected, atol=1e-5, rtol=1e-5)
@@ -128,7 +152,7 @@ def test_budget_objective_adds_the_length_term(tiny_model_path, tokenizer, datas
     batch = generation_batch(trainer, dataset)
     mask = batch["completion_mask"].bool()
     scores = (trainer._rewards_per_func * trainer.reward_weights).nansum(1)
-    task, _ = task_advantages(scores, batch["old_values"], mask, 1.0, 0.95)
+    task, _ = task_advantages(scores, batch["old_values"], mask, 1.0, 1.0)
     length = batch["advantages"] - task * mask
     assert length.abs().sum() > 0 and (length[~mask] == 0).all()
     logged = trainer._metrics["train"]["length/mean_abs_advantage"][-1]
@@ -241,6 +265,7 @@ def test_unknown_recipe_field_fails_clearly(tiny_model_path, tmp_path, capsys):
         (dict(cliprange_value=0.0), "cliprange_value"),
         (dict(task_gamma=0.0), "task_gamma"),
         (dict(task_lambda=1.5), "task_lambda"),
+        (dict(task_value_lambda=-0.1), "task_value_lambda"),
         (dict(kl_coef=-0.1), "kl_coef"),
         (dict(value_head_learning_rate=0.0), "value_head_learning_rate"),
         (dict(num_generations=3, per_device_train_batch_size=8), "num_generations"),
