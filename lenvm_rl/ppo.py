@@ -35,7 +35,7 @@ What changes is where the advantage comes from, and a value loss is added (DESIG
   discounts the final reward by λ^(distance to the end): the early tokens of a long completion get almost none of
   it, every token of a short one gets most of it, and after whitening the policy is pushed towards short
   completions whatever the length critic says. Measured on the learning testbed (docs/BENCHMARKS.md): λ 0.95
-  collapsed completions from 19 to 3 tokens within 25 steps and the held-out length score from 0.55 to 0.37,
+  collapsed completions from 19 to about 4 tokens within 25 steps and the held-out length score from 0.55 to 0.37,
   λ 1 took it to 0.99. This is VC-PPO's diagnosis (Yuan et al. 2025, "What's Behind PPO's Collapse in
   Long-CoT?"); its decoupled GAE (actor λ < 1, critic λ = 1) is available once the critic explains the returns.
 - Groups are optional: ``num_generations: 1`` is allowed (the critic is the baseline); with groups the completions
