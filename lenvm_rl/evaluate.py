@@ -80,7 +80,7 @@ class EvaluateArguments(DatasetArguments):
     num_samples: int = field(default=1, metadata={"help": "Completions per prompt and budget."})
     batch_size: int = field(default=16, metadata={"help": "Prompts per generate call."})
     dtype: str = field(default="float32", metadata={"help": "Model dtype: float32 or bfloat16."})
-    seed: int = field(default=0, metadata={"help": "Sampling seed; batch i uses seed + i (vLLM: row i uses seed·1000003 + i)."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed; batch i uses seed + i (vLLM: one seed per row)."})
     use_vllm: bool | None = field(
         default=None,
         metadata={"help": "Generate the plain and truncation arms with vLLM: unset = when vLLM is installed and a GPU is visible."},
@@ -105,6 +105,8 @@ class EvaluateArguments(DatasetArguments):
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.temperature < 0:
             raise ConfigError(f"temperature: must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.temperature == 0 and self.num_samples > 1:
+            raise ConfigError(f"num_samples: greedy decoding (temperature 0) gives one completion, got {self.num_samples}; set 1")
         if not self.include_base and not self.adapters:
             raise ConfigError("include_base: false leaves nothing to evaluate; list adapters or set include_base: true")
         if self.guided_decoding and self.lenvm_model_path is None:
@@ -174,10 +176,11 @@ def hf_sampler(model, tokenizer, args: EvaluateArguments, logits_processor_for: 
 
 def vllm_sampler(generate: Callable, args: EvaluateArguments, adapter: str | None) -> Sampler:
     """``sample(batch, prompt_ids, rows, limit)`` with a ``rollouts.make_vllm_generate`` engine; row i's seed is
-    fixed by i, so a resumed run samples what an uninterrupted one would have."""
+    fixed by i (``rollouts.vllm_seeds``), so a resumed run asks for what an uninterrupted one would have."""
+    from lenvm_rl.rollouts import vllm_seeds
 
     def sample(batch, prompt_ids, rows, limit):
-        return generate(prompt_ids, [args.seed * 1_000_003 + row for row in rows], limit, adapter)
+        return generate(prompt_ids, vllm_seeds(args.seed, rows, args.num_samples), limit, adapter)
 
     return sample
 
@@ -421,9 +424,15 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, list[dict]]:
     settings = {k: v for k, v in asdict(args).items() if k not in ignored}
     if backend == "vllm":  # samples differ from generate's: a resume must not mix the two
         settings["generator"] = "vllm"
+    if inference_device().type != "cpu" and (backend == "hf" or args.guided_decoding):
+        settings["hf_device"] = inference_device().type  # generate's random streams differ between devices
     if manifest.exists() and json.loads(manifest.read_text()) != settings:
+        previous = json.loads(manifest.read_text())
+        key = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))[0]
         raise ConfigError(
-            f"output_dir: {output_dir} holds an evaluation with other settings ({manifest}); use another output_dir"
+            f"output_dir: {output_dir} holds an evaluation with other settings ({key}: {previous.get(key)!r} there, "
+            f"{settings.get(key)!r} now; {manifest}); use another output_dir"
+            + (", or set use_vllm to match" if key == "generator" else "")
         )
     missing = [adapter for adapter in args.adapters if not Path(adapter, "adapter_config.json").is_file()]
     if missing:  # before the base model is evaluated, not after
@@ -432,13 +441,13 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, list[dict]]:
     tokenizer = load_tokenizer(args.model_name_or_path)
     results, costs, backends, loaded = {}, {}, {}, {}
     lenvm = None
-    if args.guided_decoding:
+    if args.guided_decoding:  # loaded (and checked) before any engine starts, moved to the GPU after it has
         from lenvm_rl.modeling import check_lenvm_tokenizer, load_lenvm
 
-        lenvm = load_lenvm(args.lenvm_model_path, dtype=getattr(torch, args.dtype)).to(inference_device()).eval()  # head: float32
+        lenvm = load_lenvm(args.lenvm_model_path, dtype=getattr(torch, args.dtype)).eval()  # the head stays float32
         check_lenvm_tokenizer(args.lenvm_model_path, tokenizer)
     vllm_generate = None
-    if backend == "vllm":
+    if backend == "vllm":  # first: vLLM takes its share of the free GPU memory; the LenVM and HF policy use the rest
         path = resolve_model_path(args.model_name_or_path)
         vllm_generate = make_vllm_generate(
             path, num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
@@ -446,6 +455,8 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, list[dict]]:
             gpu_memory_utilization=args.vllm_gpu_memory_utilization, seed=args.seed, adapters=list(args.adapters),
             tensor_parallel_size=args.vllm_tensor_parallel_size,
         )
+    if lenvm is not None:
+        lenvm = lenvm.to(inference_device())
     # Written once the data and models load: a failed start leaves no manifest that would refuse the fixed rerun.
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest.write_text(json.dumps(settings, indent=2))

@@ -35,9 +35,10 @@ What changes is where the advantage comes from, and a value loss is added (DESIG
   discounts the final reward by λ^(distance to the end): the early tokens of a long completion get almost none of
   it, every token of a short one gets most of it, and after whitening the policy is pushed towards short
   completions whatever the length critic says. Measured on the learning testbed (docs/BENCHMARKS.md): λ 0.95
-  collapsed completions from 19 to about 4 tokens within 25 steps and the held-out length score from 0.55 to 0.37,
-  λ 1 took it to 0.99. This is VC-PPO's diagnosis (Yuan et al. 2025, "What's Behind PPO's Collapse in
-  Long-CoT?"); its decoupled GAE (actor λ < 1, critic λ = 1) is available once the critic explains the returns.
+  collapsed completions from 19 to about 4 tokens within 25 steps and the held-out length score from 0.54 to 0.37,
+  λ 1 took it to 0.99. The same reward decay over long sequences is behind VC-PPO's critic-side fix (Yuan et al.
+  2025, "What's Behind PPO's Collapse in Long-CoT?") and VAPO's length-adaptive λ; VC-PPO's decoupled GAE (actor
+  λ < 1, critic λ = 1) is available here once the critic explains the returns.
 - Groups are optional: ``num_generations: 1`` is allowed (the critic is the baseline); with groups the completions
   of one prompt are simply more samples. TRL's sequence-level ``advantages`` metric stays the group-normalised one.
 - KL penalty (``kl_coef`` > 0): the per-token k1 estimate log π_old - log π_ref of the sampled token, in the reward
@@ -52,7 +53,7 @@ What changes is where the advantage comes from, and a value loss is added (DESIG
   update), ``ppo/mean_value``, ``ppo/mean_return`` and ``ppo/kl`` (with ``kl_coef``). The policy clip fraction is
   TRL's ``clip_ratio/region_mean``.
 - Saving: the head is a submodule of the trained model (so DDP all-reduces its gradients, DeepSpeed and FSDP shard
-  it with the policy, the optimizer sees it) and is written to ``task_value_head.safetensors`` beside the adapter or
+  it with the policy, the optimizer sees it) and is written to ``task_value_head/model.safetensors`` beside the adapter or
   weights, in checkpoints too, and read back on resume; a full fine-tune's ``model.safetensors`` leaves it out, so
   the saved policy loads as a plain causal LM.
 """
@@ -83,7 +84,9 @@ from lenvm_rl.errors import ConfigError
 from lenvm_rl.grpo import LenVMGRPOConfig, LenVMGRPOTrainer, train_policy
 from lenvm_rl.returns import clipped_value_loss, task_advantages
 
-VALUE_HEAD_FILE = "task_value_head.safetensors"
+# In a subfolder: vLLM loads every *.safetensors at a model folder's top level (without an index file), and the
+# head's weights beside a full fine-tune's model.safetensors would be read as the policy's.
+VALUE_HEAD_FILE = "task_value_head/model.safetensors"
 VALUE_HEAD_PREFIX = "task_value_head."
 
 
@@ -354,11 +357,14 @@ class LenVMPPOTrainer(LenVMGRPOTrainer):
         if not self.args.should_save:
             return
         output_dir = output_dir or self.args.output_dir
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in head.items()}, f"{output_dir}/{VALUE_HEAD_FILE}")
+        os.makedirs(os.path.join(output_dir, os.path.dirname(VALUE_HEAD_FILE)), exist_ok=True)
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in head.items()}, os.path.join(output_dir, VALUE_HEAD_FILE))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, VALUE_HEAD_FILE)
+        if not os.path.isfile(path):  # checkpoints written before the head moved into its subfolder
+            path = os.path.join(resume_from_checkpoint, "task_value_head.safetensors")
         if not os.path.isfile(path):
             raise ConfigError(
                 f"resume_from_checkpoint: {resume_from_checkpoint} has no {VALUE_HEAD_FILE} (not a `lenvm-rl ppo` "

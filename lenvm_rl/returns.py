@@ -358,7 +358,7 @@ def task_advantages(
     """PPO task advantages and returns: GAE(γ, λ) over the task score placed on the last completion token.
 
     The returns (the critic's targets) are A + V of GAE(γ, ``value_lam``), by default ``lam``: decoupled GAE
-    (VC-PPO, Yuan et al. 2025) gives the actor λ < 1 while the critic regresses on unbiased λ = 1 returns.
+    (VC-PPO, Yuan et al. 2025) lets the actor use λ < 1 while the critic regresses on λ = 1 (Monte Carlo) returns.
 
     Row b has n = mask.sum() valid tokens (a prefix; TRL's mask ends at and includes the EOS). Per-token reward
     r_j = -kl_coef · kl_j for j < n, plus ``scores[b]`` at j = n - 1. Every completion ends the episode after its

@@ -94,8 +94,10 @@ def generate_hf(
 ) -> list[list[tuple[list[int], bool]]]:
     """For each prompt, ``num_samples`` (completion ids, finished) pairs from ``model.generate``.
 
-    Temperature 0 decodes greedily; otherwise samples with top-k off. ``logits_processor``: a
-    ``transformers.LogitsProcessorList`` applied at every step (LenVM-guided decoding).
+    Temperature 0 decodes greedily; otherwise samples with top-k off. The model's generation config may carry
+    other sampling defaults (Qwen2.5's repetition_penalty 1.05): they are switched off, so this samples what vLLM
+    and TRL's trainers sample with the same settings. ``logits_processor``: a ``transformers.LogitsProcessorList``
+    applied at every step (LenVM-guided decoding).
     """
     eos_ids = eos_token_ids(tokenizer, model.generation_config)
     width = max(map(len, prompt_ids))
@@ -111,6 +113,7 @@ def generate_hf(
         **sampling,
         max_new_tokens=max_new_tokens,
         num_return_sequences=num_samples,
+        repetition_penalty=1.0,
         pad_token_id=pad,
         eos_token_id=sorted(eos_ids),
         logits_processor=logits_processor,
@@ -157,7 +160,7 @@ def make_vllm_generate(
     def generate(prompt_ids, seeds, max_tokens, adapter=None):
         from vllm import SamplingParams
 
-        # One seed per prompt: a shared seed would give sample k of every prompt the same random stream.
+        # One seed per prompt (``vllm_seeds``): a shared seed would give sample k of every prompt the same stream.
         params = [
             SamplingParams(n=num_samples, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
             for seed in seeds
@@ -179,6 +182,12 @@ def make_vllm_generate(
     return generate
 
 
+def vllm_seeds(seed: int, rows, num_samples: int) -> list[int]:
+    """One vLLM seed per request (row). vLLM samples completion k of a request with seed + k, so rows are spaced by
+    ``num_samples``: no two completions of a run share a random stream, and row i's seed depends on i alone."""
+    return [seed * 1_000_000_007 + row * num_samples for row in rows]
+
+
 def generation_eos_ids(model_path: str, tokenizer) -> set[int]:
     """The ids a model's generation stops on, read from its folder (for vLLM, which loads no HF model)."""
     from transformers import GenerationConfig
@@ -194,11 +203,11 @@ def check_manifest(output_dir: Path, args: RolloutArguments, model_name: str, dt
     """Refuse to resume into a folder written with other settings: the shards would not match."""
     settings = {**asdict(args), "model_name_or_path": model_name, "dtype": dtype}
     settings.pop("output_dir")
-    settings.pop("vllm_tensor_parallel_size")  # how vLLM lays the model over GPUs, not what it samples
     manifest = output_dir / MANIFEST
     if manifest.exists() and any((output_dir / "shards").glob("shard-*")):
         previous = json.loads(manifest.read_text())
-        changed = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
+        layout = {"vllm_gpu_memory_utilization", "vllm_tensor_parallel_size"}  # how vLLM runs, not what it samples
+        changed = sorted(k for k in (settings.keys() | previous.keys()) - layout if settings.get(k) != previous.get(k))
         if changed:
             k = changed[0]
             raise ConfigError(
@@ -248,7 +257,7 @@ def run_rollouts(args: RolloutArguments, model_name_or_path: str, dtype: str | N
             prompt_ids = tokenize_prompts(tokenizer, batch["prompt"])
             first_prompt_id = args.skip_prompts + shard_rows(shard)[start]
             if args.use_vllm:
-                seeds = [args.seed * 1_000_003 + first_prompt_id + i for i in range(len(prompt_ids))]
+                seeds = vllm_seeds(args.seed, range(first_prompt_id, first_prompt_id + len(prompt_ids)), args.num_samples_per_prompt)
                 samples = generate_vllm(prompt_ids, seeds, args.max_completion_tokens)
             else:
                 samples = generate_hf(

@@ -204,6 +204,11 @@ def test_guided_decoding_needs_a_lenvm_of_the_same_tokenizer(tiny_model_path, le
         run_evaluation(evaluate_args(tiny_model_path, tmp_path / "out", guided_decoding=True, lenvm_model_path=str(other)))
 
 
+def test_greedy_decoding_asks_for_one_sample(tiny_model_path, tmp_path):
+    with pytest.raises(ConfigError, match="num_samples: greedy"):
+        evaluate_args(tiny_model_path, tmp_path, temperature=0.0, num_samples=2)
+
+
 def test_backend_is_vllm_when_installed_with_a_gpu(tiny_model_path, tmp_path, monkeypatch):
     import importlib.util
 
@@ -241,11 +246,12 @@ def test_vllm_serves_base_adapters_and_truncation_and_guided_arms_use_generate(
     requests = stand_in_vllm["requests"]
     rows = 5 * 2 * 2  # prompts x budgets x kinds
     assert len(requests) == 4 * rows  # (base, adapter) x (plain, truncation), one request per row
-    seeds = [1 * 1_000_003 + row for row in range(rows)]
+    seeds = [1 * 1_000_000_007 + 2 * row for row in range(rows)]  # 2 samples per row: seed + k never repeats
     for arm in range(4):  # row i gets seed(i) in every arm: a resume samples what a full run would have
         assert [r[0] for r in requests[arm * rows : (arm + 1) * rows]] == seeds
     assert {r[2] for r in requests[:rows]} == {None} and {r[2] for r in requests[rows : 2 * rows]} == {adapter_path}
     assert {r[1] for r in requests[:rows]} == {8}  # plain: max_new_tokens
+    assert {r[3] for r in requests} == {1.0}  # the recipe's temperature reaches every request
     assert {r[1] for r in requests[2 * rows :]} == {2, 6}  # truncation: min(budget, max_new_tokens)
 
     plain = read_records(tmp_path / "generations" / "base.jsonl")
@@ -266,5 +272,5 @@ def test_vllm_serves_base_adapters_and_truncation_and_guided_arms_use_generate(
     costs = (tmp_path / "results.md").read_text().split("| generator |")[1].splitlines()
     assert [line.rsplit("|", 2)[1].strip() for line in costs if line.startswith("| ")] == list(saved["generator"].values())
 
-    with pytest.raises(ConfigError, match="other settings"):  # generate's samples must not join vLLM's
-        run_evaluation(evaluate_args(tiny_model_path, tmp_path, adapters=[adapter_path], use_vllm=False))
+    with pytest.raises(ConfigError, match="generator: 'vllm' there, None now.*set use_vllm to match"):
+        run_evaluation(evaluate_args(tiny_model_path, tmp_path, adapters=[adapter_path], use_vllm=False))  # no mixing

@@ -125,7 +125,7 @@ def test_ppo_trains_with_two_processes(tiny_model_path, tokenizer, tmp_path):
     dumps = tmp_path / "dumps"
     launch([str(ROOT / "tests" / "mp_ppo_probe.py"), str(dumps), "--config", str(recipe)], 2, tmp_path)
     out = tmp_path / "out"
-    assert (out / "adapter_model.safetensors").is_file() and (out / "task_value_head.safetensors").is_file()
+    assert (out / "adapter_model.safetensors").is_file() and (out / "task_value_head" / "model.safetensors").is_file()
     logged = [row for row in json.loads((out / "trainer_state.json").read_text())["log_history"] if "ppo/value_loss" in row]
     assert len(logged) == 2 and all(math.isfinite(row["ppo/value_loss"]) for row in logged)
     # The ranks trained on different prompts: identical heads mean the head's gradients were all-reduced.
@@ -133,7 +133,7 @@ def test_ppo_trains_with_two_processes(tiny_model_path, tokenizer, tmp_path):
     assert heads[0]["out.weight"].abs().sum() > 0  # trained away from its zero initialisation
     for name, value in heads[0].items():
         torch.testing.assert_close(heads[1][name], value, rtol=0, atol=0)
-    saved = load_file(out / "task_value_head.safetensors")
+    saved = load_file(out / "task_value_head" / "model.safetensors")
     assert saved.keys() == heads[0].keys() and all(torch.equal(saved[k], heads[0][k].float()) for k in saved)
 
 

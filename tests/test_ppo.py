@@ -121,6 +121,13 @@ def test_lambda_below_one_with_a_cold_critic_favours_short_completions():
     torch.testing.assert_close(advantages, mask.float())
 
 
+def test_lambdas_default_to_one():
+    """The actor's and the critic's λ both default to 1 (a cold critic with λ < 1 pushes towards short answers)."""
+    config = LenVMPPOConfig(output_dir="unused", report_to="none", use_cpu=True, num_generations=1,
+                            per_device_train_batch_size=2, length_objective="none")
+    assert (config.task_lambda, config.task_value_lambda) == (1.0, 1.0)
+
+
 def test_clipped_value_loss():
     values, old, returns = torch.tensor([1.0, 0.1, -1.0]), torch.zeros(3), torch.tensor([2.0, 2.0, 0.0])
     loss, clipped = clipped_value_loss(values, old, returns, 0.2)
@@ -228,8 +235,9 @@ def test_main_saves_the_head_and_resume_loads_it(tiny_model_path, tokenizer, dat
     )))
     main(["--config", str(recipe)])
     out = tmp_path / "out"
-    saved = {path.name for path in out.iterdir()}
+    saved = {str(path.relative_to(out)) for path in out.rglob("*")}
     assert {"adapter_model.safetensors", VALUE_HEAD_FILE, "lenvm_rl_run.json"} <= saved
+    assert not [name for name in saved if name.endswith(".safetensors") and "/" not in name and name != "adapter_model.safetensors"]
     head = load_file(out / VALUE_HEAD_FILE)
     assert head["out.weight"].abs().sum() > 0  # trained away from its zero init
     checkpoint = out / "checkpoint-1"

@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 import lenvm_rl.rollouts
 from conftest import rollout_args
@@ -169,11 +170,12 @@ def test_vllm_rollouts_write_shards_and_resume_identically(stand_in_vllm, tiny_m
     run_rollouts(args, tiny_model_path, "bfloat16")
     (engine,) = stand_in_vllm["engines"]
     assert engine == dict(model=tiny_model_path, dtype="bfloat16", gpu_memory_utilization=0.8, seed=2)
-    assert [r[0] for r in stand_in_vllm["requests"]] == [2 * 1_000_003 + prompt for prompt in range(6)]
+    seeds = [r[0] for r in stand_in_vllm["requests"]]  # vLLM samples completion k of a request with seed + k
+    assert seeds == [2 * 1_000_000_007 + 2 * prompt for prompt in range(6)]  # 2 samples per prompt: no shared stream
     assert {r[1] for r in stand_in_vllm["requests"]} == {8}  # max_completion_tokens
     rows = load_rollouts(tmp_path / "full")
     for row in rows:  # the stand-in's rule: 1 + (seed + k) % 7 tokens then an EOS, cut at 8
-        want = 1 + (2 * 1_000_003 + row["prompt_id"] + row["sample_index"]) % 7
+        want = 1 + (2 * 1_000_000_007 + 2 * row["prompt_id"] + row["sample_index"]) % 7
         assert (row["completion_tokens"], row["finished"]) == (want, True)
 
     shutil.copytree(tmp_path / "full", tmp_path / "resumed")
@@ -188,3 +190,22 @@ def test_held_out_slice_shares_no_prompt_with_the_skipped_one():
     held_out = load_prompts(rollout_args("unused", num_prompts=10, skip_prompts=50, arithmetic_difficulty="easy"))
     assert len(held_out) == 10
     assert not {str(p) for p in held_out["prompt"]} & {str(p) for p in train["prompt"]}
+
+
+def test_generate_ignores_the_model_sampling_defaults(tiny_model_path, tokenizer, monkeypatch):
+    """A generation config's repetition_penalty (Qwen2.5 ships one) must not leak into HF sampling: vLLM and TRL's
+    trainers sample without it, so the arms of an evaluation and the LenVM's rollouts would differ."""
+    import copy
+
+    from lenvm_rl.loading import load_causal_lm
+    from lenvm_rl.rollouts import generate_hf
+
+    model = load_causal_lm(tiny_model_path).eval()
+    model.generation_config.repetition_penalty = 1.05
+    calls, generate = [], model.generate
+    monkeypatch.setattr(model, "generate", lambda **kwargs: calls.append(kwargs) or generate(**kwargs))
+    prompt_ids = tokenize_prompts(tokenizer, [[{"role": "user", "content": "1 + 2"}]])
+    generate_hf(model, tokenizer, prompt_ids, 2, 4, temperature=1.0)
+    effective = copy.deepcopy(model.generation_config)  # what generate runs with: the config, updated by the call
+    effective.update(**{k: v for k, v in calls[0].items() if k not in ("input_ids", "attention_mask", "logits_processor")})
+    assert effective.repetition_penalty == 1.0 and effective.top_k == 0 and effective.temperature == 1.0
