@@ -95,7 +95,7 @@ def generate_hf(
     """For each prompt, ``num_samples`` (completion ids, finished) pairs from ``model.generate``.
 
     Temperature 0 decodes greedily; otherwise samples with top-k off. The model's generation config may carry
-    other sampling defaults (Qwen2.5's repetition_penalty 1.05): they are switched off, so this samples what vLLM
+    other sampling defaults (Qwen2.5 Instruct ships a repetition_penalty): it is switched off, so this samples what vLLM
     and TRL's trainers sample with the same settings. ``logits_processor``: a ``transformers.LogitsProcessorList``
     applied at every step (LenVM-guided decoding).
     """
