@@ -36,7 +36,7 @@ from datasets import Dataset, concatenate_datasets
 from tqdm.auto import tqdm
 
 from lenvm_rl.data import DatasetArguments, load_prompts
-from lenvm_rl.errors import ConfigError, require_single_process
+from lenvm_rl.errors import ConfigError, changed_setting, require_single_process, require_vllm
 from lenvm_rl.returns import BUDGET_KINDS, budget_hit, budget_kind_codes, lifebench_length_score
 
 METRICS = ("accuracy", "mean_tokens", "length_deviation", "abs_length_deviation", "length_score", "hit_rate")
@@ -92,8 +92,7 @@ class EvaluateArguments(DatasetArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.use_vllm and importlib.util.find_spec("vllm") is None:
-            raise ConfigError("use_vllm: vLLM is not installed; `pip install 'lenvm-rl[vllm]'` on a GPU machine, or set use_vllm: false")
+        require_vllm(self.use_vllm)
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ConfigError(f"vllm_gpu_memory_utilization: must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         if self.budgets is None:
@@ -426,9 +425,9 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, list[dict]]:
         settings["generator"] = "vllm"
     if inference_device().type != "cpu" and (backend == "hf" or args.guided_decoding):
         settings["hf_device"] = inference_device().type  # generate's random streams differ between devices
-    if manifest.exists() and json.loads(manifest.read_text()) != settings:
-        previous = json.loads(manifest.read_text())
-        key = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))[0]
+    previous = json.loads(manifest.read_text()) if manifest.exists() else settings
+    key = changed_setting(previous, settings)
+    if key is not None:
         raise ConfigError(
             f"output_dir: {output_dir} holds an evaluation with other settings ({key}: {previous.get(key)!r} there, "
             f"{settings.get(key)!r} now; {manifest}); use another output_dir"

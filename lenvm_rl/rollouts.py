@@ -14,7 +14,6 @@ Row columns: ``prompt_id``, ``sample_index``, ``prompt`` (chat messages), ``prom
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import tempfile
@@ -27,7 +26,7 @@ from datasets import Dataset, concatenate_datasets, load_from_disk
 from tqdm.auto import tqdm
 
 from lenvm_rl.data import DatasetArguments, load_prompts
-from lenvm_rl.errors import ConfigError, require_single_process
+from lenvm_rl.errors import ConfigError, changed_setting, require_single_process, require_vllm
 from lenvm_rl.loading import inference_device, load_causal_lm, load_tokenizer, resolve_model_path
 
 MANIFEST = "rollout_args.json"
@@ -56,8 +55,7 @@ class RolloutArguments(DatasetArguments):
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature: must be positive (sampling), got {self.temperature}")
-        if self.use_vllm and importlib.util.find_spec("vllm") is None:
-            raise ConfigError("use_vllm: vLLM is not installed; `pip install 'lenvm-rl[vllm]'` on a GPU machine, or set use_vllm: false")
+        require_vllm(self.use_vllm)
 
 
 def eos_token_ids(tokenizer, generation_config=None) -> set[int]:
@@ -206,10 +204,9 @@ def check_manifest(output_dir: Path, args: RolloutArguments, model_name: str, dt
     manifest = output_dir / MANIFEST
     if manifest.exists() and any((output_dir / "shards").glob("shard-*")):
         previous = json.loads(manifest.read_text())
-        layout = {"vllm_gpu_memory_utilization", "vllm_tensor_parallel_size"}  # how vLLM runs, not what it samples
-        changed = sorted(k for k in (settings.keys() | previous.keys()) - layout if settings.get(k) != previous.get(k))
-        if changed:
-            k = changed[0]
+        layout = ("vllm_gpu_memory_utilization", "vllm_tensor_parallel_size")  # how vLLM runs, not what it samples
+        k = changed_setting(previous, settings, ignore=layout)
+        if k is not None:
             raise ConfigError(
                 f"output_dir: {output_dir} holds rollouts made with other settings ({k}: {previous.get(k)!r} "
                 f"there, {settings.get(k)!r} now); use a new output_dir to sample afresh"
