@@ -81,7 +81,8 @@ from trl.trainer.utils import (
 )
 
 from lenvm_rl.errors import ConfigError
-from lenvm_rl.grpo import LenVMGRPOConfig, LenVMGRPOTrainer, train_policy
+from lenvm_rl.grpo import LenVMGRPOConfig, LenVMGRPOTrainer
+from lenvm_rl.train_policy import train_policy
 from lenvm_rl.returns import clipped_value_loss, task_advantages
 
 # In a subfolder: vLLM loads every *.safetensors at a model folder's top level (without an index file), and the

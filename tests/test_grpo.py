@@ -19,7 +19,8 @@ from conftest import ROOT, make_tiny_llama, make_tokenizer
 from lenvm_rl.cli import parse_recipe
 from lenvm_rl.data import DatasetArguments, load_prompt_splits, load_prompts
 from lenvm_rl.errors import ConfigError
-from lenvm_rl.grpo import GRPOScriptArguments, LenVMGRPOConfig, LenVMGRPOTrainer, main
+from lenvm_rl.grpo import LenVMGRPOConfig, LenVMGRPOTrainer, main
+from lenvm_rl.train_policy import GRPOScriptArguments
 from lenvm_rl.modeling import LenVMModel
 from lenvm_rl.returns import LENGTH_SCORES, budget_kind_codes
 from rewards import Accuracy, LengthScore

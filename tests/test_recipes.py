@@ -8,7 +8,8 @@ from trl import ModelConfig
 from lenvm_rl.cli import parse_recipe
 from lenvm_rl.errors import ConfigError
 from lenvm_rl.evaluate import EvaluateArguments
-from lenvm_rl.grpo import GRPOScriptArguments, LenVMGRPOConfig
+from lenvm_rl.grpo import LenVMGRPOConfig
+from lenvm_rl.train_policy import GRPOScriptArguments
 from lenvm_rl.lenvm_trainer import LenVMScriptArguments, LenVMTrainingConfig
 from lenvm_rl.ppo import LenVMPPOConfig
 from lenvm_rl.rollouts import RolloutArguments

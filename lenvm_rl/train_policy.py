@@ -1,0 +1,103 @@
+"""The `grpo` and `ppo` entry point: recipe -> data -> policy -> rewards -> trainer -> train -> save -> push.
+
+One straight-line function in the style of open-r1's ``grpo.py``; the trainer class and its config are the only
+things that differ between the two stages (``lenvm_rl.grpo``, ``lenvm_rl.ppo``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+from lenvm_rl.data import DatasetArguments
+from lenvm_rl.errors import ConfigError
+from lenvm_rl.hub import defer_push, model_card, push_folder, record_run
+
+
+@dataclass
+class GRPOScriptArguments(DatasetArguments):
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["accuracy"],
+        metadata={"help": "Rewards by registry name (`lenvm-rl rewards` lists them) or module:function path."},
+    )
+    eval_num_prompts: int = field(
+        default=0,
+        metadata={
+            "help": "Held-out prompts (after the training slice, no shared text) for TRL's evaluation; set "
+            "eval_strategy: steps and eval_steps to score them during training (logged as eval_length/*)."
+        },
+    )
+
+
+
+def train_policy(argv: list[str] | None, stage: str, config_class: type, trainer_class: type) -> None:
+    """The `grpo` and `ppo` entry points: parse the recipe into ``config_class``, train with ``trainer_class``."""
+    from transformers import set_seed
+    from trl import ModelConfig, get_peft_config
+
+    from lenvm_rl.cli import parse_recipe
+    from lenvm_rl.data import load_prompt_splits
+    from lenvm_rl.faults import SaveOnSigterm, resume_checkpoint
+    from lenvm_rl.loading import load_causal_lm, load_tokenizer
+    from lenvm_rl.rollouts import eos_token_ids
+    from rewards import REWARDS, get_reward
+    from rewards.base import TokenLengthReward
+
+    script_args, config, model_args = parse_recipe((GRPOScriptArguments, config_class, ModelConfig), argv)
+    resume_from = resume_checkpoint(config.resume_from_checkpoint, config.output_dir)  # before any model loads
+    set_seed(config.seed)
+    hub_model_id = defer_push(config)  # pushed once after saving, never by the Trainer (hub.defer_push)
+
+    ################ Data
+    dataset, eval_dataset = load_prompt_splits(script_args, script_args.eval_num_prompts)
+    if config.eval_strategy != "no" and eval_dataset is None:
+        raise ConfigError(
+            f"eval_strategy: {config.eval_strategy!r} needs held-out prompts; set eval_num_prompts, or eval_strategy: no"
+        )
+
+    ################ Tokenizer and policy
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    model = load_causal_lm(
+        model_args.model_name_or_path, dtype=model_args.dtype, attn_implementation=model_args.attn_implementation
+    )
+
+    ################ Rewards
+    # Length rewards count tokens without the EOS that ended the completion: any id TRL stops on.
+    eos_ids = sorted(eos_token_ids(tokenizer, model.generation_config))
+    reward_funcs = []
+    for name in script_args.reward_funcs:
+        reward_class, params = REWARDS.get(name), {}
+        if reward_class is not None and issubclass(reward_class, TokenLengthReward):
+            params["eos_token_id"] = eos_ids
+            if "max_completion_tokens" in inspect.signature(reward_class).parameters:
+                params["max_completion_tokens"] = config.max_completion_length
+        reward_funcs.append(get_reward(name, **params))
+
+    ################ Trainer
+    sigterm = SaveOnSigterm()
+    trainer = trainer_class(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=config,
+        train_dataset=dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        callbacks=[sigterm],
+    )
+
+    ################ Train
+    trainer.train(resume_from_checkpoint=resume_from)
+    sigterm.exit_if_stopped(trainer)  # SIGTERM: a checkpoint is saved; exit 143 without a final model
+
+    ################ Save (the adapter alone with LoRA; the tokenizer beside it; ppo adds its task value head)
+    trainer.save_model(config.output_dir)
+    if trainer.is_world_process_zero():
+        trainer.state.save_to_json(f"{config.output_dir}/trainer_state.json")  # every logged metric, for curves
+        record_run(config.output_dir, stage, argv, script_args, config, model_args)  # the command and the recipe
+        model_card(config.output_dir, hub_model_id).save(f"{config.output_dir}/README.md")
+
+    ################ Push (the model files and the card, not checkpoints: hub.push_folder)
+    if hub_model_id and trainer.is_world_process_zero():
+        url = push_folder(config.output_dir, hub_model_id, config.hub_private_repo, config.hub_revision, config.hub_token)
+        print(f"pushed {config.output_dir} to {hub_model_id}: {url}")
