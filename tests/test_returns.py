@@ -9,6 +9,8 @@ from lenvm_rl.returns import (
     BUDGET_KINDS,
     auto_gamma,
     budget_kind_codes,
+    expected_length_score,
+    group_stats,
     l1_length_score,
     length_advantages,
     lenvm_state_values,
@@ -81,18 +83,34 @@ def ref_gae(rewards, values, mask, gamma, lam):
     return advantages, returns
 
 
-def ref_length_advantages(values, num_actions, finished, gamma, lam, mode, budget, kind, score, discount):
+def ref_expected_score(value, gamma, start, cap, budget, kind, score):
+    """E[S(start + n)] with P(n = k) = p (1 - p)^k below the cap and the remaining mass at the cap."""
+    u = min(max(1 + value, 1e-12), 1.0)
+    p = min(max(u * (1 - gamma) / (1 - u * gamma), 0.0), 1.0)
+    total = sum(p * (1 - p) ** k * score(start + k, budget, kind) for k in range(cap))
+    return total + (1 - p) ** cap * score(start + cap, budget, kind)
+
+
+def ref_length_advantages(values, num_actions, finished, gamma, lam, mode, budget, kind, score, discount,
+                          eos_credit=False, potential="point", max_tokens=None, anchor=None):
     """One row. Actions j = 0 .. num_actions - 1; a finished row's last action is EOS (s_L -> terminal)."""
     d = gamma if discount is None else discount
     length = num_actions - 1 if finished else num_actions
     v = [values[j] for j in range(length + 1)]
-    if finished:
+    if finished and not eos_credit:
         v[length] = 0.0
     if mode == "budget":
-        phi = [score(j + math.log(1 + v[j]) / math.log(gamma), budget, kind) for j in range(length + 1)]
+        if potential == "point":
+            phi = [score(j + math.log(1 + v[j]) / math.log(gamma), budget, kind) for j in range(length + 1)]
+        else:
+            phi = [ref_expected_score(v[j], gamma, j, max(max_tokens - j, 0), budget, kind, score)
+                   for j in range(length + 1)]
+        if anchor is not None:
+            phi = [p - phi[0] + anchor for p in phi]
         if finished:
-            phi[length] = score(length, budget, kind)
-            phi.append(phi[length])  # terminal state after EOS
+            if not eos_credit:
+                phi[length] = score(length, budget, kind)
+            phi.append(score(length, budget, kind))  # terminal state after EOS
         deltas = [d * phi[j + 1] - phi[j] for j in range(num_actions)]
     else:
         v.append(0.0)  # terminal after EOS (never read for a truncated row)
@@ -103,8 +121,10 @@ def ref_length_advantages(values, num_actions, finished, gamma, lam, mode, budge
     return [sum((d * lam) ** (k - j) * deltas[k] for k in range(j, num_actions)) for j in range(num_actions)]
 
 
-def random_rl_batch(seed, batch_size=8, num_tokens=10):
-    """TRL-like batch: mask covers L tokens + EOS (finished) or L tokens (truncated); nan where unread."""
+def random_rl_batch(seed, batch_size=8, num_tokens=10, eos_values=False):
+    """TRL-like batch: mask covers L tokens + EOS (finished) or L tokens (truncated); nan where unread.
+
+    ``eos_values``: finished rows also hold a value for s_L (read with eos_credit)."""
     g = torch.Generator().manual_seed(seed)
     finished = torch.rand(batch_size, generator=g) < 0.5
     finished[:2] = torch.tensor([True, False])
@@ -115,6 +135,8 @@ def random_rl_batch(seed, batch_size=8, num_tokens=10):
     for b in range(batch_size):
         length = int(num_actions[b]) - int(finished[b])
         values[b, length + (0 if finished[b] else 1) :] = NAN  # finished: V(s_L) := 0; truncated: V(s_L) bootstraps
+        if finished[b]:
+            values[b, length] = -(0.02 + 0.93 * torch.rand(1, generator=g, dtype=torch.float64)).item() if eos_values else NAN
     budgets = torch.randint(1, 2 * num_tokens, (batch_size,), generator=g)
     kinds = torch.randint(0, 3, (batch_size,), generator=g)
     return values, mask, finished, num_actions, budgets, kinds
@@ -420,3 +442,102 @@ def test_length_advantages_rejects_bad_arguments():
         length_advantages(values, mask, finished, 0.9, 0.95, "budget")
     with pytest.raises(ValueError, match="score: 'l2' is not a length score; use one of lifebench, l1"):
         length_advantages(values, mask, finished, 0.9, 0.95, "budget", budgets, kinds, score="l2")
+
+
+@pytest.mark.parametrize("mode", ["budget", "efficiency", "shaping"])
+@pytest.mark.parametrize("lam,discount", [(0.95, None), (1.0, 1.0)])
+def test_eos_credit_against_loop(mode, lam, discount):
+    gamma = 0.9
+    values, mask, finished, num_actions, budgets, kinds = random_rl_batch(11, eos_values=True)
+    out = length_advantages(values, mask, finished, gamma, lam, mode, budgets, kinds, discount=discount, eos_credit=True)
+    assert torch.isfinite(out).all() and (out[~mask] == 0).all()
+    for b in range(len(values)):
+        ref = ref_length_advantages(values[b].tolist(), int(num_actions[b]), bool(finished[b]), gamma, lam, mode,
+                                    int(budgets[b]), BUDGET_KINDS[kinds[b]], ref_lifebench, discount, eos_credit=True)
+        assert torch.allclose(out[b, : int(num_actions[b])].double(), torch.tensor(ref, dtype=torch.float64),
+                              atol=1e-5), (mode, b)
+
+
+def test_eos_credit_hand_case_only_the_stop_differs():
+    """Two rows share their first two tokens and their LenVM values; row 0 stops after 2 tokens, row 1 writes a
+    third and stops. Exactly 3 tokens asked, γ = 0.5, d = λ = 1. V(s_2) = -0.5 (one more token expected):
+    Λ_2 = 2 + 1 = 3, Φ(s_2) = S(3, 3) = 1. Without EOS credit s_2 is terminal for row 0, and its EOS gets 0; with it,
+    row 0's EOS gets S(2, 3) - Φ(s_2) = e^{5 (2 - 3) / 3} - 1 < 0 (it stopped too early) and row 1's third token
+    gets S(3, 3) - Φ(s_2) = 0, its EOS S(3, 3) - Φ(s_3) with V(s_3) = -0.5 -> Λ_3 = 4: 1 - e^{-2 / 3} > 0."""
+    values = torch.tensor([[-0.75, -0.75, -0.5, 0.0, 0.0], [-0.75, -0.75, -0.5, -0.5, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    finished = torch.tensor([True, True])
+    budgets, kinds = torch.tensor([3, 3]), budget_kind_codes(["exact", "exact"])
+    plain = length_advantages(values, mask, finished, 0.5, 1.0, "budget", budgets, kinds, discount=1.0)
+    credit = length_advantages(values, mask, finished, 0.5, 1.0, "budget", budgets, kinds, discount=1.0, eos_credit=True)
+    assert plain[0, 2] == 0.0 and plain[1, 3] == 0.0  # the stop decision carries nothing
+    assert math.isclose(credit[0, 2], math.exp(-5 / 3) - 1, abs_tol=1e-6)
+    assert math.isclose(credit[1, 2], 0.0, abs_tol=1e-6)
+    assert math.isclose(credit[1, 3], 1 - math.exp(-2 / 3), abs_tol=1e-6)
+    assert torch.equal(plain[:, :2], credit[:, :2])  # the tokens before s_2 are the same in both
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.9])
+def test_expected_score_potential_against_loop(lam):
+    gamma, max_tokens = 0.8, 12
+    values, mask, finished, num_actions, budgets, kinds = random_rl_batch(12)
+    out = length_advantages(values, mask, finished, gamma, lam, "budget", budgets, kinds, discount=1.0,
+                            potential="expected", max_completion_tokens=max_tokens)
+    assert torch.isfinite(out).all() and (out[~mask] == 0).all()
+    for b in range(len(values)):
+        ref = ref_length_advantages(values[b].tolist(), int(num_actions[b]), bool(finished[b]), gamma, lam, "budget",
+                                    int(budgets[b]), BUDGET_KINDS[kinds[b]], ref_lifebench, 1.0,
+                                    potential="expected", max_tokens=max_tokens)
+        assert torch.allclose(out[b, : int(num_actions[b])].double(), torch.tensor(ref, dtype=torch.float64),
+                              atol=1e-5), b
+
+
+def test_expected_length_score_hand_cases():
+    """γ = 0.5, V = -0.5: u = 0.5, p = 0.5 · 0.5 / 0.75 = 1/3. Cap 2: P(0) = 1/3, P(1) = 2/9, P(2) = 4/9."""
+    at_most = budget_kind_codes(["at_most"])[None, :]
+    out = expected_length_score(torch.tensor([[-0.5]]), 0.5, torch.tensor([[2]]), torch.tensor([[1]]), at_most)
+    expected = 1 / 3 + 2 / 9 + 4 / 9 * math.exp(-2.0)  # S(0) = S(1) = 1, S(2, at most 1) = e^{-2}
+    assert math.isclose(out.item(), expected, rel_tol=1e-7)  # the scores are float32
+    # the uncapped geometric law's E[γ^n] is 1 + V: check on a far cap
+    values = torch.tensor([[-0.9, -0.5, -0.1]])
+    u = 1 + values.double()
+    p = u * 0.5 / (1 - u * 0.5)
+    assert torch.allclose(p / (1 - (1 - p) * 0.5), u)
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.95])
+def test_group_anchored_potentials_against_loop(lam):
+    gamma = 0.8
+    values, mask, finished, num_actions, budgets, kinds = random_rl_batch(13)
+    anchors = torch.rand(len(values), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for potential in ("point", "expected"):
+        out = length_advantages(values, mask, finished, gamma, lam, "budget", budgets, kinds, discount=1.0,
+                                potential=potential, max_completion_tokens=12, anchors=anchors)
+        for b in range(len(values)):
+            ref = ref_length_advantages(values[b].tolist(), int(num_actions[b]), bool(finished[b]), gamma, lam,
+                                        "budget", int(budgets[b]), BUDGET_KINDS[kinds[b]], ref_lifebench, 1.0,
+                                        potential=potential, max_tokens=12, anchor=float(anchors[b]))
+            assert torch.allclose(out[b, : int(num_actions[b])].double(), torch.tensor(ref, dtype=torch.float64),
+                                  atol=1e-5), (potential, b)
+
+
+def test_group_anchored_hand_case():
+    """d = λ = 1: A_j = S(L, N) - anchor - (Φ_j - Φ_0); the first action's advantage is S(L, N) - group mean."""
+    gamma = 0.5
+    values = torch.tensor([[-0.75, -0.5, 0.0], [-0.75, -0.75, -0.5]], dtype=torch.float64)  # Λ_0 = 2 in both
+    mask = torch.tensor([[True, True], [True, True]])
+    finished = torch.tensor([True, False])  # row 0: L = 1 then EOS; row 1: truncated at 2
+    budgets, kinds = torch.tensor([2, 2]), budget_kind_codes(["exact", "exact"])
+    scores = lifebench_length_score(torch.tensor([1.0, 2.0]), budgets, kinds)  # realised S: e^{-2.5}, 1
+    mean, std = group_stats(scores.double(), 2)
+    out = length_advantages(values, mask, finished, gamma, 1.0, "budget", budgets, kinds, discount=1.0, anchors=mean)
+    assert math.isclose(out[0, 0], scores[0].item() - mean[0].item(), abs_tol=1e-6)
+    # row 0, action 1 is the EOS from s_1 (terminal without eos_credit): 0
+    assert out[0, 1] == 0.0
+    # row 1 is truncated: it bootstraps from Φ(s_2) = S(2 + 1, 2) (Φ(s_1) = S(1 + 2, 2), both e^{-1}), so the shift
+    # cancels: a truncated row has no realised score to compare with the group's
+    phi_1 = phi_2 = math.exp(-1.0)
+    phi_0 = 1.0  # Λ_0 = 2
+    assert math.isclose(out[1, 0], phi_2 - phi_0, abs_tol=1e-6)
+    assert math.isclose(out[1, 1], phi_2 - phi_1, abs_tol=1e-6)
+    assert torch.allclose(std, torch.tensor([1 - math.exp(-2.5)] * 2, dtype=torch.float64) / math.sqrt(2))
