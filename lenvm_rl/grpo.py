@@ -1,22 +1,48 @@
 """GRPO with per-token LenVM length advantages (`lenvm-rl grpo --config recipes/<Model>/grpo/config_<variant>.yaml`).
 
-How this departs from TRL's GRPO (DESIGN.md, "LenVM inside RL"):
-- After TRL generates and scores a batch, a frozen Length Value Model scores cat(prompt, completion) once,
-  without gradients, and its values V(s_0) .. V(s_T) become per-token length advantages A_len (B, T)
+How this departs from TRL's GRPO:
+- After TRL generates and scores a batch, a Length Value Model scores cat(prompt, completion) once, without
+  gradients, and its values V(s_0) .. V(s_T) become per-token length advantages A_len (B, T)
   (``returns.length_advantages``: budget / efficiency / shaping). The advantage TRL's loss sees is
   A_j = A_task + c · A_len_j on completion tokens and 0 on padding, with A_task TRL's group-normalised
   sequence advantage broadcast over tokens. ``length_objective: none`` leaves TRL's advantages untouched.
+- Scale: A_len is whitened over the valid tokens of the batch by default (``whiten_length_advantage``), so it
+  enters at the scale of TRL's A_task, which is divided by its group's reward std. Unwhitened, c · A_len is a
+  difference of scores in [0, 1] (0.1-0.3 per token on the testbed) against an A_task of order 1.
+- Baseline (budget objective): ``length_baseline: lenvm`` uses the LenVM's potential Φ(s_0) at the prompt
+  boundary; ``group`` anchors it at the group's mean realised score, as TRL's advantage does for rewards, and
+  keeps the LenVM's change Φ_j - Φ_0 within the completion (still a state-dependent baseline); the result is
+  divided by the group's score std when ``scale_rewards`` is ``group`` (TRL's own field, its own meaning).
+- Potential (budget objective): ``length_potential: point`` scores the LenVM's expected length, S(E[L]);
+  ``expected`` is E[S(L)] under a constant stop hazard matched to the LenVM's value (``returns.expected_length_score``).
 - EOS: TRL's completion_mask includes the EOS token. A completion is finished when its last masked token is
-  one of TRL's ``eos_token_ids``; then L = mask.sum() - 1 (EOS excluded), V(s_L) := 0 and the EOS token is
-  the action taken in s_L. A truncated completion (no EOS) bootstraps from V(s_T).
+  one of TRL's ``eos_token_ids``; then L = mask.sum() - 1 (EOS excluded) and the EOS token is the action taken
+  in s_L. By default V(s_L) := 0 and the EOS action gets no length advantage; ``eos_credit`` keeps the LenVM's
+  V(s_L), so the decision to stop carries its own credit. A truncated completion (no EOS) bootstraps from V(s_T).
+- Live critic (``lenvm_update: live``): the LenVM keeps learning from every training batch, with the token-mean
+  targets of ``lenvm-rl train-lenvm`` (realised remaining lengths; truncated rows dropped or bootstrapped as the
+  LenVM's config says), its own AdamW (``lenvm_learning_rate``) and ``lenvm_epochs`` passes per batch, after the
+  advantages are computed from the values before the update (as PPO does). It is a separate model with its own
+  optimizer, not a head on the policy's trunk: the trained LenVM is the exact starting point (a trunk head would
+  need the LenVM's own features, which a full or top-layer LenVM fine-tune has moved away from the policy's), the
+  policy gets no value-loss gradient, nothing of it reaches vLLM's weight sync, and the critic saved at the end is
+  a plain LenVM folder (``<output_dir>/lenvm``) that predict-length, guided decoding and push read as they are. It
+  is saved with its optimizer state in every checkpoint and restored on resume. Under DDP it is wrapped by the
+  accelerator like the policy, so its gradients are averaged and the ranks keep identical weights.
 - Discount: the RL discount d of δ and of the GAE sum defaults to 1 (``length_discount``), because GRPO's
   objective is the undiscounted sequence reward; γ (the LenVM's) only turns values into lengths.
 - Prompts are left-padded: the LenVM gets position ids cumsum(mask) - 1, as for the unpadded sequences it
   was trained on.
+
+Hooks for subclasses (``lenvm_rl.ppo`` uses them): ``task_advantages`` (A_task, (B,) or (B, T)),
+``length_advantages`` (c · A_len (B, T) or None), ``prepare_side_model`` (a second model prepared for the
+launch: frozen like TRL's reference model, or trained), and ``batch_rewards`` (every reward function's value for
+the rows of the current generation batch, gathered over ranks, (B_global, F)).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -29,16 +55,23 @@ from lenvm_rl.errors import ConfigError
 from lenvm_rl.returns import (
     BUDGET_KINDS,
     LENGTH_ADVANTAGE_MODES,
+    LENGTH_POTENTIALS,
     LENGTH_SCORES,
     budget_hit,
     budget_kind_codes,
+    group_stats,
     length_advantages,
     lenvm_state_values,
     remaining_from_value,
+    value_targets,
 )
 
 LENGTH_OBJECTIVES = (*LENGTH_ADVANTAGE_MODES, "none")
+LENGTH_BASELINES = ("lenvm", "group")
+LENVM_UPDATES = ("frozen", "live")
 BUDGET_COLUMNS = ("budget_tokens", "budget_kind")
+LIVE_LENVM_DIR = "lenvm"  # the live critic's folder inside output_dir and every checkpoint
+LIVE_LENVM_OPTIMIZER = "lenvm_optimizer.pt"  # its optimizer state, in checkpoints only
 
 
 @dataclass
@@ -69,9 +102,30 @@ class LenVMGRPOConfig(GRPOConfig):
     )
     length_score: str = field(default="lifebench", metadata={"help": "Budget score S: lifebench or l1."})
     whiten_length_advantage: bool = field(
-        default=False, metadata={"help": "Normalise A_len to mean 0, std 1 over the valid tokens of all ranks."}
+        default=True,
+        metadata={"help": "Normalise A_len to mean 0, std 1 over the valid tokens of all ranks (the scale of A_task)."},
     )
-    lenvm_batch_size: int = field(default=8, metadata={"help": "Sequences per LenVM forward pass."})
+    length_baseline: str = field(
+        default="lenvm",
+        metadata={"help": "Budget baseline at the prompt boundary: lenvm (Φ(s_0)) or group (the group's mean realised "
+                          "score, divided by its std when scale_rewards is group); needs >= 2 generations."},
+    )
+    length_potential: str = field(
+        default="point",
+        metadata={"help": "Budget potential: point (S of the LenVM's expected length) or expected (E[S(L)] under a "
+                          "constant stop hazard matched to the LenVM's value)."},
+    )
+    eos_credit: bool = field(
+        default=False, metadata={"help": "The EOS action carries the length advantage of stopping (V(s_L) kept)."}
+    )
+    lenvm_update: str = field(
+        default="frozen",
+        metadata={"help": "frozen, or live: the LenVM keeps learning from every training batch (saved to "
+                          "<output_dir>/lenvm)."},
+    )
+    lenvm_learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate of the live LenVM."})
+    lenvm_epochs: int = field(default=1, metadata={"help": "Passes of the live LenVM over each generation batch."})
+    lenvm_batch_size: int = field(default=8, metadata={"help": "Sequences per LenVM forward pass (and update)."})
 
     def __post_init__(self):
         try:
@@ -117,6 +171,28 @@ class LenVMGRPOConfig(GRPOConfig):
             raise ConfigError(f"length_score: {self.length_score!r} is unknown; use one of {', '.join(LENGTH_SCORES)}")
         if self.lenvm_batch_size < 1:
             raise ConfigError(f"lenvm_batch_size: must be a positive number of sequences, got {self.lenvm_batch_size}")
+        choices = {"length_baseline": LENGTH_BASELINES, "length_potential": LENGTH_POTENTIALS, "lenvm_update": LENVM_UPDATES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}: {getattr(self, name)!r} is unknown; use one of {', '.join(allowed)}")
+        budget_only = {"length_baseline": "lenvm", "length_potential": "point"}
+        for name, default in budget_only.items():
+            if getattr(self, name) != default and self.length_objective != "budget":
+                raise ConfigError(
+                    f"{name}: {getattr(self, name)!r} applies to length_objective 'budget' only, got "
+                    f"{self.length_objective!r}; set {name}: {default} or length_objective: budget"
+                )
+        if self.length_baseline == "group" and self.num_generations < 2:
+            raise ConfigError(
+                f"length_baseline: 'group' needs a group, got num_generations {self.num_generations}; set "
+                f"num_generations >= 2 or length_baseline: lenvm"
+            )
+        if self.lenvm_update == "live" and self.lenvm_model_path is None:
+            raise ConfigError("lenvm_update: 'live' needs a LenVM to train; set lenvm_model_path")
+        if self.lenvm_learning_rate <= 0:
+            raise ConfigError(f"lenvm_learning_rate: must be > 0, got {self.lenvm_learning_rate}")
+        if self.lenvm_epochs < 1:
+            raise ConfigError(f"lenvm_epochs: must be a positive number of passes, got {self.lenvm_epochs}")
 
 
 class LenVMGRPOTrainer(GRPOTrainer):
@@ -125,11 +201,14 @@ class LenVMGRPOTrainer(GRPOTrainer):
     Logged per generation batch, gathered over ranks: ``length/mean_abs_advantage`` (token mean of |c · A_len|),
     ``length/lenvm_boundary_pred_tokens`` (mean L̂ = ln(1 + V(s_0)) / ln γ; compare ``length/mean_length_tokens``,
     EOS excluded, whereas TRL's ``completions/mean_length`` counts it), ``length/online_mre`` (mean |L̂ - L| / L
-    over finished completions with L > 0), ``length/budget_hit_rate``, ``length/mean_length_score``, and
+    over finished completions with L > 0), ``length/critic_mse`` (the LenVM's value MSE against this batch's
+    realised returns, before any update: how stale the critic is), ``length/critic_update_loss`` (live critic: its
+    mean loss over the update), ``length/budget_hit_rate``, ``length/mean_length_score``, and
     ``length/scoring_time_share``: the wall time this class adds after TRL's generation and scoring (LenVM
-    forwards, advantage assembly, these metrics) over the wall time of the whole
+    forwards, advantage assembly, these metrics, the live critic's update) over the wall time of the whole
     ``_generate_and_score_completions`` (generation, rewards, TRL's extra log-prob passes, plus that). The
-    backward pass and the optimizer step are not in the denominator; ``length/scoring_time_s`` gives seconds.
+    backward pass and the optimizer step are not in the denominator; ``length/scoring_time_s`` gives seconds,
+    ``length/critic_update_time_s`` the live update's share of them.
     """
 
     def __init__(self, model, reward_funcs=None, args: LenVMGRPOConfig | None = None, train_dataset=None, **kwargs):
@@ -149,7 +228,8 @@ class LenVMGRPOTrainer(GRPOTrainer):
                     f"budget_kind: the dataset has unknown kinds {unknown}; use {', '.join(BUDGET_KINDS)}"
                 )
         super().__init__(model, reward_funcs, args, train_dataset, **kwargs)
-        self.lenvm = None
+        self.lenvm = self.lenvm_optimizer = None
+        self.batch_rewards = None  # (B_global, F), set by _calculate_rewards for the current generation batch
         if args.lenvm_model_path is None:
             return
         from lenvm_rl.modeling import check_lenvm_tokenizer, load_lenvm
@@ -157,14 +237,78 @@ class LenVMGRPOTrainer(GRPOTrainer):
         lenvm = load_lenvm(args.lenvm_model_path, dtype=self.model.dtype)
         check_lenvm_tokenizer(args.lenvm_model_path, self._tokenizer)
         self.length_gamma = args.length_gamma or lenvm.config.gamma
-        lenvm.eval().requires_grad_(False)
-        # Prepared as TRL prepares its frozen reference model.
+        live = args.lenvm_update == "live"
+        lenvm.eval().requires_grad_(live)
+        self.lenvm = self.prepare_side_model(lenvm, trainable=live)
+        if live:
+            self.lenvm_optimizer = torch.optim.AdamW(
+                [p for p in lenvm.parameters() if p.requires_grad], lr=args.lenvm_learning_rate, weight_decay=0.0
+            )
+
+    # ------------------------------------------------------------------------------------------------ hooks
+
+    def prepare_side_model(self, model: torch.nn.Module, trainable: bool = False) -> torch.nn.Module:
+        """A second model (the LenVM, PPO's reference) prepared for this launch.
+
+        Frozen: as TRL prepares its reference model (``prepare_deepspeed``, ``prepare_fsdp``, or the accelerator in
+        evaluation mode). Trained: the accelerator wraps it like the policy (DDP averages its gradients); a trained
+        side model under DeepSpeed or FSDP would need its own engine or sharding plan, which is not built yet.
+        """
+        if trainable:
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                raise ConfigError(
+                    "lenvm_update: 'live' runs on one process or DDP; under DeepSpeed or FSDP set lenvm_update: frozen "
+                    "(a trained second model there needs its own engine, not built yet)"
+                )
+            return self.accelerator.prepare_model(model)
         if self.is_deepspeed_enabled:
-            self.lenvm = prepare_deepspeed(lenvm, self.accelerator)
-        elif self.is_fsdp_enabled:
-            self.lenvm = prepare_fsdp(lenvm, self.accelerator)
-        else:
-            self.lenvm = self.accelerator.prepare_model(lenvm, evaluation_mode=True)
+            return prepare_deepspeed(model, self.accelerator)
+        if self.is_fsdp_enabled:
+            return prepare_fsdp(model, self.accelerator)
+        return self.accelerator.prepare_model(model, evaluation_mode=True)
+
+    def task_advantages(self, output: dict, batch: dict) -> torch.Tensor:
+        """A_task, (B,) or (B, T): TRL's group-normalised sequence advantage. PPO returns its critic's (B, T)."""
+        return output["advantages"]
+
+    def length_advantages(self, output: dict, batch: dict) -> torch.Tensor | None:
+        """c · A_len (B, T), 0 on padding, from the LenVM's values (``batch["values_full"]``, (B, P + T)); None without
+        a length objective. ``batch`` is ``describe_batch``'s dict."""
+        args = self.args
+        if args.length_objective == "none" or batch["values_full"] is None:
+            return None
+        completion_mask = output["completion_mask"]
+        mask = completion_mask.bool()  # (B, T)
+        values = lenvm_state_values(
+            batch["values_full"], output["prompt_ids"].size(1), completion_mask, batch["finished"], args.eos_credit
+        )  # (B, T + 1)
+        anchors = scale = None
+        if args.length_baseline == "group":
+            group_size = self.num_generations if self.model.training else self.num_generations_eval
+            mean, std = group_stats(batch["all_scores"], group_size)  # (B_global,)
+            local = batch["local_rows"]
+            anchors = mean[local]
+            if self.scale_rewards == "group":
+                scale = std[local]
+            elif self.scale_rewards == "batch":
+                scale = batch["all_scores"].std().expand_as(anchors)
+        length = length_advantages(
+            values, completion_mask, batch["finished"], self.length_gamma, args.length_lambda, args.length_objective,
+            budgets=batch["budgets"], kinds=batch["kinds"], score=args.length_score, discount=args.length_discount,
+            eos_credit=args.eos_credit, potential=args.length_potential,
+            max_completion_tokens=args.max_completion_length, anchors=anchors,
+        )  # (B, T)
+        if scale is not None:
+            length = length / (scale[:, None] + 1e-4)  # TRL's group scaling of its own advantage
+        if args.whiten_length_advantage:
+            length = self.masked_whiten(length, mask)
+        return args.length_advantage_coef * length * mask
+
+    # ------------------------------------------------------------------------------------- the batch, scored
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        self.batch_rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        return self.batch_rewards  # (B_global, F), gathered over ranks
 
     @torch.no_grad()
     def lenvm_values(self, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
@@ -191,79 +335,174 @@ class LenVMGRPOTrainer(GRPOTrainer):
         std = max(total_sq / max(count, 1.0) - mean**2, 0.0) ** 0.5
         return (x - mean) / (std + 1e-8)
 
-    def assemble_advantages(
-        self, task_advantages, values_full, prompt_length, completion_mask, finished, budgets=None, kinds=None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A = (A_task + c · A_len) · mask (B, T), and c · A_len (B, T), from the LenVM's values (B, P + T).
-
-        task_advantages (B,) from TRL; finished (B,) bool; budgets (B,) tokens and kinds (B,) codes (budget mode).
-        """
-        args = self.args
-        mask = completion_mask.bool()  # (B, T)
-        values = lenvm_state_values(values_full, prompt_length, completion_mask, finished)  # (B, T + 1)
-        length = length_advantages(
-            values, completion_mask, finished, self.length_gamma, args.length_lambda, args.length_objective,
-            budgets=budgets, kinds=kinds, score=args.length_score, discount=args.length_discount,
-        )  # (B, T)
-        if args.whiten_length_advantage:
-            length = self.masked_whiten(length, mask)
-        length = args.length_advantage_coef * length * mask  # (B, T)
-        advantages = (task_advantages[:, None] + length) * mask  # (B, T)
-        return advantages.to(task_advantages.dtype), length
-
-    def _generate_and_score_completions(self, inputs):
-        start = time.perf_counter()
-        output = super()._generate_and_score_completions(inputs)
-        has_budgets = all(name in inputs[0] for name in BUDGET_COLUMNS)
-        if self.lenvm is None and not has_budgets:
-            return output
-        scoring_start = time.perf_counter()
-        mode = "train" if self.model.training else "eval"
-        metrics, gather, device = self._metrics[mode], self.accelerator.gather, self.accelerator.device
+    def describe_batch(self, output: dict, inputs: list[dict]) -> dict:
+        """What the length hooks read, for the local rows (B,) and gathered over ranks (B_global,): ``finished``,
+        ``lengths`` (EOS excluded), ``budgets`` and ``kinds`` (or None), ``all_*`` gathered, ``all_scores`` (the
+        realised length scores), ``local_rows`` (this rank's slice of the gathered rows), ``values_full`` (the
+        LenVM's values (B, P + T), or None without a LenVM)."""
+        gather, device = self.accelerator.gather, self.accelerator.device
         completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]  # (B, T)
-
         # Finished = the last masked token is an EOS (TRL's mask ends at and includes the first EOS). Rows that
         # mask_truncated_completions emptied are truncated; their length is their non-pad tokens.
         masked_tokens = completion_mask.sum(1)  # (B,)
         last_token = completion_ids.gather(1, (masked_tokens - 1).clamp(min=0)[:, None]).squeeze(1)  # (B,)
-        eos_ids = torch.tensor(self.eos_token_ids, device=device)
-        finished = (masked_tokens > 0) & torch.isin(last_token, eos_ids)  # (B,)
+        finished = (masked_tokens > 0) & torch.isin(last_token, torch.tensor(self.eos_token_ids, device=device))
         lengths = torch.where(finished, masked_tokens - 1, (completion_ids != self._tokenizer.pad_token_id).sum(1))
-        all_lengths = gather(lengths).float()  # (B_global,) L, EOS excluded
-        metrics["length/mean_length_tokens"].append(all_lengths.mean().item())
-
-        budgets = kinds = None
-        if has_budgets:
-            budgets = torch.tensor([float(x["budget_tokens"]) for x in inputs], device=device)  # (B,) local rows
-            kinds = budget_kind_codes([x["budget_kind"] for x in inputs]).to(device)  # (B,)
-            all_budgets, all_kinds = gather(budgets), gather(kinds)
-            hit = budget_hit(all_lengths, all_budgets, all_kinds)
-            metrics["length/budget_hit_rate"].append(hit.float().mean().item())
-            score = LENGTH_SCORES[self.args.length_score](all_lengths, all_budgets, all_kinds)
-            metrics["length/mean_length_score"].append(score.mean().item())
-
+        rows = lengths.size(0)
+        batch = {
+            "finished": finished, "lengths": lengths, "all_finished": gather(finished),
+            "all_lengths": gather(lengths).float(), "budgets": None, "kinds": None, "all_scores": None,
+            "local_rows": slice(self.accelerator.process_index * rows, (self.accelerator.process_index + 1) * rows),
+            "values_full": None,
+        }
+        if all(name in inputs[0] for name in BUDGET_COLUMNS):
+            batch["budgets"] = torch.tensor([float(x["budget_tokens"]) for x in inputs], device=device)  # (B,)
+            batch["kinds"] = budget_kind_codes([x["budget_kind"] for x in inputs]).to(device)  # (B,)
+            batch["all_budgets"], batch["all_kinds"] = gather(batch["budgets"]), gather(batch["kinds"])
+            batch["all_scores"] = LENGTH_SCORES[self.args.length_score](
+                batch["all_lengths"], batch["all_budgets"], batch["all_kinds"]
+            ).double()  # (B_global,)
         if self.lenvm is not None:
-            prompt_ids, prompt_mask = output["prompt_ids"], output["prompt_mask"]
-            values_full = self.lenvm_values(prompt_ids, prompt_mask, completion_ids, completion_mask)  # (B, P + T)
-            boundary = remaining_from_value(values_full[:, prompt_ids.size(1) - 1], self.length_gamma)  # (B,) L̂
-            all_boundary, all_finished = gather(boundary), gather(finished)
-            metrics["length/lenvm_boundary_pred_tokens"].append(all_boundary.mean().item())
-            scored = all_finished & (all_lengths > 0)
-            relative_error = (all_boundary - all_lengths).abs()[scored] / all_lengths[scored]
-            metrics["length/online_mre"].append(relative_error.mean().item() if scored.any() else float("nan"))
-            if self.args.length_objective != "none":
-                output["advantages"], length = self.assemble_advantages(
-                    output["advantages"], values_full, prompt_ids.size(1), completion_mask, finished, budgets, kinds
-                )
-                stats = torch.stack([length.abs().sum(), completion_mask.sum().to(length.dtype)])
-                total, count = self.accelerator.reduce(stats, reduction="sum").tolist()
-                metrics["length/mean_abs_advantage"].append(total / max(count, 1.0))
+            batch["values_full"] = self.lenvm_values(
+                output["prompt_ids"], output["prompt_mask"], completion_ids, completion_mask
+            )  # (B, P + T)
+        return batch
+
+    def log_length_metrics(self, output: dict, batch: dict, length: torch.Tensor | None) -> None:
+        """The ``length/*`` metrics of this generation batch (class docstring), gathered over ranks."""
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        all_lengths = batch["all_lengths"]
+        metrics["length/mean_length_tokens"].append(all_lengths.mean().item())
+        if batch["all_scores"] is not None:
+            hit = budget_hit(all_lengths, batch["all_budgets"], batch["all_kinds"])
+            metrics["length/budget_hit_rate"].append(hit.float().mean().item())
+            metrics["length/mean_length_score"].append(batch["all_scores"].mean().item())
+        if batch["values_full"] is None:
+            return
+        prompt_length, values_full = output["prompt_ids"].size(1), batch["values_full"]
+        boundary = remaining_from_value(values_full[:, prompt_length - 1], self.length_gamma)  # (B,) L̂
+        all_boundary, all_finished = self.accelerator.gather(boundary), batch["all_finished"]
+        metrics["length/lenvm_boundary_pred_tokens"].append(all_boundary.mean().item())
+        scored = all_finished & (all_lengths > 0)
+        relative_error = (all_boundary - all_lengths).abs()[scored] / all_lengths[scored]
+        metrics["length/online_mre"].append(relative_error.mean().item() if scored.any() else float("nan"))
+        # The critic's error on this batch's realised returns (finished rows), before any update.
+        num_tokens = output["completion_ids"].size(1)
+        states = values_full[:, prompt_length - 1 : prompt_length + num_tokens].float()  # (B, T + 1) V(s_0..s_T)
+        lenvm_gamma = self.accelerator.unwrap_model(self.lenvm).config.gamma  # the γ of its training targets
+        targets, labelled = value_targets(batch["lengths"], batch["finished"], num_tokens + 1, lenvm_gamma)
+        stats = torch.stack([((states - targets).square() * labelled).sum(), labelled.sum().float()])
+        total, count = self.accelerator.reduce(stats, reduction="sum").tolist()
+        metrics["length/critic_mse"].append(total / count if count else float("nan"))
+        if length is not None:
+            stats = torch.stack([length.abs().sum(), output["completion_mask"].sum().to(length.dtype)])
+            total, count = self.accelerator.reduce(stats, reduction="sum").tolist()
+            metrics["length/mean_abs_advantage"].append(total / max(count, 1.0))
+
+    def _generate_and_score_completions(self, inputs):
+        start = time.perf_counter()
+        output = super()._generate_and_score_completions(inputs)
+        scoring_start = time.perf_counter()
+        batch = self.describe_batch(output, inputs)
+        task = self.task_advantages(output, batch)  # (B,) or (B, T)
+        length = self.length_advantages(output, batch)  # (B, T) or None
+        if length is not None or task.dim() == 2:
+            mask = output["completion_mask"]  # (B, T)
+            task = task[:, None] if task.dim() == 1 else task
+            output["advantages"] = ((task + (0.0 if length is None else length)) * mask).float()  # (B, T)
+        self.log_length_metrics(output, batch, length)
+        update_time = 0.0
+        if self.lenvm_optimizer is not None and self.model.training:
+            update_start = time.perf_counter()
+            self.update_lenvm(output, batch)  # after the advantages: they use the values before the update
+            update_time = time.perf_counter() - update_start
 
         end = time.perf_counter()
-        times = self.accelerator.reduce(torch.tensor([end - scoring_start, end - start], device=device), "sum")
+        times = torch.tensor([end - scoring_start, end - start, update_time], device=self.accelerator.device)
+        times = self.accelerator.reduce(times, "sum")
+        metrics = self._metrics["train" if self.model.training else "eval"]
         metrics["length/scoring_time_s"].append(times[0].item() / self.accelerator.num_processes)
         metrics["length/scoring_time_share"].append((times[0] / times[1]).item())
+        if self.lenvm_optimizer is not None and self.model.training:
+            metrics["length/critic_update_time_s"].append(times[2].item() / self.accelerator.num_processes)
         return output
+
+    # ---------------------------------------------------------------------------------------- live critic
+
+    def update_lenvm(self, output: dict, batch: dict) -> None:
+        """``lenvm_epochs`` passes of AdamW over this batch in chunks of ``lenvm_batch_size``, each chunk one step.
+
+        The LenVM's own loss (``LenVMModel.forward``: token-mean MSE or BCE against the realised remaining-length
+        returns, truncated rows dropped or bootstrapped as its config says), normalised by the labelled states of
+        the chunk over all ranks, so that DDP's gradient average is the token mean of the gathered chunk.
+        """
+        args, lenvm = self.args, self.lenvm
+        prompt_ids, completion_ids = output["prompt_ids"], output["completion_ids"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P + T)
+        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)  # (B, P + T)
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        states = prompt_ids.size(1) - 1 + torch.arange(completion_ids.size(1) + 1, device=input_ids.device)
+        state_positions = states.expand(input_ids.size(0), -1)  # (B, T + 1): s_j ends at P - 1 + j
+        bootstrap = self.accelerator.unwrap_model(lenvm).config.bootstrap_truncated
+        labelled = batch["finished"] if not bootstrap else torch.ones_like(batch["finished"])
+        lengths = batch["lengths"]
+        losses = []
+        lenvm.train()
+        for _ in range(args.lenvm_epochs):
+            for i in range(0, input_ids.size(0), args.lenvm_batch_size):
+                rows = slice(i, i + args.lenvm_batch_size)
+                count = ((torch.arange(states.numel(), device=lengths.device) <= lengths[rows, None])
+                         & labelled[rows, None]).sum().float()
+                count = self.accelerator.reduce(count, reduction="sum") / self.accelerator.num_processes
+                loss = lenvm(
+                    input_ids=input_ids[rows], attention_mask=attention_mask[rows], position_ids=position_ids[rows],
+                    state_positions=state_positions[rows], completion_tokens=lengths[rows],
+                    finished=batch["finished"][rows], num_items_in_batch=count.clamp(min=1.0),
+                ).loss
+                # Not accelerator.backward: it divides by the policy's accumulation steps and applies its loss scaler.
+                loss.backward()
+                if args.max_grad_norm is not None and args.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(lenvm.parameters(), args.max_grad_norm)
+                self.lenvm_optimizer.step()
+                self.lenvm_optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.detach())
+        lenvm.eval()
+        mean_loss = self.accelerator.reduce(torch.stack(losses).mean(), reduction="mean")
+        self._metrics["train"]["length/critic_update_loss"].append(mean_loss.item())
+
+    def _save(self, output_dir=None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        if self.lenvm_optimizer is None or not self.args.should_save:
+            return
+        folder = os.path.join(output_dir or self.args.output_dir, LIVE_LENVM_DIR)
+        self.accelerator.unwrap_model(self.lenvm).save_pretrained(folder)
+        self.processing_class.save_pretrained(folder)  # the policy's tokenizer: the LenVM shares it
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.lenvm_optimizer is not None and self.args.should_save:
+            torch.save(self.lenvm_optimizer.state_dict(), os.path.join(output_dir, LIVE_LENVM_OPTIMIZER))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.lenvm_optimizer is None:
+            return
+        from safetensors.torch import load_file
+
+        path = os.path.join(resume_from_checkpoint, LIVE_LENVM_DIR, "model.safetensors")
+        if not os.path.isfile(path):
+            raise ConfigError(
+                f"resume_from_checkpoint: {resume_from_checkpoint} has no {LIVE_LENVM_DIR}/model.safetensors (not a "
+                f"checkpoint of a lenvm_update: live run); resume from one, or start afresh"
+            )
+        lenvm = self.accelerator.unwrap_model(self.lenvm)
+        lenvm.load_state_dict(load_file(path, device=str(lenvm.device)))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if self.lenvm_optimizer is not None and checkpoint is not None:
+            state = torch.load(os.path.join(checkpoint, LIVE_LENVM_OPTIMIZER), map_location=self.accelerator.device)
+            self.lenvm_optimizer.load_state_dict(state)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -70,18 +70,26 @@ class LenVMOutput(ModelOutput):
     cache: object | None = None
 
 
-class LengthValueHead(nn.Module):
-    """z = W2 · SiLU(W1 h + b1) + b2 outside autocast, in the head's own dtype (float32: the model keeps the head
-    in float32 under a bf16 backbone, unless DeepSpeed casts the whole model), returned in float32.
+class ValueHead(nn.Module):
+    """z = W2 · SiLU(W1 h + b1) + b2 (B, S) from hidden states (B, S, H), outside autocast, in the head's own dtype
+    (float32: the LenVM keeps its head float32 under a bf16 backbone, PPO builds its task head in float32, unless
+    DeepSpeed casts the whole model), returned in float32. The LenVM's length head (V = -sigmoid(z)) and PPO's task
+    value head (V = z, unbounded) are both this module.
 
     It calls its Linear submodules rather than ``F.linear`` on their weights: ZeRO-3 gathers a module's
-    partitioned weights only around that module's own forward.
+    partitioned weights only around that module's own forward. ``zero_init``: W1 ~ N(0, 1/H), W2 = 0, b = 0, so
+    z = 0 at the start (PPO's task head; the LenVM initialises its head in ``LenVMModel._init_weights``).
     """
 
-    def __init__(self, hidden_size: int, head_hidden_size: int):
+    def __init__(self, hidden_size: int, head_hidden_size: int, zero_init: bool = False):
         super().__init__()
         self.dense = nn.Linear(hidden_size, head_hidden_size)
         self.out = nn.Linear(head_hidden_size, 1)
+        if zero_init:
+            nn.init.normal_(self.dense.weight, std=hidden_size**-0.5)
+            nn.init.zeros_(self.dense.bias)
+            nn.init.zeros_(self.out.weight)  # z = 0 at the start; W1 learns once W2 has moved
+            nn.init.zeros_(self.out.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=hidden.device.type, enabled=False):
@@ -102,7 +110,7 @@ class LenVMModel(PreTrainedModel):
         super().__init__(config)
         self.backbone = backbone if backbone is not None else AutoModel.from_config(config.backbone_config)
         hidden_size = config.backbone_config.hidden_size
-        self.head = LengthValueHead(hidden_size, config.head_hidden_size or hidden_size)
+        self.head = ValueHead(hidden_size, config.head_hidden_size or hidden_size)
         self.post_init()
 
     def _init_weights(self, module):
@@ -113,7 +121,7 @@ class LenVMModel(PreTrainedModel):
         elif module is self.head.dense:
             nn.init.normal_(module.weight, std=module.in_features**-0.5)
             nn.init.zeros_(module.bias)
-        elif not isinstance(module, (LenVMModel, LengthValueHead)):
+        elif not isinstance(module, (LenVMModel, ValueHead)):
             super()._init_weights(module)
 
     @classmethod

@@ -18,7 +18,7 @@ What changes is where the advantage comes from, and a value loss is added (DESIG
   model to load, shard, prepare, keep in the optimizer or sync with vLLM (memory matters for a 1.5B policy beside a
   colocated vLLM and the LenVM), and with LoRA the critic shares the adapter. The price is the textbook one of a
   shared trunk: the value loss's gradient reaches the trunk (or the adapter), scaled by ``vf_coef``; with LoRA the
-  critic's capacity beyond its head is the adapter. The head is the LenVM head's MLP, unbounded (``TaskValueHead``:
+  critic's capacity beyond its head is the adapter. The head is the LenVM head's MLP, unbounded (``modeling.ValueHead``:
   W2 · SiLU(W1 h + b1) + b2, float32), output layer zero-initialised (V = 0 at the start), with its own learning rate
   (``value_head_learning_rate``: a fresh head learns nothing at a full fine-tune's 1e-6).
 - Values: V(s_j), the state in which completion token j is chosen, is read at position P - 1 + j. Old values (for
@@ -66,11 +66,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from safetensors.torch import load_file, save_file
-from torch import nn
-from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import (
     FusedCausalLMOutput,
@@ -81,6 +78,7 @@ from trl.trainer.utils import (
 )
 
 from lenvm_rl.errors import ConfigError
+from lenvm_rl.modeling import ValueHead
 from lenvm_rl.grpo import LenVMGRPOConfig, LenVMGRPOTrainer
 from lenvm_rl.train_policy import train_policy
 from lenvm_rl.returns import clipped_value_loss, task_advantages
@@ -89,27 +87,6 @@ from lenvm_rl.returns import clipped_value_loss, task_advantages
 # head's weights beside a full fine-tune's model.safetensors would be read as the policy's.
 VALUE_HEAD_FILE = "task_value_head/model.safetensors"
 VALUE_HEAD_PREFIX = "task_value_head."
-
-
-class TaskValueHead(nn.Module):
-    """V = W2 · SiLU(W1 h + b1) + b2 (B, S) from hidden states (B, S, H), outside autocast, returned in float32.
-
-    Runs in the head's own dtype (float32 unless DeepSpeed casts the model) and calls its Linear submodules, so
-    ZeRO-3 gathers their weights as it does for any module's forward.
-    """
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.dense = nn.Linear(hidden_size, hidden_size)
-        self.out = nn.Linear(hidden_size, 1)
-        nn.init.normal_(self.dense.weight, std=hidden_size**-0.5)
-        nn.init.zeros_(self.dense.bias)
-        nn.init.zeros_(self.out.weight)  # V = 0 at the start; W1 learns once W2 has moved
-        nn.init.zeros_(self.out.bias)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=hidden.device.type, enabled=False):
-            return self.out(F.silu(self.dense(hidden.to(self.out.weight.dtype)))).squeeze(-1).float()
 
 
 @dataclass
@@ -179,7 +156,8 @@ class LenVMPPOTrainer(LenVMGRPOTrainer):
             raise TypeError(f"args: LenVMPPOTrainer needs a LenVMPPOConfig, got {type(args).__name__}")
         super().__init__(model, reward_funcs, args, train_dataset, **kwargs)
         causal_lm = self.model.get_base_model() if is_peft_model(self.model) else self.model
-        head = TaskValueHead(causal_lm.config.get_text_config().hidden_size)
+        hidden_size = causal_lm.config.get_text_config().hidden_size
+        head = ValueHead(hidden_size, hidden_size, zero_init=True)
         # A submodule of the trained model: DDP reduces its gradients, DeepSpeed shards it, the optimizer sees it.
         self.model.add_module("task_value_head", head.to(causal_lm.device))
         if not is_peft_model(self.model):  # the saved policy stays a plain causal LM; the head has its own file
@@ -196,15 +174,10 @@ class LenVMPPOTrainer(LenVMGRPOTrainer):
                 attn_implementation=causal_lm.config._attn_implementation,
             )
             add_fused_lm_head(reference, temperature=self.temperature)
-            if self.is_deepspeed_enabled:
-                self.ref_model = prepare_deepspeed(reference, self.accelerator)
-            elif self.is_fsdp_enabled:
-                self.ref_model = prepare_fsdp(reference, self.accelerator)
-            else:
-                self.ref_model = self.accelerator.prepare_model(reference, evaluation_mode=True)
+            self.ref_model = self.prepare_side_model(reference)
 
     @property
-    def task_value_head(self) -> TaskValueHead:
+    def task_value_head(self) -> ValueHead:
         return self.model.task_value_head
 
     def _capture_values(self, module, args, output):
@@ -254,23 +227,17 @@ class LenVMPPOTrainer(LenVMGRPOTrainer):
             )
         return logps
 
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        self._rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        return self._rewards_per_func  # (B_global, F), gathered over ranks
+    def task_advantages(self, output: dict, batch: dict) -> torch.Tensor:
+        """whiten(GAE of the task reward with the critic's old values) (B, T), in place of TRL's group advantage.
 
-    def assemble_advantages(self, task_advantages, *args, **kwargs):
-        """c · A_len alone (B, T): TRL's group advantage is replaced by the critic's A_task afterwards."""
-        return super().assemble_advantages(torch.zeros_like(task_advantages), *args, **kwargs)
-
-    def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)  # TRL, then c · A_len (B, T) if a length objective
+        Also puts ``old_values`` and ``returns`` (B, T) into ``output``, so TRL's shuffle and split keep them with
+        their rows, and logs the critic's metrics.
+        """
         args, device = self.args, self.accelerator.device
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
         mask = output["completion_mask"].bool()  # (B, T)
-        rows = mask.shape[0]
-        local = slice(self.accelerator.process_index * rows, (self.accelerator.process_index + 1) * rows)
-        rewards = self._rewards_per_func[local]  # (B, F)
+        rewards = self.batch_rewards[batch["local_rows"]]  # (B, F)
         scores = (rewards * self.reward_weights.to(device)).nansum(1)  # (B,) R
         scorable = ~torch.isnan(rewards).all(1)  # (B,)
 
@@ -306,10 +273,8 @@ class LenVMPPOTrainer(LenVMGRPOTrainer):
 
         if args.whiten_task_advantage:
             advantages = self.masked_whiten(advantages, task_mask)
-        length = output["advantages"] if output["advantages"].dim() == 2 else 0.0  # c · A_len from the parent
-        output["advantages"] = ((advantages * task_mask + length) * mask).float()  # (B, T)
         output["old_values"], output["returns"] = old_values.float(), returns.float()  # split with the batch
-        return output
+        return advantages * task_mask  # (B, T); the parent adds c · A_len and masks
 
     def _compute_loss(self, model, inputs):
         self._captured_values = []

@@ -92,11 +92,24 @@ def reference_advantages(task, values_full, prompt_length, mask, finished, gamma
     return total
 
 
+def assemble(trainer, task, values_full, prompt_length, mask, finished, budgets, kinds):
+    """What ``_generate_and_score_completions`` does with the two hooks' results: (A_task + c · A_len) · mask, and
+    c · A_len. The batch dict is ``describe_batch``'s, for one process."""
+    output = {"prompt_ids": torch.zeros(mask.shape[0], prompt_length, dtype=torch.long), "completion_mask": mask,
+              "advantages": task}
+    lengths = mask.sum(1) - finished.long()
+    scores = LENGTH_SCORES[trainer.args.length_score](lengths.float(), budgets, kinds).double()
+    batch = {"values_full": values_full, "finished": finished, "lengths": lengths, "budgets": budgets,
+             "kinds": kinds, "all_scores": scores, "local_rows": slice(0, mask.shape[0])}
+    length = trainer.length_advantages(output, batch)
+    return (trainer.task_advantages(output, batch)[:, None] + length) * mask, length
+
+
 @pytest.mark.parametrize("mode", ["budget", "efficiency", "shaping"])
 def test_assembly_matches_loop_reference(mode, tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path):
     trainer = make_trainer(
         tiny_model_path, tokenizer, dataset, tmp_path, lenvm_model_path=lenvm_path, length_objective=mode,
-        length_advantage_coef=0.7, length_lambda=0.8, length_discount=0.95,
+        length_advantage_coef=0.7, length_lambda=0.8, length_discount=0.95, whiten_length_advantage=False,
     )
     torch.manual_seed(0)
     batch, prompt_length, num_tokens = 6, 4, 7
@@ -107,11 +120,11 @@ def test_assembly_matches_loop_reference(mode, tiny_model_path, tokenizer, datas
     task = torch.randn(batch)
     budgets, kinds = torch.tensor([3.0, 4.0, 2.0, 6.0, 5.0, 1.0]), torch.tensor([0, 1, 2, 0, 1, 2])
 
-    advantages, length = trainer.assemble_advantages(task, values_full, prompt_length, mask, finished, budgets, kinds)
+    advantages, length = assemble(trainer, task, values_full, prompt_length, mask, finished, budgets, kinds)
     expected = reference_advantages(
         task, values_full, prompt_length, mask, finished, GAMMA, 0.8, 0.95, 0.7, mode, budgets, kinds
     )
-    assert advantages.shape == (batch, num_tokens) and advantages.dtype == task.dtype
+    assert advantages.shape == (batch, num_tokens)
     torch.testing.assert_close(advantages.double(), expected, atol=1e-5, rtol=1e-5)
     assert (advantages[mask == 0] == 0).all() and (length[mask == 0] == 0).all()
 
@@ -120,7 +133,7 @@ def test_assembly_hand_example(tiny_model_path, tokenizer, dataset, lenvm_path, 
     """γ = 0.5, d = λ = 1, c = 2: A_len_j = S(final) - Φ_j, with V chosen so Λ_j is an integer."""
     trainer = make_trainer(
         tiny_model_path, tokenizer, dataset, tmp_path, lenvm_model_path=lenvm_path, length_gamma=0.5,
-        length_advantage_coef=2.0,
+        length_advantage_coef=2.0, whiten_length_advantage=False,
     )
     v = lambda remaining: -(1 - 0.5**remaining)  # noqa: E731 the value of `remaining` tokens to go
     nan = float("nan")  # positions that must never be read: left padding of prompts, states after the end
@@ -135,7 +148,7 @@ def test_assembly_hand_example(tiny_model_path, tokenizer, dataset, lenvm_path, 
     budgets, kinds = torch.tensor([2.0, 4.0, 2.0]), budget_kind_codes(["exact", "at_most", "exact"])
     task = torch.tensor([0.5, -0.5, 0.25])
 
-    advantages, _ = trainer.assemble_advantages(task, values_full, 3, mask, finished, budgets, kinds)
+    advantages, _ = assemble(trainer, task, values_full, 3, mask.bool(), finished, budgets, kinds)
     e = math.exp
     expected = torch.tensor([
         [0.5 + 2 * (1 - e(-2)), 0.5, 0.5],  # S(4, 2) = e^-2 -> S(L = 2) = 1; the EOS action gets 0

@@ -143,7 +143,7 @@ def test_total_advantage_is_whitened_task_gae(tiny_model_path, tokenizer, datase
                            length_objective="none", task_gamma=0.9, task_lambda=0.8)
     batch = generation_batch(trainer, dataset)
     mask = batch["completion_mask"].bool()
-    scores = (trainer._rewards_per_func * trainer.reward_weights).nansum(1)  # one process: no slicing
+    scores = (trainer.batch_rewards * trainer.reward_weights).nansum(1)  # one process: no slicing
     expected, returns = task_advantages(scores, batch["old_values"], mask, 0.9, 0.8, value_lam=1.0)  # critic: λ 1
     valid = expected[mask]
     expected = (expected - valid.mean()) / (valid.std(unbiased=False) + 1e-8) * mask
@@ -158,7 +158,7 @@ def test_budget_objective_adds_the_length_term(tiny_model_path, tokenizer, datas
                            length_advantage_coef=0.5, whiten_task_advantage=False)
     batch = generation_batch(trainer, dataset)
     mask = batch["completion_mask"].bool()
-    scores = (trainer._rewards_per_func * trainer.reward_weights).nansum(1)
+    scores = (trainer.batch_rewards * trainer.reward_weights).nansum(1)
     task, _ = task_advantages(scores, batch["old_values"], mask, 1.0, 1.0)
     length = batch["advantages"] - task * mask
     assert length.abs().sum() > 0 and (length[~mask] == 0).all()
