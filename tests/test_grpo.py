@@ -286,6 +286,14 @@ def test_unknown_budget_kind_refused(tiny_model_path, tokenizer, lenvm_path, dat
         (dict(length_lambda=1.5), "length_lambda"),
         (dict(length_discount=0.0), "length_discount"),
         (dict(length_gamma=1.0), "length_gamma"),
+        (dict(length_baseline="mean"), "length_baseline"),
+        (dict(length_baseline="group", num_generations=1, per_device_train_batch_size=1), "num_generations"),
+        (dict(length_baseline="group", length_objective="efficiency"), "length_baseline"),
+        (dict(length_potential="median"), "length_potential"),
+        (dict(length_potential="expected", length_objective="shaping"), "length_potential"),
+        (dict(lenvm_update="online"), "lenvm_update"),
+        (dict(lenvm_learning_rate=0.0), "lenvm_learning_rate"),
+        (dict(lenvm_epochs=0), "lenvm_epochs"),
     ],
 )
 def test_bad_fields_refused(overrides, field, tmp_path):
@@ -419,3 +427,99 @@ def test_recipes_twins_differ_only_in_the_length_signal():
         differing = {key for key in lenvm.keys() | baseline.keys() if lenvm.get(key) != baseline.get(key)}
         assert differing == {"length_objective", "reward_funcs", "output_dir"}, folder
         assert baseline["length_objective"] == "none" and baseline["reward_funcs"] == ["accuracy", "length_score"]
+
+
+# ------------------------------------------------------------------------------------------ the length critic's options
+
+
+def test_group_baseline_anchors_at_the_group_mean(tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path):
+    """length_baseline group, d = λ = 1, scale_rewards group, no whitening: the first action's A_len is
+    (S(L, N) - group mean of S) / (group std + 1e-4): TRL's advantage of the length score, row by row."""
+    trainer = make_trainer(tiny_model_path, tokenizer, dataset, tmp_path, lenvm_model_path=lenvm_path,
+                           length_baseline="group", whiten_length_advantage=False, num_generations=4)
+    torch.manual_seed(0)
+    # (an EOS-only completion, L = 0, would get 0: without eos_credit its only action leaves a terminal state)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]] * 2).bool()
+    finished = torch.tensor([True, True, False, True, True, True, False, False])
+    values_full = -torch.rand(8, 3 + 4) * 0.98 - 0.01
+    budgets, kinds = torch.tensor([2.0] * 4 + [3.0] * 4), torch.tensor([0] * 4 + [1] * 4)
+    _, length = assemble(trainer, torch.zeros(8), values_full, 3, mask, finished, budgets, kinds)
+    lengths = mask.sum(1) - finished.long()
+    scores = LENGTH_SCORES["lifebench"](lengths.float(), budgets, kinds).double().view(2, 4)
+    expected = (scores - scores.mean(1, keepdim=True)) / (scores.std(1, keepdim=True) + 1e-4)
+    finished_rows = finished.view(2, 4)  # a truncated row bootstraps: its anchor cancels (tests/test_returns.py)
+    torch.testing.assert_close(length[:, 0].double().view(2, 4)[finished_rows], expected[finished_rows], atol=1e-5,
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("options", [
+    dict(length_baseline="group"), dict(length_potential="expected"), dict(eos_credit=True),
+    dict(length_objective="efficiency", eos_credit=True),
+], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_trains_with_each_length_option(options, tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path):
+    trainer = make_trainer(tiny_model_path, tokenizer, dataset, tmp_path, lenvm_model_path=lenvm_path, **options)
+    before = snapshot(trainer.model)
+    trainer.train()
+    check_trained(trainer, before, options.get("length_objective", "budget"))
+
+
+def critic_mse(trainer) -> list[float]:
+    return [row["length/critic_mse"] for row in trainer.state.log_history if "length/critic_mse" in row]
+
+
+def test_live_critic_learns_the_current_policy_and_a_frozen_one_does_not(tiny_model_path, tokenizer, dataset,
+                                                                        lenvm_path, tmp_path):
+    """The LenVM's value MSE on each new batch (before its update) falls over 8 steps when live, not when frozen.
+    The policy's learning rate is tiny, so both critics face the same, almost fixed, policy."""
+    runs = {}
+    for update in ("frozen", "live"):
+        runs[update] = make_trainer(
+            tiny_model_path, tokenizer, dataset, tmp_path / update, lenvm_model_path=lenvm_path, lenvm_update=update,
+            lenvm_learning_rate=3e-3, lenvm_epochs=2, learning_rate=1e-6, max_steps=8,
+        )
+        runs[update].train()
+    frozen, live = critic_mse(runs["frozen"]), critic_mse(runs["live"])
+    assert len(frozen) == len(live) == 8
+    assert sum(live[-3:]) / 3 < 0.5 * live[0], live
+    assert sum(frozen[-3:]) / 3 > 0.7 * frozen[0], frozen
+    losses = [row["length/critic_update_loss"] for row in runs["live"].state.log_history
+              if "length/critic_update_loss" in row]
+    assert len(losses) == 8 and all(math.isfinite(loss) for loss in losses)
+    assert not any("length/critic_update_loss" in row for row in runs["frozen"].state.log_history)
+
+
+def test_live_critic_is_saved_as_a_plain_lenvm_and_resumes_exactly(tiny_model_path, tokenizer, dataset, lenvm_path,
+                                                                    tmp_path):
+    """4 steps in one go, and 2 + 2 resumed from the step-2 checkpoint (weights and optimizer state): the final
+    critics are equal; the one saved beside the policy loads with ``load_lenvm`` and shares the policy's tokenizer."""
+    from lenvm_rl.modeling import check_lenvm_tokenizer, load_lenvm
+
+    settings = dict(lenvm_model_path=lenvm_path, lenvm_update="live", lenvm_learning_rate=1e-2, max_steps=4,
+                    save_strategy="steps", save_steps=2)
+    whole = make_trainer(tiny_model_path, tokenizer, dataset, tmp_path / "whole", **settings)
+    whole.train()
+    whole.save_model(str(tmp_path / "whole"))
+    checkpoint = tmp_path / "whole" / "checkpoint-2"
+    assert (checkpoint / "lenvm" / "model.safetensors").is_file() and (checkpoint / "lenvm_optimizer.pt").is_file()
+
+    resumed = make_trainer(tiny_model_path, tokenizer, dataset, tmp_path / "resumed", **settings)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    final, again = (t.accelerator.unwrap_model(t.lenvm).state_dict() for t in (whole, resumed))
+    start = load_lenvm(lenvm_path).state_dict()
+    assert any(not torch.equal(final[k], start[k]) for k in start)
+    for name, value in final.items():
+        torch.testing.assert_close(again[name], value, rtol=0, atol=0)
+
+    saved = load_lenvm(str(tmp_path / "whole" / "lenvm"))
+    assert all(torch.equal(saved.state_dict()[k], final[k]) for k in final)
+    check_lenvm_tokenizer(str(tmp_path / "whole" / "lenvm"), tokenizer)
+
+
+def test_live_critic_resume_needs_its_checkpoint_files(tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path):
+    frozen = make_trainer(tiny_model_path, tokenizer, dataset, tmp_path / "frozen", lenvm_model_path=lenvm_path,
+                          max_steps=2, save_strategy="steps", save_steps=2)
+    frozen.train()
+    live = make_trainer(tiny_model_path, tokenizer, dataset, tmp_path / "live", lenvm_model_path=lenvm_path,
+                        lenvm_update="live", max_steps=4)
+    with pytest.raises(ConfigError, match="resume_from_checkpoint: .* has no lenvm/model.safetensors"):
+        live.train(resume_from_checkpoint=str(tmp_path / "frozen" / "checkpoint-2"))

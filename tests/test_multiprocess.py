@@ -72,7 +72,10 @@ def test_lenvm_loss_with_two_processes_equals_one(rollouts_dir, tiny_model_path,
     assert losses[2] == pytest.approx(losses[1], rel=1e-4)
 
 
-def test_grpo_ranks_agree_on_the_advantages(tiny_model_path, tokenizer, tmp_path):
+@pytest.mark.parametrize("update", ["frozen", "live"])
+def test_grpo_ranks_agree_on_the_advantages(update, tiny_model_path, tokenizer, tmp_path):
+    """Both ranks' length advantages equal one computation over the gathered batch (whitening uses global
+    statistics); with a live critic, both ranks end with identical LenVM weights that moved away from the start."""
     lenvm = tmp_path / "lenvm"
     torch.manual_seed(1)
     model = LenVMModel.from_backbone(make_tiny_llama(tokenizer), gamma=0.9)
@@ -85,8 +88,9 @@ def test_grpo_ranks_agree_on_the_advantages(tiny_model_path, tokenizer, tmp_path
         model_name_or_path=tiny_model_path, num_prompts=8, budgets=[3, 6], budget_kinds=["exact", "at_most"],
         reward_funcs=["accuracy", "length_score"], lenvm_model_path=str(lenvm), whiten_length_advantage=True,
         length_advantage_coef=0.5, num_generations=4, per_device_train_batch_size=4, max_completion_length=8,
-        max_steps=1, use_cpu=True, bf16=False, activation_checkpointing=False, report_to="none", save_strategy="no",
-        disable_tqdm=True, output_dir=str(tmp_path / "out"), seed=0,
+        max_steps=2 if update == "live" else 1, use_cpu=True, bf16=False, activation_checkpointing=False,
+        report_to="none", save_strategy="no", disable_tqdm=True, output_dir=str(tmp_path / "out"), seed=0,
+        lenvm_update=update, lenvm_learning_rate=1e-2, lenvm_batch_size=2,
     )))
     dumps = tmp_path / "dumps"
     launch([str(ROOT / "tests" / "mp_grpo_probe.py"), str(dumps), "--config", str(recipe)], 2, tmp_path)
@@ -104,10 +108,19 @@ def test_grpo_ranks_agree_on_the_advantages(tiny_model_path, tokenizer, tmp_path
     pooled = torch.cat([a[m] for a, m in zip(raw, masks)]).double()
     mean, std = pooled.mean(), pooled.std(correction=0)
     for d, a, m in zip(ranks, raw, masks):
-        expected = (d["task"][:, None] + 0.5 * (a - mean) / (std + 1e-8) * m) * m
-        torch.testing.assert_close(d["advantages"].double(), expected.double(), atol=1e-5, rtol=1e-5)
-        assert (d["advantages"][~m] == 0).all()
-    assert (tmp_path / "out" / "adapter_model.safetensors").exists() or (tmp_path / "out" / "model.safetensors").exists()
+        expected = 0.5 * (a - mean) / (std + 1e-8) * m
+        torch.testing.assert_close(d["length"].double(), expected.double(), atol=1e-5, rtol=1e-5)
+        assert (d["length"][~m] == 0).all()
+    out = tmp_path / "out"
+    assert (out / "adapter_model.safetensors").exists() or (out / "model.safetensors").exists()
+    if update == "live":
+        weights = [torch.load(dumps / f"rank{r}_lenvm.pt") for r in range(2)]
+        start = load_file(lenvm / "model.safetensors")
+        assert any(not torch.equal(weights[0][k], start[k]) for k in start)  # the critic learned
+        for name, value in weights[0].items():  # the ranks saw different rows: identical weights = averaged grads
+            torch.testing.assert_close(weights[1][name], value, rtol=0, atol=0)
+        saved = load_file(out / "lenvm" / "model.safetensors")
+        assert all(torch.equal(saved[k], weights[0][k]) for k in saved)
 
 
 def test_ppo_trains_with_two_processes(tiny_model_path, tokenizer, tmp_path):
