@@ -129,6 +129,9 @@ def load_recipe(name: str) -> dict:
         ("config_length_score.yaml", "config_accuracy.yaml", {"reward_funcs": ["accuracy", "length_score"]}),
         ("config_lenvm_lambda1.yaml", "config_accuracy.yaml", {"length_objective": "budget"}),
         ("config_lenvm_lambda095.yaml", "config_lenvm_lambda1.yaml", {"length_lambda": 0.95}),
+        ("config_lenvm_live.yaml", "config_lenvm_lambda095.yaml", {"lenvm_update": "live"}),
+        ("config_lenvm_group.yaml", "config_lenvm_lambda095.yaml", {"length_baseline": "group"}),
+        ("config_lenvm_expected.yaml", "config_lenvm_lambda095.yaml", {"length_potential": "expected"}),
     ],
 )
 def test_arms_differ_in_one_recipe_field(recipe, base, changed):
