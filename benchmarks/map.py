@@ -1,0 +1,268 @@
+"""Where the length critic pays (issue 18): arms x regimes x seeds on the learning testbed, compared by generated
+tokens as well as steps.
+
+A regime is a task and a number of completions per prompt at an equal number of completions per step (32): 8 per
+prompt is 4 prompts a step, 2 per prompt is 16. An arm is a recipe of ``recipes/testbed`` (each one field away from
+its neighbour, ``tests/test_testbed.py``), optionally with field overrides. Every run is its own ``lenvm-rl`` process
+on the starting policy and LenVM that ``benchmarks/testbed.py`` makes (its stages 1-2, reused or made here),
+``--jobs`` at a time with one thread each, logging every step so that generated tokens are counted per step.
+
+Resumable: a run whose ``trainer_state.json`` exists is read, not rerun; an unfinished run's folder (the map's own
+output) is cleared and the run started again. The table and the curves against generated tokens are written between
+markers into docs/BENCHMARKS.md.
+
+    python benchmarks/map.py                                   # the default cells (CELLS below)
+    python benchmarks/map.py --cells g2:seq g2:frozen --seeds 0 --max-steps 60   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from testbed import RECIPES, ROOT, check, machine, prepare, run_logged  # noqa: E402  (same folder)
+
+COMPLETIONS_PER_STEP = 32
+REGIMES = {  # name -> (label, overrides of every arm's recipe)
+    "g8": ("testbed, 8 completions per prompt (4 prompts per step)", {"num_generations": 8}),
+    "g2": ("testbed, 2 completions per prompt (16 prompts per step)", {"num_generations": 2}),
+    "g1": ("testbed, 1 completion per prompt (32 prompts per step)", {"num_generations": 1}),
+}
+ARMS = {  # name -> (recipe under recipes/testbed, overrides, label)
+    "seq": ("grpo/config_length_score.yaml", {}, "sequence-level length score"),
+    "frozen": ("grpo/config_lenvm_lambda095.yaml", {}, "LenVM, frozen"),
+    "live": ("grpo/config_lenvm_live.yaml", {}, "LenVM, live"),
+    "group": ("grpo/config_lenvm_group.yaml", {}, "LenVM, group-anchored, frozen"),
+    "group_live": ("grpo/config_lenvm_group.yaml", {"lenvm_update": "live"}, "LenVM, group-anchored, live"),
+    "expected": ("grpo/config_lenvm_expected.yaml", {}, "LenVM, expected-score potential, frozen"),
+    "ppo": ("ppo/config_lenvm_lambda1.yaml", {"length_lambda": 0.95}, "PPO task critic + LenVM, frozen"),
+}
+# Run order: the small-group regime first (where the first probe saw the critic pay), then the group-of-8 regime.
+CELLS = ["g2:seq", "g2:frozen", "g2:live", "g8:seq", "g8:frozen", "g8:live", "g8:group", "g2:group",
+         "g8:expected", "g1:ppo"]
+SCORE_KEY, ACCURACY_KEY = "eval_length/mean_length_score", "eval_rewards/accuracy/mean"
+BEGIN, END = "<!-- map:begin (written by benchmarks/map.py) -->", "<!-- map:end -->"
+
+
+def run_dir(runs: Path, cell: str, seed: int) -> Path:
+    regime, arm = cell.split(":")
+    return runs / "map" / regime / arm / f"seed{seed}"
+
+
+def train_command(runs: Path, cell: str, seed: int, args) -> list[str]:
+    regime, arm = cell.split(":")
+    recipe, arm_overrides, _ = ARMS[arm]
+    overrides = {**REGIMES[regime][1], **arm_overrides, "per_device_train_batch_size": COMPLETIONS_PER_STEP,
+                 "seed": seed, "max_steps": args.max_steps, "eval_steps": args.eval_steps, "logging_steps": 1,
+                 "model_name_or_path": runs / "sft", "lenvm_model_path": runs / "lenvm",
+                 "output_dir": run_dir(runs, cell, seed)}
+    flags = [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
+    return [sys.executable, "-m", "lenvm_rl", recipe.split("/")[0], "--config", str(RECIPES / recipe), *flags]
+
+
+def run_cells(runs: Path, args) -> dict:
+    """Every cell x seed not yet finished, ``args.jobs`` processes at a time; returns {(cell, seed): wall s}."""
+    queue = [(cell, seed) for cell in args.cells for seed in args.seeds
+             if not (run_dir(runs, cell, seed) / "trainer_state.json").exists()]
+    running, times = {}, {}
+    while queue or running:
+        while queue and len(running) < args.jobs:
+            cell, seed = queue.pop(0)
+            shutil.rmtree(run_dir(runs, cell, seed), ignore_errors=True)  # an unfinished run of this map's own
+            log = runs / "logs" / "map" / f"{cell.replace(':', '_')}_seed{seed}.log"
+            running[(cell, seed)] = (run_logged(train_command(runs, cell, seed, args), log), log, time.perf_counter())
+            print(f"map: {cell} seed {seed} ... ({len(queue)} queued)", flush=True)
+        time.sleep(1.0)
+        for key, (process, log, start) in list(running.items()):
+            if process.poll() is not None:
+                check(process, log)
+                times[key] = time.perf_counter() - start
+                (run_dir(runs, *key) / "wall_s.txt").write_text(f"{times[key]:.1f}\n")
+                print(f"map: {key[0]} seed {key[1]} done in {times[key]:.0f} s", flush=True)
+                del running[key]
+    return times
+
+
+def load_run(path: Path) -> dict:
+    """Held-out curve against steps and generated tokens, and the train rows, of one finished run."""
+    history = json.loads((path / "trainer_state.json").read_text())["log_history"]
+    train = [row for row in history if "completions/mean_length" in row and "loss" in row]
+    tokens, generated = {0: 0.0}, 0.0
+    for row in train:  # logging_steps 1: one row per step; TRL's mean length counts the EOS token
+        generated += row["completions/mean_length"] * COMPLETIONS_PER_STEP
+        tokens[row["step"]] = generated
+    evals = [row for row in history if SCORE_KEY in row]
+    wall = path / "wall_s.txt"
+    return {
+        "steps": [row["step"] for row in evals],
+        "tokens": [tokens.get(row["step"], float("nan")) for row in evals],
+        "score": [row[SCORE_KEY] for row in evals],
+        "accuracy": [row[ACCURACY_KEY] for row in evals],
+        "train": train,
+        "wall_s": float(wall.read_text()) if wall.exists() else None,
+    }
+
+
+def reach(run: dict, target: float, key: str) -> float | None:
+    """``run[key]`` (steps or tokens) at the first evaluation whose held-out length score reaches ``target``."""
+    return next((x for x, score in zip(run[key], run["score"]) if score >= target), None)
+
+
+def window_mean(run: dict, key: str, window: int, last: bool) -> float:
+    rows = [row[key] for row in run["train"] if key in row]
+    rows = rows[-window:] if last else rows[:window]
+    return statistics.fmean(rows) if rows else float("nan")
+
+
+def median_or_none(values: list) -> float | None:
+    return statistics.median(values) if values and all(v is not None for v in values) else None
+
+
+def summarise(runs_by_cell: dict, target: float) -> dict:
+    """Per cell: per-seed steps and generated tokens to ``target``, their medians, and means of the rest."""
+    summary = {}
+    for cell, runs in runs_by_cell.items():
+        seeds = list(runs.values())
+        steps = [reach(run, target, "steps") for run in seeds]
+        tokens = [reach(run, target, "tokens") for run in seeds]
+        mean = lambda values: statistics.fmean(values)  # noqa: E731
+        summary[cell] = {
+            "seeds": list(runs), "steps": steps, "tokens": tokens,
+            "median_steps": median_or_none(steps), "median_tokens": median_or_none(tokens),
+            "best": mean([max(run["score"]) for run in seeds]), "final": mean([run["score"][-1] for run in seeds]),
+            "start": mean([run["score"][0] for run in seeds]),
+            "accuracy_start": mean([run["accuracy"][0] for run in seeds]),
+            "accuracy_final": mean([run["accuracy"][-1] for run in seeds]),
+            "mre_first": mean([window_mean(run, "length/online_mre", 25, False) for run in seeds]),
+            "mre_last": mean([window_mean(run, "length/online_mre", 25, True) for run in seeds]),
+            "wall_s": mean([run["wall_s"] for run in seeds if run["wall_s"] is not None] or [float("nan")]),
+        }
+    return summary
+
+
+def table(summary: dict, target: float) -> str:
+    """One row per cell; the tokens ratio is against the best sequence-level cell (any group size)."""
+    seq = [s["median_tokens"] for cell, s in summary.items() if cell.endswith(":seq") and s["median_tokens"]]
+    best_seq = min(seq) if seq else None
+    shown = lambda values: ", ".join("–" if v is None else f"{v / 1000:.0f}k" if v > 999 else f"{v:g}"  # noqa: E731
+                                     for v in values)
+    lines = [
+        f"| regime | arm | steps to LS ≥ {target} (per seed) | generated tokens to LS ≥ {target} (per seed; median) "
+        f"| × best sequence-level | best / final LS | accuracy start → final | online MRE first → last 25 steps "
+        f"| wall per run |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for cell, s in summary.items():
+        regime, arm = cell.split(":")
+        median = s["median_tokens"]
+        ratio = f"{median / best_seq:.2f}" if median and best_seq else "–"
+        lines.append(
+            f"| {regime} | {ARMS[arm][2]} | {shown(s['steps'])} | {shown(s['tokens'])}; "
+            f"{'–' if median is None else f'{median / 1000:.0f}k'} | {ratio} | {s['best']:.3f} / {s['final']:.3f} "
+            f"| {s['accuracy_start']:.3f} → {s['accuracy_final']:.3f} | {s['mre_first']:.2f} → {s['mre_last']:.2f} "
+            f"| {s['wall_s']:.0f} s |"
+        )
+    return "\n".join(lines)
+
+
+def plot(runs_by_cell: dict, regime: str, path: Path, target: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    cells = [cell for cell in runs_by_cell if cell.startswith(f"{regime}:")]
+    for index, cell in enumerate(cells):
+        seeds = list(runs_by_cell[cell].values())
+        for run in seeds:
+            axis.plot([t / 1000 for t in run["tokens"]], run["score"], color=f"C{index}", alpha=0.25, linewidth=0.8)
+        count = min(len(run["score"]) for run in seeds)
+        tokens = [statistics.fmean(run["tokens"][i] for run in seeds) / 1000 for i in range(count)]
+        score = [statistics.fmean(run["score"][i] for run in seeds) for i in range(count)]
+        axis.plot(tokens, score, color=f"C{index}", linewidth=2,
+                  label=f"{ARMS[cell.split(':')[1]][2]} (mean of {len(seeds)})")
+    axis.axhline(target, color="grey", linestyle="--", linewidth=0.8)
+    axis.set_xlabel("generated tokens (thousands)")
+    axis.set_ylabel("held-out length score (LIFEBench, mean)")
+    axis.set_title(REGIMES[regime][0], fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default="runs/testbed", help="folder of the policy, the LenVM and the map's runs")
+    parser.add_argument("--cells", nargs="+", default=CELLS, help="regime:arm, e.g. g2:live")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--max-steps", type=int, default=300)
+    parser.add_argument("--eval-steps", type=int, default=25)
+    parser.add_argument("--jobs", type=int, default=2, help="training processes at a time (one thread each)")
+    parser.add_argument("--target", type=float, default=0.8, help="held-out length score to reach")
+    parser.add_argument("--figures", default="docs/figures", help="folder of the PNG curves")
+    parser.add_argument("--docs", default="docs/BENCHMARKS.md", help="file whose map block is (re)written; '' = none")
+    parser.add_argument("--report-only", action="store_true", help="write the table from the finished runs only")
+    args = parser.parse_args(argv)
+    for cell in args.cells:
+        regime, _, arm = cell.partition(":")
+        if regime not in REGIMES or arm not in ARMS:
+            parser.error(f"--cells: {cell!r} is not regime:arm with regime in {list(REGIMES)} and arm in {list(ARMS)}")
+    runs = (ROOT / args.runs).resolve()
+
+    start = time.perf_counter()
+    if not args.report_only:
+        prepare(runs)
+        run_cells(runs, args)
+    wall = time.perf_counter() - start
+
+    runs_by_cell = {}
+    for cell in args.cells:
+        done = {seed: load_run(run_dir(runs, cell, seed)) for seed in args.seeds
+                if (run_dir(runs, cell, seed) / "trainer_state.json").exists()}
+        if done:
+            runs_by_cell[cell] = done
+    summary = summarise(runs_by_cell, args.target)
+    (runs / "map" / "summary.json").write_text(json.dumps(
+        {"wall_s": wall, "cells": summary,
+         "curves": {cell: {seed: {k: v for k, v in run.items() if k != "train"} for seed, run in seeds.items()}
+                    for cell, seeds in runs_by_cell.items()}}, indent=2))
+    result = table(summary, args.target)
+    print(result)
+    regimes = sorted({cell.split(":")[0] for cell in runs_by_cell}, key=list(REGIMES).index)
+    for regime in regimes:
+        plot(runs_by_cell, regime, ROOT / args.figures / f"map_{regime}.png", args.target)
+    if args.docs:
+        command = "python benchmarks/map.py " + " ".join(sys.argv[1:])
+        section = "\n".join([
+            f"Command: `{command.strip()}`. Machine: {machine()}.",
+            f"{args.max_steps} steps per run, {COMPLETIONS_PER_STEP} completions per step, held-out evaluation every "
+            f"{args.eval_steps} steps (64 held-out problems × 2 samples). Seeds per cell: as listed. Wall time of this "
+            f"invocation: {wall / 60:.1f} min ({args.jobs} processes at a time, one thread each).",
+            "",
+            result,
+            "",
+            *[f"![{REGIMES[r][0]}](figures/map_{r}.png)" for r in regimes],
+        ])
+        text = (ROOT / args.docs).read_text()
+        if BEGIN not in text:
+            (ROOT / args.docs).write_text(text.rstrip() + f"\n\n{BEGIN}\n{END}\n")
+        write_docs_block(ROOT / args.docs, section)
+
+
+def write_docs_block(docs: Path, section: str) -> None:
+    text = docs.read_text()
+    docs.write_text(text[: text.index(BEGIN)] + f"{BEGIN}\n{section}\n{END}" + text[text.index(END) + len(END):])
+
+
+if __name__ == "__main__":
+    main()
