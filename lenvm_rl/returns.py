@@ -289,7 +289,7 @@ def expected_length_score(
     max_remaining: torch.Tensor,
     budgets: torch.Tensor,
     kinds: torch.Tensor,
-    score: str = "lifebench",
+    score="lifebench",
     start: torch.Tensor | float = 0.0,
 ) -> torch.Tensor:
     """E[S(start + n, N)] for a remaining length n whose stop hazard is constant (a geometric law) and whose
@@ -302,7 +302,8 @@ def expected_length_score(
     calibration). P(n = k) = p (1 - p)^k for k < m, P(n = m) = (1 - p)^m, m = ``max_remaining``.
 
     Shapes broadcast: values (B, S), max_remaining (B, S) or (B, 1) tokens >= 0, budgets and kinds (B, 1),
-    start (B, S) or a number (tokens already generated). Returns (B, S) float64. One vectorised step per k up to
+    start (B, S) or a number (tokens already generated). ``score`` names a LENGTH_SCORES entry or is any
+    f(lengths, budgets, kinds) (``budget_hit`` gives the probability of a hit). Returns (B, S) float64. One vectorised step per k up to
     max(max_remaining): O(T) small operations, no (B, S, T) tensor.
 
     V = 0 means stopping now (p = 1): 1 token written, at least 2 asked, S = e^{5 (1 - 2) / 2}.
@@ -310,7 +311,7 @@ def expected_length_score(
     >>> expected_length_score(torch.tensor([[0.0]]), 0.9, torch.tensor([[5]]), torch.tensor([[2]]), torch.tensor([[2]]), start=1)
     tensor([[0.0821]], dtype=torch.float64)
     """
-    scorer = LENGTH_SCORES[score]
+    scorer = LENGTH_SCORES[score] if isinstance(score, str) else score  # or f(lengths, budgets, kinds)
     u = (1.0 + values.double()).clamp(1e-12, 1.0)
     stop = (u * (1.0 - gamma) / (1.0 - u * gamma)).clamp(0.0, 1.0)  # (B, S) p
     start = torch.as_tensor(start, dtype=torch.float64, device=values.device)

@@ -8,6 +8,7 @@ import torch
 from lenvm_rl.returns import (
     BUDGET_KINDS,
     auto_gamma,
+    budget_hit,
     budget_kind_codes,
     expected_length_score,
     group_stats,
@@ -503,6 +504,15 @@ def test_expected_length_score_hand_cases():
     u = 1 + values.double()
     p = u * 0.5 / (1 - u * 0.5)
     assert torch.allclose(p / (1 - (1 - p) * 0.5), u)
+
+
+def test_expected_hit_probability_hand_case():
+    """A callable score: budget_hit gives P(hit). Same law as above (P(0) = 1/3, P(1) = 2/9, P(2) = 4/9), 1 token
+    already written: at most 2 tokens is hit by n <= 1 (5/9); at least 3 by n = 2 (4/9)."""
+    kinds = budget_kind_codes(["at_most", "at_least"])[:, None]
+    out = expected_length_score(torch.tensor([[-0.5], [-0.5]]), 0.5, torch.tensor([[2], [2]]),
+                                torch.tensor([[2], [3]]), kinds, score=budget_hit, start=1)
+    assert torch.allclose(out, torch.tensor([[5 / 9], [4 / 9]], dtype=torch.float64))
 
 
 @pytest.mark.parametrize("lam", [1.0, 0.95])
