@@ -88,6 +88,7 @@ def train_command(runs: Path, arm: str, seed: int, args) -> list[str]:
         "--model_name_or_path", str(runs / "sft"), "--lenvm_model_path", str(runs / "lenvm"),
         "--output_dir", str(runs / "study" / arm / f"seed{seed}"), "--seed", str(seed),
         "--max_steps", str(args.max_steps), "--eval_steps", str(args.eval_steps),
+        *[part for item in args.override for part in ("--" + item.split("=", 1)[0], item.split("=", 1)[1])],
     ]
 
 
@@ -251,7 +252,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target", type=float, default=0.8, help="held-out length score to reach")
     parser.add_argument("--figures", default="docs/figures", help="folder of the PNG curves")
     parser.add_argument("--docs", default="docs/BENCHMARKS.md", help="file whose testbed block is (re)written; '' = none")
+    parser.add_argument("--override", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="a recipe field for every arm, e.g. whiten_length_advantage=false (the table below)")
     args = parser.parse_args(argv)
+    if any("=" not in item for item in args.override):
+        parser.error("--override: write each as field=value")
     runs = (ROOT / args.runs).resolve()
 
     start = time.perf_counter()
