@@ -29,10 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from testbed import RECIPES, ROOT, check, machine, prepare, run_logged  # noqa: E402  (same folder)
 
 COMPLETIONS_PER_STEP = 32
-REGIMES = {  # name -> (label, overrides of every arm's recipe)
-    "g8": ("testbed, 8 completions per prompt (4 prompts per step)", {"num_generations": 8}),
-    "g2": ("testbed, 2 completions per prompt (16 prompts per step)", {"num_generations": 2}),
-    "g1": ("testbed, 1 completion per prompt (32 prompts per step)", {"num_generations": 1}),
+PLAN = {"budgets": [32, 64, 96], "max_completion_length": 112}  # the second task (lenvm_rl.testbed, form plan)
+REGIMES = {  # name -> (label, task folder under --runs' parent, overrides of every arm's recipe)
+    "g8": ("testbed, 8 completions per prompt (4 prompts per step)", "testbed", {"num_generations": 8}),
+    "g2": ("testbed, 2 completions per prompt (16 prompts per step)", "testbed", {"num_generations": 2}),
+    "g1": ("testbed, 1 completion per prompt (32 prompts per step)", "testbed", {"num_generations": 1}),
+    "plan_g8": ("plan testbed, 8 completions per prompt", "testbed_plan", {"num_generations": 8, **PLAN}),
+    "plan_g2": ("plan testbed, 2 completions per prompt", "testbed_plan", {"num_generations": 2, **PLAN}),
 }
 ARMS = {  # name -> (recipe under recipes/testbed, overrides, label)
     "seq": ("grpo/config_length_score.yaml", {}, "sequence-level length score"),
@@ -50,6 +53,12 @@ SCORE_KEY, ACCURACY_KEY = "eval_length/mean_length_score", "eval_rewards/accurac
 BEGIN, END = "<!-- map:begin (written by benchmarks/map.py) -->", "<!-- map:end -->"
 
 
+def task_dir(runs: Path, cell: str) -> Path:
+    """The folder of a regime's task (policy, rollouts, LenVM): ``runs`` for the first task, a sibling for others."""
+    folder = REGIMES[cell.split(":")[0]][1]
+    return runs if folder == "testbed" else runs.parent / folder
+
+
 def run_dir(runs: Path, cell: str, seed: int) -> Path:
     regime, arm = cell.split(":")
     return runs / "map" / regime / arm / f"seed{seed}"
@@ -58,11 +67,13 @@ def run_dir(runs: Path, cell: str, seed: int) -> Path:
 def train_command(runs: Path, cell: str, seed: int, args) -> list[str]:
     regime, arm = cell.split(":")
     recipe, arm_overrides, _ = ARMS[arm]
-    overrides = {**REGIMES[regime][1], **arm_overrides, "per_device_train_batch_size": COMPLETIONS_PER_STEP,
+    task = task_dir(runs, cell)
+    overrides = {**REGIMES[regime][2], **arm_overrides, "per_device_train_batch_size": COMPLETIONS_PER_STEP,
                  "seed": seed, "max_steps": args.max_steps, "eval_steps": args.eval_steps, "logging_steps": 1,
-                 "model_name_or_path": runs / "sft", "lenvm_model_path": runs / "lenvm",
+                 "model_name_or_path": task / "sft", "lenvm_model_path": task / "lenvm",
                  "output_dir": run_dir(runs, cell, seed)}
-    flags = [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
+    flags = [item for key, value in overrides.items()
+             for item in (f"--{key}", *(map(str, value) if isinstance(value, list) else [str(value)]))]
     return [sys.executable, "-m", "lenvm_rl", recipe.split("/")[0], "--config", str(RECIPES / recipe), *flags]
 
 
@@ -221,7 +232,8 @@ def main(argv: list[str] | None = None) -> None:
 
     start = time.perf_counter()
     if not args.report_only:
-        prepare(runs)
+        for folder in dict.fromkeys(task_dir(runs, cell) for cell in args.cells):
+            prepare(folder, form="tracker" if folder == runs else "plan")
         run_cells(runs, args)
     wall = time.perf_counter() - start
 

@@ -56,15 +56,20 @@ def check(process: subprocess.Popen, log: Path) -> None:
         sys.exit(f"testbed: {' '.join(process.args[:5])} ... failed (exit {process.returncode}); {log}:\n" + "\n".join(tail))
 
 
-def prepare(runs: Path) -> dict:
+# The second task (``--form plan``, lenvm_rl.testbed): its budgets and generation limit, for every stage after SFT.
+PLAN_OVERRIDES = {"budgets": ["32", "64", "96"], "max_completion_tokens": ["112"]}
+
+
+def prepare(runs: Path, form: str = "tracker", sft_flags: tuple[str, ...] = ()) -> dict:
     """Stages 1-2: the policy, its rollouts and its LenVM under ``runs``; returns their wall times (s)."""
     times = {}
+    plan = [part for key, values in PLAN_OVERRIDES.items() for part in (f"--{key}", *values)] if form == "plan" else []
     stages = [
         ("sft", runs / "sft" / "config.json",
-         [sys.executable, "-m", "lenvm_rl.testbed", "--output_dir", str(runs / "sft")]),
+         [sys.executable, "-m", "lenvm_rl.testbed", "--output_dir", str(runs / "sft"), "--form", form, *sft_flags]),
         ("rollout", runs / "rollouts" / "shards",
          [sys.executable, "-m", "lenvm_rl", "rollout", "--config", str(RECIPES / "rollout" / "config_testbed.yaml"),
-          "--model_name_or_path", str(runs / "sft"), "--output_dir", str(runs / "rollouts")]),
+          "--model_name_or_path", str(runs / "sft"), "--output_dir", str(runs / "rollouts"), *plan]),
         ("lenvm", runs / "lenvm" / "config.json",
          [sys.executable, "-m", "lenvm_rl", "train-lenvm", "--config", str(RECIPES / "lenvm" / "config_full.yaml"),
           "--model_name_or_path", str(runs / "sft"), "--rollouts_path", str(runs / "rollouts"),

@@ -20,6 +20,15 @@ dependence on the budget in 150 steps, because the starting policy never attends
 The tokenizer is word-level (whitespace-split): every number 0..``NUMBER_TOKENS - 1`` is one token, so the
 budget N in the prompt is one token the policy can read, and a length in tokens is a count of words.
 
+The second task ("plan then count down", ``--form plan``): the same prompts, a solution that announces its
+plan first: ``plan K :``, then K steps of ``PLAN_STEP_TOKENS`` tokens, each a countdown number (K - 1 .. 0)
+followed by filler words drawn at random, then ``#### <a + b>``: L = 3 + 4 K + 2 tokens. The length is fixed by
+one choice in the first two tokens (K); the fillers vary from token to token without changing it, and the
+countdown makes the stop follow from K, as a reasoning model's announced plan or step count sets its length
+long before it stops. K is uniform in [``PLAN_MIN_STEPS``, ``PLAN_MAX_STEPS``] in the SFT data (L 21..101, mean
+61), independent of the budget ({32, 64, 96}): the starting policy is budget-blind and must learn to pick K.
+Built for that regime, where a critic can know the length early, not for a result (docs/BENCHMARKS.md).
+
 The starting policy. ``main`` (``python -m lenvm_rl.testbed --output_dir runs/testbed/sft``) trains a Llama
 of about a million parameters from scratch with transformers' ``Trainer`` on solutions whose length L is drawn
 uniformly from [``MIN_SOLUTION_TOKENS``, ``MAX_SOLUTION_TOKENS``] independently of the budget in the prompt:
@@ -46,6 +55,13 @@ NEGATIVE_TOKENS = 40  # "-1" .. "-40": the budget tracker of a solution longer t
 MIN_SOLUTION_TOKENS = 2  # "#### s"
 MAX_SOLUTION_TOKENS = 40
 BUDGETS = (8, 16, 32)
+FORMS = ("tracker", "plan")  # the first task (a budget tracker, a random stop) and the second (a plan set early)
+PLAN_MIN_STEPS, PLAN_MAX_STEPS = 4, 24
+PLAN_STEP_TOKENS = 4  # a countdown number and three fillers
+PLAN_WORDS = ("plan", ":")
+PLAN_FILLERS = ("x", "y", "z", "w")
+PLAN_BUDGETS = (32, 64, 96)
+PLAN_MAX_TOKENS = 3 + PLAN_STEP_TOKENS * PLAN_MAX_STEPS + MIN_SOLUTION_TOKENS  # 101
 QUESTION = "What is {a} + {b} ?"
 ANSWER_MARKER = "####"
 SPECIAL_TOKENS = ("<unk>", "<pad>", "<eos>", "<|user|>", "<|assistant|>")
@@ -95,7 +111,27 @@ def write_solution(a: int, b: int, solution_tokens: int, budget_tokens: int) -> 
     return " ".join([*map(str, steps), ANSWER_MARKER, str(a + b)])
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
+def write_plan_solution(a: int, b: int, steps: int, rng: random.Random) -> str:
+    """The second task's solution: ``plan K :``, K steps (countdown K - 1 .. 0, then three random fillers each),
+    ``#### a + b``: 3 + 4 K + 2 words, whatever fillers are drawn.
+
+    >>> write_plan_solution(3, 4, 2, random.Random(0))
+    'plan 2 : 1 w w x 0 z w w #### 7'
+    """
+    if steps < 0:
+        raise ConfigError(f"steps: a plan has at least 0 steps, got {steps}")
+    words = ["plan", str(steps), ":"]
+    for remaining in range(steps - 1, -1, -1):
+        words += [str(remaining), *(rng.choice(PLAN_FILLERS) for _ in range(PLAN_STEP_TOKENS - 1))]
+    return " ".join([*words, ANSWER_MARKER, str(a + b)])
+
+
+def plan_length(steps: int) -> int:
+    """Tokens of a plan solution with ``steps`` steps (EOS excluded)."""
+    return len(PLAN_WORDS) + 1 + PLAN_STEP_TOKENS * steps + MIN_SOLUTION_TOKENS
+
+
+def make_tokenizer(form: str = "tracker") -> PreTrainedTokenizerFast:
     """Word-level tokenizer (whitespace split) over the task's words, the budget instructions and -40..199.
 
     Decoding joins tokens with single spaces, so a completion decodes to the text the rewards read.
@@ -105,9 +141,13 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     >>> len(ids), tokenizer.decode(ids)
     (4, '12 30 #### 42')
     """
+    if form not in FORMS:
+        raise ConfigError(f"form: {form!r} is not a testbed task; use one of {', '.join(FORMS)}")
     words = QUESTION.replace("{a}", "").replace("{b}", "").split() + [ANSWER_MARKER]
     for template in DEFAULT_TEMPLATES.values():
         words += template.replace("{N}", "").split()
+    if form == "plan":  # after the first task's words: their ids are the same in both tokenizers
+        words += [*PLAN_WORDS, *PLAN_FILLERS]
     numbers = [*map(str, range(NUMBER_TOKENS)), *(str(-n) for n in range(1, NEGATIVE_TOKENS + 1))]
     vocabulary = [*SPECIAL_TOKENS, *numbers, *dict.fromkeys(words)]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocabulary)}, unk_token="<unk>"))
@@ -123,7 +163,9 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def make_model(tokenizer, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
+def make_model(
+    tokenizer, hidden_size: int = 64, num_layers: int = 2, seed: int = 0, max_positions: int = 128
+) -> LlamaForCausalLM:
     """A randomly initialised Llama (about 0.13M parameters at the defaults) whose generation stops on <eos>."""
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -133,7 +175,7 @@ def make_model(tokenizer, hidden_size: int = 64, num_layers: int = 2, seed: int 
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=4,
-        max_position_embeddings=128,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -146,13 +188,15 @@ def make_model(tokenizer, hidden_size: int = 64, num_layers: int = 2, seed: int 
 
 
 def make_sft_dataset(
-    tokenizer, num_examples: int, seed: int, budgets=BUDGETS, kinds=("exact", "at_most", "at_least")
+    tokenizer, num_examples: int, seed: int, budgets=None, kinds=("exact", "at_most", "at_least"), form="tracker"
 ) -> Dataset:
     """Tokenised SFT rows: ``input_ids`` = prompt + solution + <eos>, ``labels`` = -100 on the prompt.
 
-    Every prompt carries a budget (uniform over ``budgets`` and ``kinds``), and the solution's length is drawn
-    uniformly from [MIN_SOLUTION_TOKENS, MAX_SOLUTION_TOKENS] independently of it.
+    Every prompt carries a budget (uniform over ``budgets``, default the form's, and ``kinds``), and the
+    solution's length is drawn independently of it: uniform in [MIN_SOLUTION_TOKENS, MAX_SOLUTION_TOKENS]
+    (tracker), or K uniform in [PLAN_MIN_STEPS, PLAN_MAX_STEPS] steps (plan).
     """
+    budgets = form_budgets(form) if budgets is None else budgets
     from lenvm_rl.budgets import add_budgets
     from lenvm_rl.rollouts import tokenize_prompts
 
@@ -162,8 +206,10 @@ def make_sft_dataset(
     rows = {"input_ids": [], "labels": []}
     for ids, row in zip(prompt_ids, prompts, strict=True):
         a, b = (int(word) for word in row["prompt"][0]["content"].split()[2:5:2])  # "What is a + b ?"
-        length = rng.randint(MIN_SOLUTION_TOKENS, MAX_SOLUTION_TOKENS)
-        solution = write_solution(a, b, length, row["budget_tokens"])
+        if form == "plan":
+            solution = write_plan_solution(a, b, rng.randint(PLAN_MIN_STEPS, PLAN_MAX_STEPS), rng)
+        else:
+            solution = write_solution(a, b, rng.randint(MIN_SOLUTION_TOKENS, MAX_SOLUTION_TOKENS), row["budget_tokens"])
         solution = tokenizer(solution, add_special_tokens=False)["input_ids"]
         rows["input_ids"].append(ids + solution + [tokenizer.eos_token_id])
         rows["labels"].append([-100] * len(ids) + solution + [tokenizer.eos_token_id])
@@ -181,21 +227,33 @@ def collate_sft(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     }
 
 
+def form_budgets(form: str) -> tuple[int, ...]:
+    """The budgets of a testbed task."""
+    return PLAN_BUDGETS if form == "plan" else BUDGETS
+
+
+def form_max_tokens(form: str) -> int:
+    """The longest solution of a testbed task (tokens, EOS excluded)."""
+    return PLAN_MAX_TOKENS if form == "plan" else MAX_SOLUTION_TOKENS
+
+
 @torch.no_grad()
-def sample_accuracy(model, tokenizer, num_prompts: int = 256, seed: int = 12345, temperature: float = 1.0) -> dict:
+def sample_accuracy(
+    model, tokenizer, num_prompts: int = 256, seed: int = 12345, temperature: float = 1.0, form: str = "tracker"
+) -> dict:
     """Accuracy and mean solution length (tokens, EOS excluded) of one sampled completion per budgeted prompt."""
     from lenvm_rl.budgets import add_budgets
     from lenvm_rl.rollouts import generate_hf, tokenize_prompts
     from rewards.correctness import is_correct
 
-    prompts = add_budgets(make_testbed_dataset(num_prompts, seed=seed), budgets=list(BUDGETS),
+    prompts = add_budgets(make_testbed_dataset(num_prompts, seed=seed), budgets=list(form_budgets(form)),
                           kinds=["exact", "at_most", "at_least"], seed=seed)
     correct, lengths, finished = 0, [], 0
     torch.manual_seed(seed)
     for start in range(0, num_prompts, 64):
         batch = prompts.select(range(start, min(start + 64, num_prompts)))
         prompt_ids = tokenize_prompts(tokenizer, batch["prompt"])
-        samples = generate_hf(model.eval(), tokenizer, prompt_ids, 1, MAX_SOLUTION_TOKENS + 8, temperature)
+        samples = generate_hf(model.eval(), tokenizer, prompt_ids, 1, form_max_tokens(form) + 8, temperature)
         for row, [(ids, done)] in zip(batch, samples, strict=True):
             correct += is_correct(tokenizer.decode(ids, skip_special_tokens=True), row["answer"])
             lengths.append(len(ids))
@@ -206,6 +264,7 @@ def sample_accuracy(model, tokenizer, num_prompts: int = 256, seed: int = 12345,
 @dataclass
 class TestbedSFTArguments:
     output_dir: str = field(default="runs/testbed/sft", metadata={"help": "Folder of the trained policy and tokenizer."})
+    form: str = field(default="tracker", metadata={"help": "The task: tracker (the first) or plan (the second)."})
     num_examples: int = field(default=40_000, metadata={"help": "SFT rows (problem, budget, solution length drawn)."})
     hidden_size: int = field(default=64, metadata={"help": "Llama hidden size (intermediate = 3x)."})
     num_layers: int = field(default=2, metadata={"help": "Llama decoder layers."})
@@ -221,9 +280,11 @@ def train_sft(args: TestbedSFTArguments) -> dict:
     Returns the sampled accuracy / length summary of ``sample_accuracy`` on fresh problems, and the wall time.
     """
     start = time.perf_counter()
-    tokenizer = make_tokenizer()
-    model = make_model(tokenizer, hidden_size=args.hidden_size, num_layers=args.num_layers, seed=args.seed)
-    train_rows = make_sft_dataset(tokenizer, args.num_examples, seed=args.seed + 1)
+    tokenizer = make_tokenizer(args.form)
+    positions = 128 if args.form == "tracker" else 160  # prompt (<= 16 tokens) + the longest solution + EOS
+    model = make_model(tokenizer, hidden_size=args.hidden_size, num_layers=args.num_layers, seed=args.seed,
+                       max_positions=positions)
+    train_rows = make_sft_dataset(tokenizer, args.num_examples, seed=args.seed + 1, form=args.form)
     training_args = TrainingArguments(
         output_dir=args.output_dir,
         num_train_epochs=args.epochs,
@@ -248,7 +309,7 @@ def train_sft(args: TestbedSFTArguments) -> dict:
     trainer.train()
     model.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
-    summary = sample_accuracy(model, tokenizer)
+    summary = sample_accuracy(model, tokenizer, form=args.form)
     summary["wall_s"] = time.perf_counter() - start
     summary["parameters"] = sum(p.numel() for p in model.parameters())
     return summary

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -25,9 +26,16 @@ from lenvm_rl.testbed import (
     MAX_OPERAND,
     MAX_SOLUTION_TOKENS,
     MIN_SOLUTION_TOKENS,
+    PLAN_BUDGETS,
+    PLAN_FILLERS,
+    PLAN_MAX_STEPS,
+    PLAN_MIN_STEPS,
+    PLAN_WORDS,
     make_sft_dataset,
     make_testbed_dataset,
     make_tokenizer,
+    plan_length,
+    write_plan_solution,
     write_solution,
 )
 from rewards import Accuracy, LengthScore
@@ -194,3 +202,45 @@ SLOW_SFT_ARGS = ["--num_examples", "30000", "--epochs", "2"]
 SLOW_GRPO_ARGS = ["--max_steps", "120", "--eval_steps", "60", "--eval_num_prompts", "128", "--num_generations_eval", "4"]
 SLOW_MIN_SCORE_GAIN = 0.10
 SLOW_MAX_ACCURACY_DROP = 0.10
+
+
+# ------------------------------------------------------------------------------------ the second task (plan)
+
+
+@pytest.mark.parametrize("steps", [0, 1, PLAN_MIN_STEPS, PLAN_MAX_STEPS])
+def test_plan_solution_length_is_set_by_its_plan_and_fillers_do_not_change_it(steps):
+    tokenizer = make_tokenizer("plan")
+    texts = {write_plan_solution(5, 9, steps, random.Random(seed)) for seed in range(6)}
+    if steps >= PLAN_MIN_STEPS:
+        assert len(texts) == 6  # the fillers vary from draw to draw
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) == plan_length(steps) == 3 + 4 * steps + 2 and tokenizer.unk_token_id not in ids
+        words = text.split()
+        assert words[:3] == ["plan", str(steps), ":"]
+        assert [int(w) for w in words[3:-2:4]] == list(range(steps - 1, -1, -1))  # the countdown
+        assert Accuracy()(prompts=[""], completions=[text], completion_ids=[ids], answer=["14"]) == [1.0]
+
+
+def test_plan_tokenizer_keeps_the_first_tasks_ids():
+    first, plan = make_tokenizer(), make_tokenizer("plan")
+    assert all(plan.convert_tokens_to_ids(word) == index for word, index in first.get_vocab().items())
+    assert len(plan) == len(first) + len(PLAN_WORDS) + len(PLAN_FILLERS)
+    with pytest.raises(ConfigError, match="form"):
+        make_tokenizer("story")
+
+
+def test_plan_sft_rows_draw_the_plan_independently_of_the_budget():
+    tokenizer = make_tokenizer("plan")
+    rows = make_sft_dataset(tokenizer, 600, seed=3, form="plan")
+    plans = {budget: [] for budget in PLAN_BUDGETS}
+    for row in rows:
+        labels = [i for i in row["labels"] if i != -100]
+        words = tokenizer.decode(labels[:-1]).split()
+        prompt = tokenizer.decode([i for i, l in zip(row["input_ids"], row["labels"]) if l == -100]).split()
+        budget = next(int(w) for w in prompt if w.isdigit() and int(w) in PLAN_BUDGETS)  # operands are <= 19
+        assert words[0] == "plan" and len(words) == plan_length(int(words[1]))
+        plans[budget].append(int(words[1]))
+    for drawn in plans.values():  # K uniform on 4..24 for every budget: mean 14
+        assert PLAN_MIN_STEPS <= min(drawn) and max(drawn) <= PLAN_MAX_STEPS
+        assert abs(sum(drawn) / len(drawn) - 14) < 2.0
