@@ -11,8 +11,9 @@ How this departs from TRL's GRPO:
   difference of scores in [0, 1] (0.1-0.3 per token on the testbed) against an A_task of order 1.
 - Baseline (budget objective): ``length_baseline: lenvm`` uses the LenVM's potential Φ(s_0) at the prompt
   boundary; ``group`` anchors it at the group's mean realised score, as TRL's advantage does for rewards, and
-  keeps the LenVM's change Φ_j - Φ_0 within the completion (still a state-dependent baseline); the result is
-  divided by the group's score std when ``scale_rewards`` is ``group`` (TRL's own field, its own meaning).
+  keeps the LenVM's change Φ_j - Φ_0 within the completion (still a state-dependent baseline); unwhitened, the
+  result is divided by the group's score std when ``scale_rewards`` is ``group`` (TRL's own field, its own
+  meaning); whitened (the default), the whitening alone sets the scale.
 - Potential (budget objective): ``length_potential: point`` scores the LenVM's expected length, S(E[L]);
   ``expected`` is E[S(L)] under a constant stop hazard matched to the LenVM's value (``returns.expected_length_score``).
 - EOS: TRL's completion_mask includes the EOS token. A completion is finished when its last masked token is
@@ -108,7 +109,7 @@ class LenVMGRPOConfig(GRPOConfig):
     length_baseline: str = field(
         default="lenvm",
         metadata={"help": "Budget baseline at the prompt boundary: lenvm (Φ(s_0)) or group (the group's mean realised "
-                          "score, divided by its std when scale_rewards is group); needs >= 2 generations."},
+                          "score; unwhitened, divided by its std when scale_rewards is group); needs >= 2 generations."},
     )
     length_potential: str = field(
         default="point",
@@ -288,9 +289,12 @@ class LenVMGRPOTrainer(GRPOTrainer):
             mean, std = group_stats(batch["all_scores"], group_size)  # (B_global,)
             local = batch["local_rows"]
             anchors = mean[local]
-            if self.scale_rewards == "group":
+            # Whitened, the batch sets the scale. A group's std does not bound the LenVM's part Φ_j - Φ_0, so
+            # dividing by it blows up groups of (nearly) equal scores: at 2 completions per prompt that collapsed
+            # the testbed runs (docs/BENCHMARKS.md); only an unwhitened run takes TRL's scaling.
+            if not args.whiten_length_advantage and self.scale_rewards == "group":
                 scale = std[local]
-            elif self.scale_rewards == "batch":
+            elif not args.whiten_length_advantage and self.scale_rewards == "batch":
                 scale = batch["all_scores"].std().expand_as(anchors)
         length = length_advantages(
             values, completion_mask, batch["finished"], self.length_gamma, args.length_lambda, args.length_objective,

@@ -452,6 +452,29 @@ def test_group_baseline_anchors_at_the_group_mean(tiny_model_path, tokenizer, da
                                rtol=1e-5)
 
 
+def test_whitened_group_baseline_is_not_divided_by_a_degenerate_group_std(tiny_model_path, tokenizer, dataset,
+                                                                          lenvm_path, tmp_path):
+    """Groups of 2 with equal realised scores have std 0: whitened, A_len is the whitened group-anchored advantage
+    itself (no division by std + 1e-4, which made the LenVM's Φ_j - Φ_0 of those rows 10^4 times larger)."""
+    from lenvm_rl.returns import length_advantages, lenvm_state_values
+
+    trainer = make_trainer(tiny_model_path, tokenizer, dataset, tmp_path, lenvm_model_path=lenvm_path,
+                           length_baseline="group", num_generations=2, per_device_train_batch_size=4)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]).bool()
+    finished = torch.tensor([True, True, True, True])  # group 1: L = 2 and 2 (std 0); group 2: L = 1 and 3
+    values_full = -torch.rand(4, 3 + 4, generator=torch.Generator().manual_seed(0)) * 0.98 - 0.01
+    budgets, kinds = torch.tensor([2.0, 2.0, 3.0, 3.0]), torch.tensor([0, 0, 0, 0])
+    _, length = assemble(trainer, torch.zeros(4), values_full, 3, mask, finished, budgets, kinds)
+    lengths = mask.sum(1) - 1
+    scores = LENGTH_SCORES["lifebench"](lengths.float(), budgets, kinds).double()
+    anchors = scores.view(2, 2).mean(1).repeat_interleave(2)
+    raw = length_advantages(lenvm_state_values(values_full, 3, mask, finished), mask, finished, trainer.length_gamma,
+                            1.0, "budget", budgets, kinds, discount=1.0, anchors=anchors)
+    expected = (raw - raw[mask].mean()) / (raw[mask].std(correction=0) + 1e-8) * mask
+    torch.testing.assert_close(length.double(), expected.double(), atol=1e-5, rtol=1e-5)
+    assert length.abs().max() < 10
+
+
 @pytest.mark.parametrize("options", [
     dict(length_baseline="group"), dict(length_potential="expected"), dict(eos_credit=True),
     dict(length_objective="efficiency", eos_credit=True),
