@@ -254,12 +254,14 @@ def main(argv: list[str] | None = None) -> None:
     for regime in regimes:
         plot(runs_by_cell, regime, ROOT / args.figures / f"map_{regime}.png", args.target)
     if args.docs:
-        command = "python benchmarks/map.py " + " ".join(sys.argv[1:])
+        command = "python benchmarks/map.py " + " ".join(a for a in sys.argv[1:] if a != "--report-only")
+        run_walls = [run["wall_s"] for seeds in runs_by_cell.values() for run in seeds.values() if run["wall_s"]]
         section = "\n".join([
             f"Command: `{command.strip()}`. Machine: {machine()}.",
             f"{args.max_steps} steps per run, {COMPLETIONS_PER_STEP} completions per step, held-out evaluation every "
-            f"{args.eval_steps} steps (64 held-out problems × 2 samples). Seeds per cell: as listed. Wall time of this "
-            f"invocation: {wall / 60:.1f} min ({args.jobs} processes at a time, one thread each).",
+            f"{args.eval_steps} steps (64 held-out problems × 2 samples). Seeds per cell: as listed. Sum of the "
+            f"runs' wall times: {sum(run_walls) / 60:.0f} min ({args.jobs} processes at a time, one thread each, on a "
+            f"machine shared with other work: per-run wall times are not comparable between cells).",
             "",
             result,
             "",
