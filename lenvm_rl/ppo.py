@@ -328,6 +328,10 @@ class LenVMPPOTrainer(LenVMGRPOTrainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.is_fsdp_enabled:
+            # The FSDP checkpoint just loaded is the whole model, the head included (so is DeepSpeed's, which the
+            # Trainer loads without calling this method); its head is sharded, and the file holds the full tensors.
+            return
         path = os.path.join(resume_from_checkpoint, VALUE_HEAD_FILE)
         if not os.path.isfile(path):  # checkpoints written before the head moved into its subfolder
             path = os.path.join(resume_from_checkpoint, "task_value_head.safetensors")
