@@ -151,6 +151,8 @@ class LenVMPPOConfig(LenVMGRPOConfig):
 class LenVMPPOTrainer(LenVMGRPOTrainer):
     """PPO on TRL's GRPO machinery: task critic on the policy's trunk, LenVM length critic (module docstring)."""
 
+    policy_heads: ClassVar[tuple[str, ...]] = (VALUE_HEAD_PREFIX,)  # kept out of vLLM's weight sync
+
     def __init__(self, model, reward_funcs=None, args: LenVMPPOConfig | None = None, train_dataset=None, **kwargs):
         if not isinstance(args, LenVMPPOConfig):
             raise TypeError(f"args: LenVMPPOTrainer needs a LenVMPPOConfig, got {type(args).__name__}")
