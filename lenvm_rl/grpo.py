@@ -229,6 +229,8 @@ class LenVMGRPOTrainer(GRPOTrainer):
                     f"budget_kind: the dataset has unknown kinds {unknown}; use {', '.join(BUDGET_KINDS)}"
                 )
         super().__init__(model, reward_funcs, args, train_dataset, **kwargs)
+        if args.use_vllm:
+            self.keep_heads_out_of_vllm(self.vllm_generation)
         self.lenvm = self.lenvm_optimizer = None
         self.batch_rewards = None  # (B_global, F), set by _calculate_rewards for the current generation batch
         if args.lenvm_model_path is None:
@@ -245,6 +247,22 @@ class LenVMGRPOTrainer(GRPOTrainer):
             self.lenvm_optimizer = torch.optim.AdamW(
                 [p for p in lenvm.parameters() if p.requires_grad], lr=args.lenvm_learning_rate, weight_decay=0.0
             )
+
+    # Submodules this project adds to the policy (PPO's task value head); never sent to vLLM.
+    policy_heads: ClassVar[tuple[str, ...]] = ()
+
+    def keep_heads_out_of_vllm(self, generation) -> None:
+        """TRL's weight sync sends every named parameter of the policy to vLLM, whose ``load_weights`` raises on a
+        name it does not know: drop ``policy_heads`` from what ``generation`` (TRL's ``VLLMGeneration``) sends. Every
+        parameter is still walked, because gathering one (ZeRO-3, FSDP) is a collective all ranks take part in."""
+        walk = generation._iter_named_params
+
+        def policy_weights():
+            for name, param in walk():
+                if not name.startswith(self.policy_heads):
+                    yield name, param
+
+        generation._iter_named_params = policy_weights
 
     # ------------------------------------------------------------------------------------------------ hooks
 

@@ -260,16 +260,23 @@ def main(argv: list[str] | None = None) -> None:
     trainer = LenVMTrainer(
         model, config, train_dataset=train_rows, eval_dataset=eval_rows, processing_class=tokenizer, callbacks=[sigterm]
     )
+    zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+    if model_args.use_peft and (zero3 or trainer.is_fsdp_enabled):
+        raise ConfigError(
+            "use_peft: a LoRA LenVM is merged into a plain LenVM when saved, which needs its whole weights on one "
+            "process; launch it with DDP or ZeRO-2, or train a full or top-layer LenVM under ZeRO-3 / FSDP"
+        )
     trainer.train(resume_from_checkpoint=resume_from)
     sigterm.exit_if_stopped(trainer)  # SIGTERM: a checkpoint is saved; exit 143 without a final model
     metrics = trainer.evaluate()
 
-    ################ Save (a LoRA LenVM is merged: the saved model is a plain LenVM)
-    final = trainer.accelerator.unwrap_model(trainer.model)
+    ################ Save (every rank: ZeRO-3 and FSDP gather the sharded weights; a LoRA LenVM is merged first)
     if model_args.use_peft:
-        final = final.merge_and_unload()
+        if trainer.is_world_process_zero():
+            trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(config.output_dir)
+    else:
+        trainer.save_model(config.output_dir)  # the Trainer's gathering save
     if trainer.is_world_process_zero():
-        final.save_pretrained(config.output_dir)
         tokenizer.save_pretrained(config.output_dir)
         trainer.save_metrics("eval", metrics)
         record_run(config.output_dir, "train-lenvm", argv, script_args, config, model_args)  # the command and the recipe

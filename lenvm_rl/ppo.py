@@ -151,6 +151,8 @@ class LenVMPPOConfig(LenVMGRPOConfig):
 class LenVMPPOTrainer(LenVMGRPOTrainer):
     """PPO on TRL's GRPO machinery: task critic on the policy's trunk, LenVM length critic (module docstring)."""
 
+    policy_heads: ClassVar[tuple[str, ...]] = (VALUE_HEAD_PREFIX,)  # kept out of vLLM's weight sync
+
     def __init__(self, model, reward_funcs=None, args: LenVMPPOConfig | None = None, train_dataset=None, **kwargs):
         if not isinstance(args, LenVMPPOConfig):
             raise TypeError(f"args: LenVMPPOTrainer needs a LenVMPPOConfig, got {type(args).__name__}")
@@ -328,6 +330,10 @@ class LenVMPPOTrainer(LenVMGRPOTrainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.is_fsdp_enabled:
+            # The FSDP checkpoint just loaded is the whole model, the head included (so is DeepSpeed's, which the
+            # Trainer loads without calling this method); its head is sharded, and the file holds the full tensors.
+            return
         path = os.path.join(resume_from_checkpoint, VALUE_HEAD_FILE)
         if not os.path.isfile(path):  # checkpoints written before the head moved into its subfolder
             path = os.path.join(resume_from_checkpoint, "task_value_head.safetensors")

@@ -288,3 +288,26 @@ def test_one_generation_is_ppo_only(tmp_path):
     assert LenVMPPOConfig(output_dir=str(tmp_path), use_cpu=True, lenvm_model_path="lenvm", num_generations=1)
     with pytest.raises(ConfigError, match="^num_generations: 1 completions per prompt must be >= 2"):
         LenVMGRPOConfig(output_dir=str(tmp_path), use_cpu=True, lenvm_model_path="lenvm", num_generations=1)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_vllm_weight_sync_gets_the_policy_without_the_task_head(lora, tiny_model_path, tokenizer, dataset, tmp_path, lenvm_path):
+    """TRL's own parameter walk of its vLLM weight sync (``VLLMGeneration._iter_named_params``), on this trainer's
+    policy: what reaches vLLM's ``load_weights`` is exactly the plain causal LM's parameter names, no head."""
+    import types
+    from contextlib import nullcontext
+
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM") if lora else None
+    trainer = make_trainer(tiny_model_path, tokenizer, dataset, tmp_path, peft_config=peft_config, lenvm_model_path=lenvm_path)
+    generation = types.SimpleNamespace(
+        model=trainer.model, _dist=types.SimpleNamespace(is_fsdp=False, gather_params=lambda params: nullcontext())
+    )
+    for method in ("_iter_named_params", "_fix_param_name_to_vllm"):
+        setattr(generation, method, types.MethodType(getattr(VLLMGeneration, method), generation))
+    assert any(name.startswith("task_value_head.") for name, _ in generation._iter_named_params())  # TRL's walk alone
+    trainer.keep_heads_out_of_vllm(generation)
+    received = [name for name, _ in generation._iter_named_params()]  # what load_weights would be given
+    expected = [name for name, _ in AutoModelForCausalLM.from_pretrained(tiny_model_path).named_parameters()]
+    assert sorted(received) == sorted(expected)
