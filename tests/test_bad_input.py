@@ -62,7 +62,7 @@ CASES = {
     "unknown-length-objective": ("grpo", {"length_objective": "shorter"}, [], "length_objective:"),
     "resume-without-checkpoint": ("grpo", {}, ["--resume_from_checkpoint", "true"], "resume_from_checkpoint:"),
     "resume-lenvm-without-checkpoint": ("train-lenvm", {"resume_from_checkpoint": True}, [], "resume_from_checkpoint:"),
-    "rollouts-path-without-shards": ("train-lenvm", {"rollouts_path": "{tmp}"}, [], "rollouts_path:"),
+    "rollouts-path-without-shards": ("train-lenvm", {"rollouts_path": "{model}"}, [], "rollouts_path:"),
     "gamma-out-of-range": ("train-lenvm", {"gamma": "1.5"}, [], "gamma:"),
     "threshold-zero": ("length-tokens", {"threshold": 0}, [], "threshold:"),
     "length-tokens-plain-model": ("length-tokens", {"lenvm_model_path": "{model}"}, [], "lenvm_model_path:"),
