@@ -256,6 +256,10 @@ def main(argv: list[str] | None = None) -> None:
         train_rows, eval_rows = rollouts, load_rollouts(script_args.eval_rollouts_path)
     else:
         train_rows, eval_rows = split_by_prompt(rollouts, script_args.eval_prompt_fraction, config.seed)
+    vocab_size = model_vocab_size(model_args.model_name_or_path)  # from its config: no weights load
+    check_token_ids(rollouts, vocab_size, "rollouts_path", script_args.rollouts_path)
+    if script_args.eval_rollouts_path:
+        check_token_ids(eval_rows, vocab_size, "eval_rollouts_path", script_args.eval_rollouts_path)
     train_rows = prepare_rollouts(train_rows, config.truncated_rollouts, config.max_sequence_tokens, "rollouts_path")
     eval_rows = prepare_rollouts(eval_rows, "drop", config.max_sequence_tokens, "eval rollouts")
     for name, rows in (("training", train_rows), ("held-out", eval_rows)):
@@ -276,10 +280,6 @@ def main(argv: list[str] | None = None) -> None:
     ################ Model and tokenizer (the rollouts' token ids must mean the same to the LenVM)
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     check_rollout_tokenizer(script_args.rollouts_path, model_args.model_name_or_path, tokenizer)
-    vocab_size = model_vocab_size(model_args.model_name_or_path)
-    check_token_ids(rollouts, vocab_size, "rollouts_path", script_args.rollouts_path)
-    if script_args.eval_rollouts_path:
-        check_token_ids(eval_rows, vocab_size, "eval_rollouts_path", script_args.eval_rollouts_path)
     model = build_lenvm(model_args, config, gamma, finished_lengths)
 
     ################ Train

@@ -299,7 +299,9 @@ def load_rollouts(path: str | Path) -> Dataset:
 
 def load_shard(shard: Path) -> Dataset:
     try:
-        return load_from_disk(str(shard))
+        dataset = load_from_disk(str(shard))
+        dataset.data.validate(full=True)  # the columns are memory-mapped: a cut-off file shows only when read
+        return dataset
     except Exception as error:  # a truncated arrow file, a cut-off state.json: pyarrow and json raise many types
         raise ConfigError(
             f"rollouts_path: the shard {shard} is corrupt ({type(error).__name__}: {str(error).splitlines()[0][:80]}); "
