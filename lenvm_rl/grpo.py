@@ -474,6 +474,10 @@ class LenVMGRPOTrainer(GRPOTrainer):
         mean_loss = self.accelerator.reduce(torch.stack(losses).mean(), reduction="mean")
         self._metrics["train"]["length/critic_update_loss"].append(mean_loss.item())
 
+    def create_model_card(self, *args, **kwargs):
+        """Nothing: TRL writes its card into output_dir at every checkpoint, where it could replace the user's own
+        README.md; the run's card (``hub.model_card``) is written with the final save."""
+
     def _save(self, output_dir=None, state_dict=None):
         super()._save(output_dir, state_dict)
         if self.lenvm_optimizer is None or not self.args.should_save:
