@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import sys
+from pathlib import Path
 
 from lenvm_rl.errors import ConfigError
 
@@ -36,6 +37,14 @@ def parse_recipe(dataclass_types: tuple, argv: list[str] | None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[-1:] == ["--config"]:
         raise ConfigError("config: --config needs a recipe path, e.g. --config recipes/<Model>/<stage>/config_<variant>.yaml")
+    recipes = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"] + [a[9:] for a in argv if a.startswith("--config=")]
+    if len(recipes) > 1:
+        raise ConfigError(
+            f"config: --config given {len(recipes)} times ({', '.join(recipes)}); give one recipe and override its "
+            f"fields with flags (--field value)"
+        )
+    if recipes and Path(recipes[0]).is_dir():
+        raise ConfigError(f"config: {recipes[0]!r} is a folder; give the recipe's YAML file inside it")
     try:
         return parser.parse_args_and_config(argv)
     except ConfigError:

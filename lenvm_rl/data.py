@@ -56,6 +56,10 @@ class DatasetArguments:
             raise ConfigError(f"num_prompts: must be positive, got {self.num_prompts}")
         if self.skip_prompts < 0:
             raise ConfigError(f"skip_prompts: must be >= 0, got {self.skip_prompts}")
+        for name in ("budgets", "budget_range"):  # YAML gives whatever it parses: 32, {a: 1}, [[16, 32]]
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, list) and all(type(b) is int for b in value)):
+                raise ConfigError(f"{name}: need a flat list of token counts, e.g. [16, 32, 64]; got {value!r}")
         # Checked here as well as in add_budgets: a bad budget fails before any model loads or file is written.
         if self.budgets is not None and not (self.budgets and all(b > 0 for b in self.budgets)):
             raise ConfigError(f"budgets: need positive token counts, e.g. [16, 32, 64]; got {self.budgets}")
@@ -101,10 +105,8 @@ def load_prompt_splits(args: DatasetArguments, num_eval_prompts: int) -> tuple[D
         try:
             dataset = datasets.load_dataset("json", data_files=name, split="train")
         except Exception as error:  # an empty file raises StopIteration, a bad line a DatasetGenerationError
-            raise ConfigError(
-                f"dataset_name: cannot read {name!r} as JSON lines ({type(error).__name__}); it must hold one JSON "
-                f"object per line, at least one"
-            ) from None
+            raise ConfigError(f"dataset_name: cannot read {name!r} as JSON lines ({json_problem(name, error)}); it "
+                              f"must hold one JSON object per line, at least one") from None
     elif Path(name, "dataset_info.json").is_file() or Path(name, "state.json").is_file():
         dataset = datasets.load_from_disk(name)
     else:
@@ -120,6 +122,7 @@ def load_prompt_splits(args: DatasetArguments, num_eval_prompts: int) -> tuple[D
             f"prompt_column: the dataset has no column {args.prompt_column!r} (columns: "
             f"{', '.join(dataset.column_names)}); set prompt_column to the column holding the prompts"
         )
+    check_prompts(dataset, args.prompt_column, name)
     # Held-out slices must be disjoint in content, not only in index (a procedural task repeats problems).
     skipped = range(min(args.skip_prompts, len(dataset)))
     seen = {json.dumps(p, sort_keys=True) for p in dataset.select(skipped)[args.prompt_column]}
@@ -141,11 +144,69 @@ def load_prompt_splits(args: DatasetArguments, num_eval_prompts: int) -> tuple[D
                 f"eval_num_prompts: no prompt is left after the {train_size} training prompts; lower num_prompts "
                 f"or give a larger dataset"
             )
-        held_out = held_out.select(range(min(num_eval_prompts, len(held_out))))
+        if len(held_out) < num_eval_prompts:
+            raise ConfigError(
+                f"eval_num_prompts: {num_eval_prompts} asked for, but only {len(held_out)} prompt(s) are left after the "
+                f"{train_size} training prompts; lower it or give a larger dataset"
+            )
+        held_out = held_out.select(range(num_eval_prompts))
     if args.num_prompts is not None:
-        dataset = dataset.select(range(min(args.num_prompts, len(dataset))))
+        if len(dataset) < args.num_prompts:
+            raise ConfigError(
+                f"num_prompts: {args.num_prompts} asked for, but {name!r} has {len(dataset)} (after skip_prompts and "
+                f"its repeats); lower num_prompts, or unset it to use them all"
+            )
+        dataset = dataset.select(range(args.num_prompts))
     dataset = _finish(dataset, args, args.dataset_seed)
     return dataset, None if held_out is None else _finish(held_out, args, args.dataset_seed + 1)
+
+
+def json_problem(path: str, error: Exception) -> str:
+    """What is wrong with a JSON-lines file: the first line that does not parse, by number, else the error type."""
+    with open(path, encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, start=1):
+            try:
+                line.strip() and json.loads(line)
+            except ValueError as bad:
+                return f"line {number} is not valid JSON: {bad.msg}"
+    return type(error).__name__
+
+
+def check_prompts(dataset: Dataset, column: str, name: str) -> None:
+    """Refuse a prompt that is not a non-empty question string or a list of chat messages with text content."""
+    for row, prompt in enumerate(dataset[column]):
+        if isinstance(prompt, str):
+            problem = None if prompt.strip() else "an empty prompt"
+        elif isinstance(prompt, list) and prompt:
+            chat = all(isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in prompt)
+            problem = None if chat else "a list that is not chat messages ({role, content} with text)"
+        else:
+            problem = "an empty chat" if prompt == [] else f"{type(prompt).__name__} {prompt!r}"
+        if problem:
+            raise ConfigError(
+                f"prompt_column: row {row} of {name!r} holds {problem}, not a question string or chat messages; "
+                f"fix or remove that row, or set prompt_column to the column with the prompts"
+            )
+
+
+def source_fingerprint(dataset_name: str) -> str | None:
+    """sha256 of a local dataset's bytes (a file, or every file of a folder), None for a built-in task or Hub id:
+    a rerun that resumes must read the prompts the first run read."""
+    import hashlib
+
+    path = Path(dataset_name)
+    # ``map`` on a save_to_disk dataset writes cache-*.arrow files into its folder: not the source.
+    inside = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("cache-")) if path.is_dir() else []
+    files = [path] if path.is_file() else inside
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(path) if file != path else "").encode())
+        with open(file, "rb") as source:
+            for block in iter(lambda: source.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def _finish(dataset: Dataset, args: DatasetArguments, seed: int) -> Dataset:

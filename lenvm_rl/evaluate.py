@@ -35,7 +35,7 @@ import torch
 from datasets import Dataset, concatenate_datasets
 from tqdm.auto import tqdm
 
-from lenvm_rl.data import DatasetArguments, load_prompts
+from lenvm_rl.data import DatasetArguments, load_prompts, source_fingerprint
 from lenvm_rl.errors import ConfigError, changed_setting, require_single_process, require_vllm
 from lenvm_rl.returns import BUDGET_KINDS, budget_hit, budget_kind_codes, lifebench_length_score
 
@@ -121,6 +121,14 @@ class EvaluateArguments(DatasetArguments):
             )
         if self.labels is not None and len(self.labels) != len(self.models()):
             raise ConfigError(f"labels: give one per evaluated model ({len(self.models())}: the base, then each adapter), got {len(self.labels)}")
+        twice = [a for a in dict.fromkeys(self.adapters) if self.adapters.count(a) > 1]
+        if twice:
+            raise ConfigError(f"adapters: {twice[0]!r} is listed twice; list each adapter once")
+        # An arm's generations file is named after its label: two arms with one name would share (and delete) it.
+        files = [generations_name(label) for label, _, _ in self.model_specs()]
+        clash = next((f for f in files if files.count(f) > 1), None)
+        if clash is not None:
+            raise ConfigError(f"labels: two evaluated models are both named {clash!r}; give distinct labels, one per model")
 
     def backend(self) -> str:
         """"vllm" or "hf": the generator of the plain and truncation arms (guided arms are always "hf")."""
@@ -134,13 +142,29 @@ class EvaluateArguments(DatasetArguments):
     def model_specs(self) -> list[tuple[str, str | None, str]]:
         """(label, adapter or None, decoding: plain | truncation | guided) for every arm, in table order."""
         models = self.models()
-        names = self.labels or ["base" if a is None else Path(a).name for a in models]
+        names = self.labels or default_labels(models)
         specs = [(name, adapter, "plain") for name, adapter in zip(names, models)]
         if self.hard_truncation:
             specs += [(f"{name} + truncation", adapter, "truncation") for name, adapter in zip(names, models)]
         if self.guided_decoding:
             specs += [(f"{name} + LenVM-guided", adapter, "guided") for name, adapter in zip(names, models)]
         return specs
+
+
+def default_labels(models: list[str | None]) -> list[str]:
+    """"base" and each adapter's folder name, lengthened to as many trailing path parts as it takes to tell them
+    apart (``runA/final`` and ``runB/final``, not ``final`` twice)."""
+    parts = [("base",) if m is None else Path(m).resolve().parts for m in models]
+    for depth in range(1, max(map(len, parts)) + 1):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len({generations_name(n) for n in names}) == len(names):
+            return names
+    return names
+
+
+def generations_name(label: str) -> str:
+    """The file name, without suffix, of an arm's generations."""
+    return label.replace(" ", "_").replace("/", "_")
 
 
 def budgeted_prompts(args: DatasetArguments) -> Dataset:
@@ -421,6 +445,7 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, list[dict]]:
     ignored = ("output_dir", "labels", "adapters", "include_base", "hard_truncation", "use_vllm", "vllm_gpu_memory_utilization",
                "vllm_tensor_parallel_size")
     settings = {k: v for k, v in asdict(args).items() if k not in ignored}
+    settings["dataset_sha256"] = source_fingerprint(args.dataset_name)  # an edited file keeps its name
     if backend == "vllm":  # samples differ from generate's: a resume must not mix the two
         settings["generator"] = "vllm"
     if inference_device().type != "cpu" and (backend == "hf" or args.guided_decoding):
@@ -460,7 +485,7 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, list[dict]]:
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest.write_text(json.dumps(settings, indent=2))
     for label, adapter, decoding in args.model_specs():
-        file = output_dir / "generations" / f"{label.replace(' ', '_').replace('/', '_')}.jsonl"
+        file = output_dir / "generations" / f"{generations_name(label)}.jsonl"
         drop_if_stale(file, adapter)
         backends[label] = "hf" if decoding == "guided" else backend
         if backends[label] == "vllm":
@@ -483,9 +508,13 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, list[dict]]:
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     from lenvm_rl.cli import parse_recipe
+    from lenvm_rl.outputs import check_output_dir
 
     (args,) = parse_recipe((EvaluateArguments,), argv)
     require_single_process("evaluate")
+    inputs = {"model_name_or_path": args.model_name_or_path, "adapters": args.adapters,
+              "lenvm_model_path": args.lenvm_model_path, "dataset_name": args.dataset_name}
+    check_output_dir(args.output_dir, inputs)
     results = run_evaluation(args)
     saved = json.loads((Path(args.output_dir) / "results.json").read_text())
     print(markdown_table(results, saved["ms_per_token"], saved["generator"]))

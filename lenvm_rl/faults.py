@@ -20,11 +20,13 @@ already seen, and appends to the same `log_history`.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import sys
 import threading
+import zipfile
 from pathlib import Path
 
 import torch
@@ -89,12 +91,41 @@ class SaveOnSigterm(TrainerCallback):
         sys.exit(SIGTERM_EXIT_STATUS)
 
 
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a complete checkpoint, or None when it is.
+
+    Complete means verifiably so, not merely present: ``trainer_state.json`` parses and holds ``global_step``
+    (a Ctrl-C during a save can leave it empty), every ``*.safetensors`` file's header covers the whole file, and
+    every ``*.pt`` / ``*.pth`` / ``*.bin`` torch file has its zip directory, which torch writes last. Both checks
+    read a few bytes, not the tensors.
+    """
+    from safetensors import safe_open
+
+    state = folder / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json"
+    try:
+        json.loads(state.read_text())["global_step"]
+    except (ValueError, KeyError, TypeError):
+        return "trainer_state.json is empty or cut off"
+    for path in sorted(folder.rglob("*")):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), "pt"):
+                    pass
+            elif path.suffix in (".pt", ".pth", ".bin"):
+                zipfile.ZipFile(path).close()
+        except Exception:  # safetensors raises its own error type, zipfile BadZipFile
+            return f"{path.relative_to(folder)} is cut off or corrupt"
+    return None
+
+
 def resume_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: str) -> str | None:
     """The checkpoint folder a recipe's ``resume_from_checkpoint`` names, checked before any model is loaded.
 
     None, false or "" → None (start afresh). true → the highest ``checkpoint-N`` in ``output_dir`` that is
-    complete, i.e. has ``trainer_state.json`` (the Trainer writes it last, so a run killed while saving
-    leaves an incomplete folder that is skipped). A path → that folder, which must be a complete checkpoint.
+    complete (``checkpoint_problem``); a run killed while saving leaves an incomplete folder, which is skipped with
+    a one-line notice on stderr. A path → that folder, which must be a complete checkpoint.
     Raises ConfigError naming the field and the fix when there is nothing to resume from.
 
     >>> resume_checkpoint("false", "runs/x") is None
@@ -108,17 +139,37 @@ def resume_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: str
         steps = sorted(
             (int(match.group(1)), path)
             for path in (folder.iterdir() if folder.is_dir() else [])
-            if (match := re.fullmatch(r"checkpoint-(\d+)", path.name)) and (path / "trainer_state.json").is_file()
+            if (match := re.fullmatch(r"checkpoint-(\d+)", path.name)) and path.is_dir()
         )
-        if not steps:
-            raise ConfigError(
-                f"resume_from_checkpoint: no complete checkpoint-N folder in output_dir {output_dir!r} to resume "
-                f"from; check output_dir, save checkpoints with save_strategy: steps, or drop resume_from_checkpoint"
-            )
-        return str(steps[-1][1])
-    if not (Path(value) / "trainer_state.json").is_file():
+        for _, path in reversed(steps):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return str(path)
+            print(f"lenvm-rl: skipping the incomplete checkpoint {path} ({problem})", file=sys.stderr)
         raise ConfigError(
-            f"resume_from_checkpoint: {value!r} is not a complete checkpoint folder (no trainer_state.json); give "
-            f"an <output_dir>/checkpoint-N folder, or true for the last one in output_dir"
+            f"resume_from_checkpoint: no complete checkpoint-N folder in output_dir {output_dir!r} to resume "
+            f"from; check output_dir, save checkpoints with save_strategy: steps, or drop resume_from_checkpoint"
+        )
+    problem = checkpoint_problem(Path(value)) if Path(value).is_dir() else "no such folder"
+    if problem is not None:
+        raise ConfigError(
+            f"resume_from_checkpoint: {value!r} is not a complete checkpoint folder ({problem}); give an "
+            f"<output_dir>/checkpoint-N folder, or true for the last complete one in output_dir"
         )
     return value
+
+
+def train(trainer, resume_from: str | None) -> None:
+    """``trainer.train``, with a checkpoint save that fails for want of disk space said as one line."""
+    from lenvm_rl.outputs import full_disk
+
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except Exception as error:
+        if not full_disk(error):
+            raise
+        raise ConfigError(
+            f"output_dir: the disk is full; saving checkpoint-{trainer.state.global_step} in {trainer.args.output_dir!r} "
+            f"failed ({str(error).splitlines()[0][:120]}); free space, then rerun with --resume_from_checkpoint true "
+            f"(the cut-off checkpoint is skipped)"
+        ) from None

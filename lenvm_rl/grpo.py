@@ -52,7 +52,7 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
 
-from lenvm_rl.errors import ConfigError
+from lenvm_rl.errors import ConfigError, check_training_counts
 from lenvm_rl.returns import (
     BUDGET_KINDS,
     LENGTH_ADVANTAGE_MODES,
@@ -129,6 +129,10 @@ class LenVMGRPOConfig(GRPOConfig):
     lenvm_batch_size: int = field(default=8, metadata={"help": "Sequences per LenVM forward pass (and update)."})
 
     def __post_init__(self):
+        check_training_counts(self)  # before TRL's own checks, some of which divide by these counts
+        for name in ("num_generations", "max_completion_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
         try:
             super().__post_init__()
         except ValueError as error:  # TRL's group-size checks speak of generation_batch_size, rarely set by hand
@@ -491,6 +495,10 @@ class LenVMGRPOTrainer(GRPOTrainer):
         lenvm.eval()
         mean_loss = self.accelerator.reduce(torch.stack(losses).mean(), reduction="mean")
         self._metrics["train"]["length/critic_update_loss"].append(mean_loss.item())
+
+    def create_model_card(self, *args, **kwargs):
+        """Nothing: TRL writes its card into output_dir at every checkpoint, where it could replace the user's own
+        README.md; the run's card (``hub.model_card``) is written with the final save."""
 
     def _save(self, output_dir=None, state_dict=None):
         super()._save(output_dir, state_dict)

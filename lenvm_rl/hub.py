@@ -150,9 +150,13 @@ def hub_id(name_or_path: str | None) -> str | None:
     return name_or_path
 
 
-def model_card(folder: str | Path, repo_id: str | None = None) -> ModelCard:
-    """The card of a saved run: metadata, what was trained on what, final metrics, the command, how to load it."""
+def model_card(folder: str | Path, repo_id: str | None = None, saved_as: str | Path | None = None) -> ModelCard:
+    """The card of a saved run: metadata, what was trained on what, final metrics, the command, how to load it.
+
+    ``saved_as``: the folder the card names when ``folder`` is where the files are written aside (``final_save``).
+    """
     folder = Path(folder)
+    saved_as = Path(saved_as or folder)
     kind = folder_kind(folder)
     record = run_record(folder)
     recipe = record.get("recipe", {})
@@ -177,7 +181,7 @@ def model_card(folder: str | Path, repo_id: str | None = None) -> ModelCard:
         rows.append(("Dataset", f"`{dataset}`{prompts}"))
     if recipe.get("max_steps", -1) > 0:
         rows.append(("Steps", f"{recipe['max_steps']}, learning rate {recipe['learning_rate']}, seed {recipe['seed']}"))
-    lines = [f"# {(repo_id or folder.resolve().name).split('/')[-1]}", "", summary]
+    lines = [f"# {(repo_id or saved_as.resolve().name).split('/')[-1]}", "", summary]
     lines += ["", "## Training", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
 
     metrics = final_metrics(folder, kind)
@@ -198,7 +202,7 @@ def model_card(folder: str | Path, repo_id: str | None = None) -> ModelCard:
     else:
         lines.append(f"Not recorded (the folder has no `{RUN_RECORD}`).")
 
-    load_id = repo_id or str(folder)
+    load_id = repo_id or str(saved_as)
     lines += ["", "## Use", "", "```python"]
     if kind == "adapter":
         lines += ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",

@@ -78,15 +78,19 @@ def ranked(stats: dict[str, dict], direction: str, min_count: int, top: int) -> 
 
 def main(argv: list[str] | None = None) -> dict:
     from lenvm_rl.cli import parse_recipe
-    from lenvm_rl.lenvm_eval import score_rollouts
+    from lenvm_rl.lenvm_eval import check_lenvm_reads_rollouts, score_rollouts
     from lenvm_rl.loading import inference_device, load_tokenizer
     from lenvm_rl.modeling import load_lenvm
+    from lenvm_rl.outputs import check_output_dir
     from lenvm_rl.rollouts import load_rollouts
 
     (args,) = parse_recipe((LengthTokenArguments,), argv)
+    check_output_dir(args.output_dir, {"lenvm_model_path": args.lenvm_model_path, "rollouts_path": args.rollouts_path})
     model = load_lenvm(args.lenvm_model_path).to(inference_device())
     tokenizer = load_tokenizer(args.lenvm_model_path)
-    rows = load_rollouts(args.rollouts_path).filter(lambda f: f, input_columns="finished")
+    rows = load_rollouts(args.rollouts_path)
+    check_lenvm_reads_rollouts(args.lenvm_model_path, model, rows, args.rollouts_path)
+    rows = rows.filter(lambda f: f, input_columns="finished")
     if len(rows) == 0:
         raise ConfigError(f"rollouts_path: {args.rollouts_path} has no finished rollout to analyse")
     gamma = model.config.gamma

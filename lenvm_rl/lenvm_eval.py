@@ -24,6 +24,52 @@ from lenvm_rl.returns import mean_relative_error, prompt_boundary_ground_truth, 
 RELATIVE_POSITIONS = (0.0, 0.25, 0.5, 0.75)
 
 
+def check_token_ids(rollouts, vocab_size: int, name: str, path: str) -> None:
+    """Refuse rollouts holding a token id the model has no embedding for (an IndexError deep in the forward)."""
+    import pyarrow.compute as pc
+
+    from lenvm_rl.errors import ConfigError
+
+    for column in ("prompt_ids", "completion_ids"):
+        if column not in rollouts.column_names:
+            raise ConfigError(f"{name}: {path} is not a rollout dataset (no {column!r} column); make one with `lenvm-rl rollout`")
+        low, high = pc.min_max(pc.list_flatten(rollouts.data.column(column))).values()
+        if high.as_py() is not None and (low.as_py() < 0 or high.as_py() >= vocab_size):
+            bad = high.as_py() if high.as_py() >= vocab_size else low.as_py()
+            raise ConfigError(
+                f"{name}: {path} holds token id {bad} in {column}, outside the model's {vocab_size}-token vocabulary; "
+                f"the rollouts were sampled with another tokenizer: use rollouts of this model's policy"
+            )
+
+
+def check_lenvm_reads_rollouts(lenvm_path: str, model, rollouts, rollouts_path: str) -> None:
+    """predict-length and length-tokens: the LenVM must read the rollouts' token ids as the policy that sampled them
+    (named in the rollouts' manifest) wrote them: every id has an embedding and the two tokenizers are the same."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from lenvm_rl.errors import ConfigError
+    from lenvm_rl.loading import load_tokenizer
+    from lenvm_rl.modeling import check_lenvm_tokenizer
+    from lenvm_rl.rollouts import MANIFEST
+
+    check_token_ids(rollouts, model.backbone.get_input_embeddings().num_embeddings, "rollouts_path", rollouts_path)
+    manifest = Path(rollouts_path) / MANIFEST
+    policy = json.loads(manifest.read_text()).get("model_name_or_path") if manifest.is_file() else None
+    if policy is None:
+        return
+    try:
+        policy_tokenizer = load_tokenizer(policy)
+    except ConfigError:  # moved or offline: the id check above is all that can be done
+        print(
+            f"lenvm-rl: warning: cannot load the policy {policy!r} that sampled {rollouts_path} ({manifest}) to compare "
+            f"its tokenizer with the LenVM's; only the token ids were checked", file=sys.stderr,
+        )
+        return
+    check_lenvm_tokenizer(lenvm_path, policy_tokenizer)
+
+
 def collate_states(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids`` = prompt + completion, and the positions of s_0 .. s_L (-1 = padding).
 

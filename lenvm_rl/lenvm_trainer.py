@@ -11,6 +11,7 @@ Departures from a plain regression Trainer, each for a reason:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -18,7 +19,7 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
-from lenvm_rl.errors import ConfigError
+from lenvm_rl.errors import ConfigError, check_training_counts
 from lenvm_rl.hub import defer_push, model_card, push_folder, record_run
 from lenvm_rl.lenvm_eval import collate_states, constant_baselines, length_metrics, score_rollouts
 from lenvm_rl.returns import prompt_boundary_ground_truth, resolve_gamma
@@ -31,6 +32,10 @@ class LenVMScriptArguments:
         default=None, metadata={"help": "Held-out rollouts; unset = hold out eval_prompt_fraction of the prompts."}
     )
     eval_prompt_fraction: float = field(default=0.1, metadata={"help": "Share of prompts held out when no eval set."})
+
+    def __post_init__(self):
+        if not 0 < self.eval_prompt_fraction < 1:
+            raise ConfigError(f"eval_prompt_fraction: must lie in (0, 1), got {self.eval_prompt_fraction}")
 
 
 @dataclass
@@ -56,6 +61,7 @@ class LenVMTrainingConfig(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator reads raw rows."})
 
     def __post_init__(self):
+        check_training_counts(self)  # before TrainingArguments' own checks, some of which divide by them
         super().__post_init__()
         if self.gamma != "auto":
             try:
@@ -143,7 +149,14 @@ def check_rollout_tokenizer(rollouts_path: str, backbone: str, tokenizer) -> Non
     policy = json.loads(manifest.read_text())["model_name_or_path"] if manifest.exists() else None
     if policy is None or policy == backbone:
         return
-    if load_tokenizer(policy).get_vocab() != tokenizer.get_vocab():
+    try:
+        policy_vocab = load_tokenizer(policy).get_vocab()
+    except ConfigError:  # the policy folder moved or was deleted since the rollouts were sampled
+        raise ConfigError(
+            f"rollouts_path: {rollouts_path} was sampled from the policy {policy!r} ({manifest}), which cannot be "
+            f"loaded now; if it moved, set \"model_name_or_path\" in {manifest} to its new path"
+        ) from None
+    if policy_vocab != tokenizer.get_vocab():
         raise ConfigError(
             f"model_name_or_path: the LenVM backbone {backbone!r} has another tokenizer than the policy {policy!r} "
             f"that sampled {rollouts_path}; a LenVM must share its policy's vocabulary: use a backbone of that family"
@@ -220,13 +233,20 @@ def main(argv: list[str] | None = None) -> None:
     from trl import ModelConfig
 
     from lenvm_rl.cli import parse_recipe
-    from lenvm_rl.faults import SaveOnSigterm, resume_checkpoint
-    from lenvm_rl.loading import load_tokenizer
+    from lenvm_rl.errors import require_launched_world
+    from lenvm_rl.faults import SaveOnSigterm, resume_checkpoint, train
+    from lenvm_rl.lenvm_eval import check_token_ids
+    from lenvm_rl.loading import load_tokenizer, model_vocab_size
+    from lenvm_rl.outputs import check_output_dir, final_save
     from lenvm_rl.returns import auto_gamma
     from lenvm_rl.rollouts import load_rollouts
 
     script_args, config, model_args = parse_recipe((LenVMScriptArguments, LenVMTrainingConfig, ModelConfig), argv)
-    resume_from = resume_checkpoint(config.resume_from_checkpoint, config.output_dir)  # before any model loads
+    inputs = {"model_name_or_path": model_args.model_name_or_path, "rollouts_path": script_args.rollouts_path,
+              "eval_rollouts_path": script_args.eval_rollouts_path}
+    check_output_dir(config.output_dir, inputs, final_save=True)  # before any model loads, as are the checks below
+    require_launched_world(config.world_size)
+    resume_from = resume_checkpoint(config.resume_from_checkpoint, config.output_dir)
     torch.manual_seed(config.seed)
     hub_model_id = defer_push(config)  # pushed once after saving, never by the Trainer (hub.defer_push)
 
@@ -236,6 +256,10 @@ def main(argv: list[str] | None = None) -> None:
         train_rows, eval_rows = rollouts, load_rollouts(script_args.eval_rollouts_path)
     else:
         train_rows, eval_rows = split_by_prompt(rollouts, script_args.eval_prompt_fraction, config.seed)
+    vocab_size = model_vocab_size(model_args.model_name_or_path)  # from its config: no weights load
+    check_token_ids(rollouts, vocab_size, "rollouts_path", script_args.rollouts_path)
+    if script_args.eval_rollouts_path:
+        check_token_ids(eval_rows, vocab_size, "eval_rollouts_path", script_args.eval_rollouts_path)
     train_rows = prepare_rollouts(train_rows, config.truncated_rollouts, config.max_sequence_tokens, "rollouts_path")
     eval_rows = prepare_rollouts(eval_rows, "drop", config.max_sequence_tokens, "eval rollouts")
     for name, rows in (("training", train_rows), ("held-out", eval_rows)):
@@ -247,7 +271,10 @@ def main(argv: list[str] | None = None) -> None:
     finished_lengths = torch.tensor(
         [l for l, f in zip(train_rows["completion_tokens"], train_rows["finished"]) if f], dtype=torch.float64
     )
-    gamma = auto_gamma(finished_lengths) if config.gamma == "auto" else config.gamma
+    try:
+        gamma = auto_gamma(finished_lengths) if config.gamma == "auto" else config.gamma
+    except ValueError as error:  # e.g. every finished completion is empty
+        raise ConfigError(str(error)) from None
     print(f"train rollouts: {len(train_rows)}, eval rollouts: {len(eval_rows)}, γ = {gamma:.5f}")
 
     ################ Model and tokenizer (the rollouts' token ids must mean the same to the LenVM)
@@ -266,21 +293,25 @@ def main(argv: list[str] | None = None) -> None:
             "use_peft: a LoRA LenVM is merged into a plain LenVM when saved, which needs its whole weights on one "
             "process; launch it with DDP or ZeRO-2, or train a full or top-layer LenVM under ZeRO-3 / FSDP"
         )
-    trainer.train(resume_from_checkpoint=resume_from)
+    train(trainer, resume_from)  # a full disk while checkpointing is said as one line
     sigterm.exit_if_stopped(trainer)  # SIGTERM: a checkpoint is saved; exit 143 without a final model
     metrics = trainer.evaluate()
 
     ################ Save (every rank: ZeRO-3 and FSDP gather the sharded weights; a LoRA LenVM is merged first)
-    if model_args.use_peft:
+    # Written aside, then moved in: a failed save leaves a model already in output_dir intact (outputs.final_save).
+    with final_save(config.output_dir, trainer.is_world_process_zero()) as staging:
+        trainer.accelerator.wait_for_everyone()  # the main process has made the staging folder
+        if model_args.use_peft:
+            if trainer.is_world_process_zero():
+                trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(staging)
+        else:
+            trainer.save_model(str(staging))  # the Trainer's gathering save
         if trainer.is_world_process_zero():
-            trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(config.output_dir)
-    else:
-        trainer.save_model(config.output_dir)  # the Trainer's gathering save
+            tokenizer.save_pretrained(staging)
+            (staging / "eval_results.json").write_text(json.dumps(metrics, indent=4, sort_keys=True) + "\n")
+            record_run(staging, "train-lenvm", argv, script_args, config, model_args)  # the command and the recipe
+            model_card(staging, hub_model_id, saved_as=config.output_dir).save(f"{staging}/README.md")
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(config.output_dir)
-        trainer.save_metrics("eval", metrics)
-        record_run(config.output_dir, "train-lenvm", argv, script_args, config, model_args)  # the command and the recipe
-        model_card(config.output_dir, hub_model_id).save(f"{config.output_dir}/README.md")
         print(
             f"held-out prompt-boundary MRE: LenVM {metrics['eval_boundary_mre']:.3f}; constant predictors: mean "
             f"training length {metrics['eval_constant_mre']:.3f}, best constant in value space "

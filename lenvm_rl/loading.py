@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from lenvm_rl.errors import ConfigError
@@ -77,6 +78,26 @@ def load_causal_lm(name_or_path: str, dtype: str | None = None, **kwargs) -> Pre
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype or torch.float32, **kwargs)
     except OSError as error:
         raise ConfigError(_unreachable(name_or_path, error)) from None
+    except SafetensorError as error:
+        raise ConfigError(corrupt_weights("model_name_or_path", name_or_path, error)) from None
+
+
+def model_vocab_size(name_or_path: str) -> int:
+    """The size of a model's token embedding, read from its config (no weights are loaded)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(name_or_path))
+    except (OSError, ValueError) as error:
+        raise ConfigError(_unreachable(name_or_path, error)) from None
+    return config.get_text_config().vocab_size
+
+
+def corrupt_weights(name: str, path: str, error: Exception) -> str:
+    return (
+        f"{name}: the weights in {path!r} are cut off or corrupt ({str(error).splitlines()[0][:100]}); copy or save "
+        f"the model again"
+    )
 
 
 def inference_device() -> torch.device:

@@ -198,7 +198,14 @@ def load_lenvm(path: str, dtype: torch.dtype | None = None) -> LenVMModel:
             f"lenvm_model_path: {path!r} holds a {config.model_type!r} model, not a LenVM; give the output_dir "
             f"of `lenvm-rl train-lenvm`"
         )
-    return LenVMModel.from_pretrained(path, dtype=dtype or torch.float32)
+    from safetensors import SafetensorError
+
+    from lenvm_rl.loading import corrupt_weights
+
+    try:
+        return LenVMModel.from_pretrained(path, dtype=dtype or torch.float32)
+    except SafetensorError as error:
+        raise ConfigError(corrupt_weights("lenvm_model_path", path, error) + " (`lenvm-rl train-lenvm` writes it)") from None
 
 
 def check_lenvm_tokenizer(path: str, policy_tokenizer) -> None:

@@ -51,16 +51,19 @@ def plot_value_trace(values: torch.Tensor, length: int, gamma: float, path: Path
 
 def main(argv: list[str] | None = None) -> dict:
     from lenvm_rl.cli import parse_recipe
-    from lenvm_rl.lenvm_eval import constant_baselines, length_metrics, score_rollouts
+    from lenvm_rl.lenvm_eval import check_lenvm_reads_rollouts, constant_baselines, length_metrics, score_rollouts
     from lenvm_rl.loading import inference_device, load_tokenizer
     from lenvm_rl.modeling import load_lenvm
+    from lenvm_rl.outputs import check_output_dir
     from lenvm_rl.returns import prompt_boundary_ground_truth, remaining_from_value
     from lenvm_rl.rollouts import load_rollouts
 
     (args,) = parse_recipe((PredictArguments,), argv)
+    check_output_dir(args.output_dir, {"lenvm_model_path": args.lenvm_model_path, "rollouts_path": args.rollouts_path})
     model = load_lenvm(args.lenvm_model_path).to(inference_device())
     tokenizer = load_tokenizer(args.lenvm_model_path)
     rows = load_rollouts(args.rollouts_path)
+    check_lenvm_reads_rollouts(args.lenvm_model_path, model, rows, args.rollouts_path)
     if args.num_prompts is not None:
         keep = sorted(set(rows["prompt_id"]))[: args.num_prompts]
         rows = rows.filter(lambda p: p in set(keep), input_columns="prompt_id")

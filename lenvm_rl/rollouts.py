@@ -25,7 +25,7 @@ import torch
 from datasets import Dataset, concatenate_datasets, load_from_disk
 from tqdm.auto import tqdm
 
-from lenvm_rl.data import DatasetArguments, load_prompts
+from lenvm_rl.data import DatasetArguments, load_prompts, source_fingerprint
 from lenvm_rl.errors import ConfigError, changed_setting, require_single_process, require_vllm
 from lenvm_rl.loading import inference_device, load_causal_lm, load_tokenizer, resolve_model_path
 
@@ -200,12 +200,18 @@ def generation_eos_ids(model_path: str, tokenizer) -> set[int]:
 def check_manifest(output_dir: Path, args: RolloutArguments, model_name: str, dtype: str | None) -> None:
     """Refuse to resume into a folder written with other settings: the shards would not match."""
     settings = {**asdict(args), "model_name_or_path": model_name, "dtype": dtype}
+    settings["dataset_sha256"] = source_fingerprint(args.dataset_name)  # an edited file keeps its name
     settings.pop("output_dir")
     manifest = output_dir / MANIFEST
     if manifest.exists() and any((output_dir / "shards").glob("shard-*")):
         previous = json.loads(manifest.read_text())
         layout = ("vllm_gpu_memory_utilization", "vllm_tensor_parallel_size")  # how vLLM runs, not what it samples
         k = changed_setting(previous, settings, ignore=layout)
+        if k == "dataset_sha256":
+            raise ConfigError(
+                f"dataset_name: {args.dataset_name!r} changed since the rollouts in {output_dir} were sampled from it "
+                f"(its sha256 differs from {manifest}); restore it, or use a new output_dir to sample the new prompts"
+            )
         if k is not None:
             raise ConfigError(
                 f"output_dir: {output_dir} holds rollouts made with other settings ({k}: {previous.get(k)!r} "
@@ -288,7 +294,19 @@ def load_rollouts(path: str | Path) -> Dataset:
     shards = sorted(shard_dir.glob("shard-*")) if shard_dir.is_dir() else []
     if not shards:
         raise ConfigError(f"rollouts_path: {path} holds no rollout shards; run `lenvm-rl rollout` into it first")
-    return concatenate_datasets([load_from_disk(str(s)) for s in shards])
+    return concatenate_datasets([load_shard(shard) for shard in shards])
+
+
+def load_shard(shard: Path) -> Dataset:
+    try:
+        dataset = load_from_disk(str(shard))
+        dataset.data.validate(full=True)  # the columns are memory-mapped: a cut-off file shows only when read
+        return dataset
+    except Exception as error:  # a truncated arrow file, a cut-off state.json: pyarrow and json raise many types
+        raise ConfigError(
+            f"rollouts_path: the shard {shard} is corrupt ({type(error).__name__}: {str(error).splitlines()[0][:80]}); "
+            f"delete that folder and rerun `lenvm-rl rollout` with the same recipe: it samples that shard again"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -296,9 +314,11 @@ def main(argv: list[str] | None = None) -> None:
     from trl import ModelConfig
 
     from lenvm_rl.cli import parse_recipe
+    from lenvm_rl.outputs import check_output_dir
 
     args, model_args = parse_recipe((RolloutArguments, ModelConfig), argv)
     require_single_process("rollout")
+    check_output_dir(args.output_dir, {"model_name_or_path": model_args.model_name_or_path, "dataset_name": args.dataset_name})
     output_dir = run_rollouts(args, model_args.model_name_or_path or "smollm2-135m-instruct", model_args.dtype)
     rollouts = load_rollouts(output_dir)
     finished = sum(rollouts["finished"])

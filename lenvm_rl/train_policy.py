@@ -10,7 +10,7 @@ import inspect
 from dataclasses import dataclass, field
 
 from lenvm_rl.data import DatasetArguments
-from lenvm_rl.errors import ConfigError
+from lenvm_rl.errors import ConfigError, require_launched_world
 from lenvm_rl.hub import defer_push, model_card, push_folder, record_run
 
 
@@ -37,14 +37,19 @@ def train_policy(argv: list[str] | None, stage: str, config_class: type, trainer
 
     from lenvm_rl.cli import parse_recipe
     from lenvm_rl.data import load_prompt_splits
-    from lenvm_rl.faults import SaveOnSigterm, resume_checkpoint
+    from lenvm_rl.faults import SaveOnSigterm, resume_checkpoint, train
     from lenvm_rl.loading import load_causal_lm, load_tokenizer
+    from lenvm_rl.outputs import check_output_dir, final_save
     from lenvm_rl.rollouts import eos_token_ids
     from rewards import REWARDS, get_reward
     from rewards.base import TokenLengthReward
 
     script_args, config, model_args = parse_recipe((GRPOScriptArguments, config_class, ModelConfig), argv)
-    resume_from = resume_checkpoint(config.resume_from_checkpoint, config.output_dir)  # before any model loads
+    inputs = {"model_name_or_path": model_args.model_name_or_path, "lenvm_model_path": config.lenvm_model_path,
+              "dataset_name": script_args.dataset_name}
+    check_output_dir(config.output_dir, inputs, final_save=True)  # before any model loads, as are the checks below
+    require_launched_world(config.world_size)
+    resume_from = resume_checkpoint(config.resume_from_checkpoint, config.output_dir)
     set_seed(config.seed)
     hub_model_id = defer_push(config)  # pushed once after saving, never by the Trainer (hub.defer_push)
 
@@ -54,6 +59,22 @@ def train_policy(argv: list[str] | None, stage: str, config_class: type, trainer
         raise ConfigError(
             f"eval_strategy: {config.eval_strategy!r} needs held-out prompts; set eval_num_prompts, or eval_strategy: no"
         )
+    # TRL samples whole generation batches of distinct prompts and drops a partial one: fewer prompts train nothing.
+    prompts_per_batch = config.generation_batch_size // config.num_generations
+    if len(dataset) < prompts_per_batch:
+        raise ConfigError(
+            f"num_prompts: {len(dataset)} prompt(s) is fewer than one generation batch of {prompts_per_batch} "
+            f"(per_device_train_batch_size x processes x steps_per_generation / num_generations), so no step would "
+            f"run; give more prompts or a smaller batch"
+        )
+    for name in script_args.reward_funcs:  # a reward reads its columns at the first step, after the models load
+        missing = [c for c in (REWARDS[name].columns if name in REWARDS else ()) if c not in dataset.column_names]
+        if missing:
+            raise ConfigError(
+                f"reward_funcs: {name!r} reads the dataset column {missing[0]!r}, which {script_args.dataset_name!r} "
+                f"lacks (columns: {', '.join(dataset.column_names)}); add it (budgets: [...] adds budget_tokens and "
+                f"budget_kind) or drop the reward"
+            )
 
     ################ Tokenizer and policy
     tokenizer = load_tokenizer(model_args.model_name_or_path)
@@ -87,15 +108,17 @@ def train_policy(argv: list[str] | None, stage: str, config_class: type, trainer
     )
 
     ################ Train
-    trainer.train(resume_from_checkpoint=resume_from)
+    train(trainer, resume_from)  # a full disk while checkpointing is said as one line
     sigterm.exit_if_stopped(trainer)  # SIGTERM: a checkpoint is saved; exit 143 without a final model
 
     ################ Save (the adapter alone with LoRA; the tokenizer beside it; ppo adds its task value head)
-    trainer.save_model(config.output_dir)
-    if trainer.is_world_process_zero():
-        trainer.state.save_to_json(f"{config.output_dir}/trainer_state.json")  # every logged metric, for curves
-        record_run(config.output_dir, stage, argv, script_args, config, model_args)  # the command and the recipe
-        model_card(config.output_dir, hub_model_id).save(f"{config.output_dir}/README.md")
+    # Written aside, then moved in: a failed save leaves a model already in output_dir intact (outputs.final_save).
+    with final_save(config.output_dir, trainer.is_world_process_zero()) as staging:
+        trainer.save_model(str(staging))
+        if trainer.is_world_process_zero():
+            trainer.state.save_to_json(f"{staging}/trainer_state.json")  # every logged metric, for curves
+            record_run(staging, stage, argv, script_args, config, model_args)  # the command and the recipe
+            model_card(staging, hub_model_id, saved_as=config.output_dir).save(f"{staging}/README.md")
 
     ################ Push (the model files and the card, not checkpoints: hub.push_folder)
     if hub_model_id and trainer.is_world_process_zero():

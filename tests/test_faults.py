@@ -1,6 +1,7 @@
 """A GRPO run (tiny model, LoRA) killed with SIGTERM and with SIGKILL resumes from its last checkpoint with the
 same step counter and its adapter; `resume_checkpoint` finds the last complete checkpoint or refuses clearly."""
 
+import errno
 import json
 import os
 import signal
@@ -111,7 +112,7 @@ def test_resume_checkpoint_skips_incomplete_and_refuses_nothing(tmp_path):
     for step, complete in ((2, True), (4, True), (10, True), (12, False)):  # 12: killed while saving
         (tmp_path / f"checkpoint-{step}").mkdir()
         if complete:
-            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     assert resume_checkpoint(True, str(tmp_path)) == str(tmp_path / "checkpoint-10")  # numeric, not text order
     assert resume_checkpoint("true", str(tmp_path)) == str(tmp_path / "checkpoint-10")
     assert resume_checkpoint(str(tmp_path / "checkpoint-4"), str(tmp_path)) == str(tmp_path / "checkpoint-4")
@@ -155,3 +156,119 @@ def test_train_lenvm_saves_on_sigterm_and_resumes(tiny_model_path, rollouts_dir,
     assert state["global_step"] == 4
     assert [row["step"] for row in state["log_history"] if "loss" in row] == [1, 2, 3, 4]
     assert (output_dir / "model.safetensors").is_file()
+
+
+def damage_empty_state(folder: Path):
+    (folder / "trainer_state.json").write_text("")  # a Ctrl-C during the save
+
+
+def damage_cut_weights(folder: Path):
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-16])
+
+
+def damage_cut_optimizer(folder: Path):
+    optimizer = folder / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", [damage_empty_state, damage_cut_weights, damage_cut_optimizer])
+def test_resume_skips_a_checkpoint_that_does_not_verify(damage, tmp_path, capsys):
+    """Case 4: a checkpoint is complete only when its files parse; the last incomplete one is skipped, with a notice."""
+    from safetensors.torch import save_file
+
+    for step in (2, 4):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        save_file({"w": torch.zeros(8)}, str(folder / "model.safetensors"))
+        torch.save({"state": torch.ones(8)}, folder / "optimizer.pt")
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    assert resume_checkpoint(True, str(tmp_path)) == str(tmp_path / "checkpoint-4")
+    damage(tmp_path / "checkpoint-4")
+    capsys.readouterr()
+    assert resume_checkpoint(True, str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    notice = capsys.readouterr().err.strip().splitlines()
+    assert len(notice) == 1 and notice[0].startswith(f"lenvm-rl: skipping the incomplete checkpoint {tmp_path}/checkpoint-4 (")
+    with pytest.raises(ConfigError, match="^resume_from_checkpoint: .*checkpoint-4' is not a complete checkpoint"):
+        resume_checkpoint(str(tmp_path / "checkpoint-4"), str(tmp_path))
+
+
+def lenvm_recipe(tmp_path, tiny_model_path, rollouts_dir, **overrides) -> Path:
+    recipe = tmp_path / "lenvm.yaml"
+    recipe.write_text(yaml.safe_dump({**dict(
+        model_name_or_path=tiny_model_path, rollouts_path=str(rollouts_dir), eval_prompt_fraction=0.34, max_steps=1,
+        per_device_train_batch_size=4, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
+        output_dir=str(tmp_path / "lenvm"),
+    ), **overrides}))
+    return recipe
+
+
+def run_cli(argv, capsys) -> str:
+    """``lenvm-rl`` in-process; the one stderr line of a refusal (exit 2)."""
+    import datasets
+    import transformers
+
+    from lenvm_rl.cli import main
+
+    capsys.readouterr()
+    datasets.disable_progress_bars()  # they write to stderr
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+    finally:
+        datasets.enable_progress_bars()
+        transformers.utils.logging.enable_progress_bar()
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(stderr) == 1, stderr
+    return stderr[0]
+
+
+def checksums(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_said(tiny_model_path, rollouts_dir, tmp_path, monkeypatch, capsys):
+    from transformers import Trainer
+
+    def disk_full(self, output_dir):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", disk_full)
+    recipe = lenvm_recipe(tmp_path, tiny_model_path, rollouts_dir, save_strategy="steps", save_steps=1)
+    line = run_cli(["train-lenvm", "--config", str(recipe)], capsys)
+    assert line.startswith(f"lenvm-rl train-lenvm: error: output_dir: the disk is full; saving checkpoint-1 in "), line
+    assert "--resume_from_checkpoint true" in line
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), RuntimeError("killed mid-save")])
+def test_a_failed_final_save_keeps_the_model_already_there(failure, tiny_model_path, rollouts_dir, tmp_path, monkeypatch, capsys):
+    """Case 5: the final files are written aside and moved in; a save that fails leaves output_dir as it was."""
+    from lenvm_rl.cli import main
+    from lenvm_rl.modeling import LenVMModel
+
+    recipe = lenvm_recipe(tmp_path, tiny_model_path, rollouts_dir)
+    main(["train-lenvm", "--config", str(recipe)])
+    output_dir = tmp_path / "lenvm"
+    before = checksums(output_dir)
+    assert "model.safetensors" in before and "README.md" in before
+    save_pretrained = LenVMModel.save_pretrained
+
+    def fails_half_way(self, folder, **kwargs):
+        save_pretrained(self, folder, **kwargs)
+        Path(folder, "model.safetensors").write_bytes(b"cut")  # what a dying write leaves
+        raise failure
+
+    monkeypatch.setattr(LenVMModel, "save_pretrained", fails_half_way)
+    if isinstance(failure, OSError):
+        line = run_cli(["train-lenvm", "--config", str(recipe), "--seed", "1"], capsys)
+        assert line.startswith("lenvm-rl train-lenvm: error: output_dir: the disk is full; the final save"), line
+    else:
+        with pytest.raises(RuntimeError, match="killed mid-save"):
+            main(["train-lenvm", "--config", str(recipe), "--seed", "1"])
+    assert checksums(output_dir) == before
+    monkeypatch.undo()
+    main(["train-lenvm", "--config", str(recipe), "--seed", "1"])  # the toolkit's own files are replaced
+    assert checksums(output_dir)["model.safetensors"] != before["model.safetensors"]
