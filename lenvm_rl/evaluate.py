@@ -79,7 +79,10 @@ class EvaluateArguments(DatasetArguments):
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling mass."})
     num_samples: int = field(default=1, metadata={"help": "Completions per prompt and budget."})
     batch_size: int = field(default=16, metadata={"help": "Prompts per generate call."})
-    dtype: str = field(default="float32", metadata={"help": "Model dtype: float32 or bfloat16."})
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "Model dtype: float32, bfloat16, or auto (bf16 where the device computes it natively)."},
+    )
     seed: int = field(default=0, metadata={"help": "Sampling seed; batch i uses seed + i (vLLM: one seed per row)."})
     use_vllm: bool | None = field(
         default=None,
@@ -413,8 +416,10 @@ def drop_if_stale(file: Path, adapter: str | None) -> None:
 def run_evaluation(args: EvaluateArguments) -> dict[str, list[dict]]:
     """Evaluate every arm of ``args.model_specs()``; write results.json / results.md / plots; return summaries."""
     from lenvm_rl.loading import inference_device, load_tokenizer, resolve_model_path
+    from lenvm_rl.precision import resolve_dtype
     from lenvm_rl.rollouts import eos_token_ids, generation_eos_ids, make_vllm_generate
 
+    args.dtype = resolve_dtype(args.dtype, inference_device().type)  # the manifest records what "auto" became
     output_dir = Path(args.output_dir)
     manifest = output_dir / "evaluate_args.json"
     backend = args.backend()
