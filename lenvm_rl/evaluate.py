@@ -56,6 +56,11 @@ class EvaluateArguments(DatasetArguments):
     labels: list[str] | None = field(
         default=None, metadata={"help": "Names in the table: one per evaluated model (base first); default from paths."}
     )
+    plain_decoding: bool = field(
+        default=True,
+        metadata={"help": "Evaluate each model with its own sampling; false keeps only the truncation / guided arms "
+                          "(e.g. to generate them in another process, into another output_dir)."},
+    )
     hard_truncation: bool = field(
         default=False, metadata={"help": "Also evaluate each model with generation cut at the budget (cut = wrong)."}
     )
@@ -109,6 +114,8 @@ class EvaluateArguments(DatasetArguments):
             raise ConfigError(f"temperature: must be >= 0 (0 = greedy), got {self.temperature}")
         if self.temperature == 0 and self.num_samples > 1:
             raise ConfigError(f"num_samples: greedy decoding (temperature 0) gives one completion, got {self.num_samples}; set 1")
+        if not (self.plain_decoding or self.hard_truncation or self.guided_decoding):
+            raise ConfigError("plain_decoding: false with neither hard_truncation nor guided_decoding leaves no arm; set one")
         if not self.include_base and not self.adapters:
             raise ConfigError("include_base: false leaves nothing to evaluate; list adapters or set include_base: true")
         if self.guided_decoding and self.lenvm_model_path is None:
@@ -138,7 +145,7 @@ class EvaluateArguments(DatasetArguments):
         """(label, adapter or None, decoding: plain | truncation | guided) for every arm, in table order."""
         models = self.models()
         names = self.labels or ["base" if a is None else Path(a).name for a in models]
-        specs = [(name, adapter, "plain") for name, adapter in zip(names, models)]
+        specs = [(name, adapter, "plain") for name, adapter in zip(names, models)] if self.plain_decoding else []
         if self.hard_truncation:
             specs += [(f"{name} + truncation", adapter, "truncation") for name, adapter in zip(names, models)]
         if self.guided_decoding:
@@ -423,7 +430,7 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, list[dict]]:
     output_dir = Path(args.output_dir)
     manifest = output_dir / "evaluate_args.json"
     backend = args.backend()
-    ignored = ("output_dir", "labels", "adapters", "include_base", "hard_truncation", "use_vllm", "vllm_gpu_memory_utilization",
+    ignored = ("output_dir", "labels", "adapters", "include_base", "plain_decoding", "hard_truncation", "use_vllm", "vllm_gpu_memory_utilization",
                "vllm_tensor_parallel_size")
     settings = {k: v for k, v in asdict(args).items() if k not in ignored}
     if backend == "vllm":  # samples differ from generate's: a resume must not mix the two
