@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,7 +106,7 @@ def auto_precision(device: str) -> Precision:
     else:
         dtype, reason = cpu_precision(cpu_flags())
         choice = Precision(dtype, device, reason)
-    print(f"lenvm-rl precision: auto = {choice.dtype} on {device} ({choice.reason})", file=sys.stderr, flush=True)
+    print(f"lenvm-rl precision: auto = {choice.dtype} on {device} ({choice.reason})", flush=True)  # stdout: stderr is for errors
     return choice
 
 

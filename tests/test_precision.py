@@ -59,7 +59,7 @@ def test_auto_resolves_dtype_and_bf16_by_the_cpu(cpu_with, flags, dtype, capsys)
     assert resolve_dtype("auto", "cpu") == dtype
     assert resolve_bf16("auto", use_cpu=True) is (dtype == "bfloat16")
     assert resolve_dtype("float32", "cpu") == "float32" and resolve_dtype(None, "cpu") is None
-    assert capsys.readouterr().err.count("lenvm-rl precision: auto = " + dtype) == 1  # logged once per process
+    assert capsys.readouterr().out.count("lenvm-rl precision: auto = " + dtype) == 1  # logged once per process
 
 
 def test_the_environment_overrides_the_cpu(cpu_with, monkeypatch):
