@@ -1,8 +1,7 @@
 """`dtype: auto` and `bf16: auto`: bfloat16 where the device computes it natively, float32 elsewhere.
 
-A CPU without bf16 matrix units emulates bfloat16, and a 2-core AVX2 EPYC ran a 1024 x 1024 matmul at
-0.6 GFLOP/s in bf16 against 59 in float32 (issue #14); with AMX or AVX512-BF16 bf16 runs about twice as fast
-as float32. So ``auto`` decides per device:
+A CPU without bf16 matrix units emulates bfloat16, many times slower than float32; with AMX or AVX512-BF16,
+bf16 is the faster of the two (docs/BENCHMARKS.md has both measured). So ``auto`` decides per device:
 
 - CUDA: bfloat16 when ``torch.cuda.is_bf16_supported()``, else float32;
 - CPU: bfloat16 when its flags (``/proc/cpuinfo``) list ``amx_bf16`` or ``avx512_bf16``, else float32. Where the
