@@ -56,6 +56,11 @@ class EvaluateArguments(DatasetArguments):
     labels: list[str] | None = field(
         default=None, metadata={"help": "Names in the table: one per evaluated model (base first); default from paths."}
     )
+    plain_decoding: bool = field(
+        default=True,
+        metadata={"help": "Evaluate each model with its own sampling; false keeps only the truncation / guided arms "
+                          "(e.g. to generate them in another process, into another output_dir)."},
+    )
     hard_truncation: bool = field(
         default=False, metadata={"help": "Also evaluate each model with generation cut at the budget (cut = wrong)."}
     )
@@ -79,7 +84,10 @@ class EvaluateArguments(DatasetArguments):
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling mass."})
     num_samples: int = field(default=1, metadata={"help": "Completions per prompt and budget."})
     batch_size: int = field(default=16, metadata={"help": "Prompts per generate call."})
-    dtype: str = field(default="float32", metadata={"help": "Model dtype: float32 or bfloat16."})
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "Model dtype: float32, bfloat16, or auto (bf16 where the device computes it natively)."},
+    )
     seed: int = field(default=0, metadata={"help": "Sampling seed; batch i uses seed + i (vLLM: one seed per row)."})
     use_vllm: bool | None = field(
         default=None,
@@ -106,6 +114,8 @@ class EvaluateArguments(DatasetArguments):
             raise ConfigError(f"temperature: must be >= 0 (0 = greedy), got {self.temperature}")
         if self.temperature == 0 and self.num_samples > 1:
             raise ConfigError(f"num_samples: greedy decoding (temperature 0) gives one completion, got {self.num_samples}; set 1")
+        if not (self.plain_decoding or self.hard_truncation or self.guided_decoding):
+            raise ConfigError("plain_decoding: false with neither hard_truncation nor guided_decoding leaves no arm; set one")
         if not self.include_base and not self.adapters:
             raise ConfigError("include_base: false leaves nothing to evaluate; list adapters or set include_base: true")
         if self.guided_decoding and self.lenvm_model_path is None:
@@ -143,7 +153,7 @@ class EvaluateArguments(DatasetArguments):
         """(label, adapter or None, decoding: plain | truncation | guided) for every arm, in table order."""
         models = self.models()
         names = self.labels or default_labels(models)
-        specs = [(name, adapter, "plain") for name, adapter in zip(names, models)]
+        specs = [(name, adapter, "plain") for name, adapter in zip(names, models)] if self.plain_decoding else []
         if self.hard_truncation:
             specs += [(f"{name} + truncation", adapter, "truncation") for name, adapter in zip(names, models)]
         if self.guided_decoding:
@@ -437,12 +447,14 @@ def drop_if_stale(file: Path, adapter: str | None) -> None:
 def run_evaluation(args: EvaluateArguments) -> dict[str, list[dict]]:
     """Evaluate every arm of ``args.model_specs()``; write results.json / results.md / plots; return summaries."""
     from lenvm_rl.loading import inference_device, load_tokenizer, resolve_model_path
+    from lenvm_rl.precision import resolve_dtype
     from lenvm_rl.rollouts import eos_token_ids, generation_eos_ids, make_vllm_generate
 
+    args.dtype = resolve_dtype(args.dtype, inference_device().type)  # the manifest records what "auto" became
     output_dir = Path(args.output_dir)
     manifest = output_dir / "evaluate_args.json"
     backend = args.backend()
-    ignored = ("output_dir", "labels", "adapters", "include_base", "hard_truncation", "use_vllm", "vllm_gpu_memory_utilization",
+    ignored = ("output_dir", "labels", "adapters", "include_base", "plain_decoding", "hard_truncation", "use_vllm", "vllm_gpu_memory_utilization",
                "vllm_tensor_parallel_size")
     settings = {k: v for k, v in asdict(args).items() if k not in ignored}
     settings["dataset_sha256"] = source_fingerprint(args.dataset_name)  # an edited file keeps its name

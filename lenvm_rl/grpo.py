@@ -53,6 +53,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
 
 from lenvm_rl.errors import ConfigError, check_training_counts
+from lenvm_rl.precision import resolve_bf16
 from lenvm_rl.returns import (
     BUDGET_KINDS,
     LENGTH_ADVANTAGE_MODES,
@@ -127,8 +128,14 @@ class LenVMGRPOConfig(GRPOConfig):
     lenvm_learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate of the live LenVM."})
     lenvm_epochs: int = field(default=1, metadata={"help": "Passes of the live LenVM over each generation batch."})
     lenvm_batch_size: int = field(default=8, metadata={"help": "Sequences per LenVM forward pass (and update)."})
+    bf16: str = field(
+        default="auto",
+        metadata={"help": "bf16 autocast: true, false, or auto (bf16 where the device computes it natively, float32 "
+                          "elsewhere; lenvm_rl.precision). Resolved to true / false before training."},
+    )
 
     def __post_init__(self):
+        self.bf16 = resolve_bf16(self.bf16, self.use_cpu, self.fp16)
         check_training_counts(self)  # before TRL's own checks, some of which divide by these counts
         for name in ("num_generations", "max_completion_length"):
             if getattr(self, name) is not None and getattr(self, name) < 1:

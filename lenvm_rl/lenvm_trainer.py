@@ -21,6 +21,7 @@ from transformers import Trainer, TrainingArguments
 
 from lenvm_rl.errors import ConfigError, check_training_counts
 from lenvm_rl.hub import defer_push, model_card, push_folder, record_run
+from lenvm_rl.precision import resolve_bf16, resolve_dtype, training_device
 from lenvm_rl.lenvm_eval import collate_states, constant_baselines, length_metrics, score_rollouts
 from lenvm_rl.returns import prompt_boundary_ground_truth, resolve_gamma
 
@@ -59,8 +60,14 @@ class LenVMTrainingConfig(TrainingArguments):
         default=None, metadata={"help": "Skip rollouts whose prompt + completion exceed this many tokens."}
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator reads raw rows."})
+    bf16: str = field(
+        default="auto",
+        metadata={"help": "bf16 autocast: true, false, or auto (bf16 where the device computes it natively, float32 "
+                          "elsewhere; lenvm_rl.precision). Resolved to true / false before training."},
+    )
 
     def __post_init__(self):
+        self.bf16 = resolve_bf16(self.bf16, self.use_cpu, self.fp16)
         check_training_counts(self)  # before TrainingArguments' own checks, some of which divide by them
         super().__post_init__()
         if self.gamma != "auto":
@@ -278,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"train rollouts: {len(train_rows)}, eval rollouts: {len(eval_rows)}, γ = {gamma:.5f}")
 
     ################ Model and tokenizer (the rollouts' token ids must mean the same to the LenVM)
+    model_args.dtype = resolve_dtype(model_args.dtype, training_device(config.use_cpu))  # recorded as resolved
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     check_rollout_tokenizer(script_args.rollouts_path, model_args.model_name_or_path, tokenizer)
     model = build_lenvm(model_args, config, gamma, finished_lengths)

@@ -71,9 +71,13 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 
 def load_causal_lm(name_or_path: str, dtype: str | None = None, **kwargs) -> PreTrainedModel:
-    """``dtype``: "float32", "bfloat16", "float16", "auto" or None (float32)."""
+    """``dtype``: "float32", "bfloat16", "float16", None (float32) or "auto" (``lenvm_rl.precision``: bf16 where the
+    inference device computes it natively, else float32)."""
+    from lenvm_rl.precision import resolve_dtype
+
     path = resolve_model_path(name_or_path)
-    torch_dtype = dtype if dtype in (None, "auto") else getattr(torch, dtype)
+    dtype = resolve_dtype(dtype, inference_device().type)
+    torch_dtype = None if dtype is None else getattr(torch, dtype)
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype or torch.float32, **kwargs)
     except OSError as error:

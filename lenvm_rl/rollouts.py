@@ -223,7 +223,10 @@ def check_manifest(output_dir: Path, args: RolloutArguments, model_name: str, dt
 
 
 def run_rollouts(args: RolloutArguments, model_name_or_path: str, dtype: str | None = None) -> Path:
+    from lenvm_rl.precision import resolve_dtype
+
     output_dir = Path(args.output_dir)
+    dtype = resolve_dtype(dtype, inference_device().type)  # the manifest records what "auto" became
     prompts = load_prompts(args)
     check_manifest(output_dir, args, model_name_or_path, dtype)
     shard_dir = output_dir / "shards"

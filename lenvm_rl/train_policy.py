@@ -77,6 +77,9 @@ def train_policy(argv: list[str] | None, stage: str, config_class: type, trainer
             )
 
     ################ Tokenizer and policy
+    from lenvm_rl.precision import resolve_dtype, training_device
+
+    model_args.dtype = resolve_dtype(model_args.dtype, training_device(config.use_cpu))  # recorded as resolved
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     model = load_causal_lm(
         model_args.model_name_or_path, dtype=model_args.dtype, attn_implementation=model_args.attn_implementation

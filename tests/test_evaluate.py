@@ -274,3 +274,13 @@ def test_vllm_serves_base_adapters_and_truncation_and_guided_arms_use_generate(
 
     with pytest.raises(ConfigError, match="generator: 'vllm' there, None now.*set use_vllm to match"):
         run_evaluation(evaluate_args(tiny_model_path, tmp_path, adapters=[adapter_path], use_vllm=False))  # no mixing
+
+
+def test_an_arm_evaluated_alone_matches_the_same_arm_of_a_full_run(tiny_model_path, tmp_path):
+    """plain_decoding: false generates the other arms only, and the same completions (seeds follow the batch index)."""
+    full = run_evaluation(evaluate_args(tiny_model_path, tmp_path / "full", hard_truncation=True))
+    alone = run_evaluation(evaluate_args(tiny_model_path, tmp_path / "alone", hard_truncation=True, plain_decoding=False))
+    assert list(alone) == ["base + truncation"]
+    assert alone["base + truncation"] == full["base + truncation"]
+    with pytest.raises(ConfigError, match="plain_decoding"):
+        evaluate_args(tiny_model_path, tmp_path, plain_decoding=False)

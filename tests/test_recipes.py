@@ -45,3 +45,14 @@ def test_misspelt_field_names_the_field(tmp_path):
     recipe.write_text("model_name_or_path: x\nnum_samples_per_promt: 4\n")
     with pytest.raises(ConfigError, match="num_samples_per_promt"):
         parse_recipe((RolloutArguments, ModelConfig), ["--config", str(recipe)])
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
+def test_cpu_recipes_leave_bf16_to_the_machine(path):
+    """A CPU recipe never hard-codes bf16 (emulated, about 100x slower, on a CPU without AMX / AVX512-BF16)."""
+    import yaml
+
+    recipe = yaml.safe_load(path.read_text())
+    if path.parts[-3] in ("SmolLM2-135M-Instruct", "testbed") or recipe.get("use_cpu"):
+        assert recipe.get("bf16", "auto") in ("auto", False), path
+        assert recipe.get("dtype") in (None, "auto", "float32"), path
