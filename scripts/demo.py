@@ -32,7 +32,9 @@ SMOL = ROOT / "recipes" / "SmolLM2-135M-Instruct"
 TESTBED = ROOT / "recipes" / "testbed"
 LM = [sys.executable, "-m", "lenvm_rl"]
 HELD_OUT = ["--num_prompts", "16", "--skip_prompts", "100"]  # 16 held-out prompts x exact {16, 32, 64}
-EVALUATE = [*LM, "evaluate", "--config", str(SMOL / "evaluate" / "config_before_after.yaml"), *HELD_OUT,
+# The before/after recipe without its GRPO adapter (a list field cannot be emptied by a flag): written by main().
+EVALUATE_RECIPE = RUNS / "smollm2" / "config_base_model.yaml"
+EVALUATE = [*LM, "evaluate", "--config", str(EVALUATE_RECIPE), *HELD_OUT,
             "--max_new_tokens", "96", "--lenvm_model_path", str(RUNS / "smollm2" / "lenvm")]
 # name: (command, file that marks it done, stages it needs)
 STAGES = {
@@ -174,8 +176,18 @@ def testbed_table_and_curve() -> str:
     return "\n".join(lines)
 
 
+def write_evaluate_recipe() -> None:
+    import yaml
+
+    recipe = yaml.safe_load((SMOL / "evaluate" / "config_before_after.yaml").read_text())
+    recipe.update(adapters=[], labels=["SmolLM2"])
+    EVALUATE_RECIPE.parent.mkdir(parents=True, exist_ok=True)
+    EVALUATE_RECIPE.write_text(yaml.safe_dump(recipe, sort_keys=False))
+
+
 def main() -> None:
     start = time.perf_counter()
+    write_evaluate_recipe()
     times = run_stages()
     precision = json.loads((RUNS / "smollm2" / "rollouts" / "rollout_args.json").read_text())["dtype"]
     report = "\n\n".join([

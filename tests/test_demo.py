@@ -33,8 +33,12 @@ DEMO = load_demo()
 
 
 @pytest.mark.parametrize("name", list(DEMO.STAGES))
-def test_stage_commands_parse_and_needs_come_first(name, tmp_path):
+def test_stage_commands_parse_and_needs_come_first(name, tmp_path, monkeypatch):
+    monkeypatch.setattr(DEMO, "EVALUATE_RECIPE", tmp_path / "evaluate.yaml")
+    DEMO.write_evaluate_recipe()
     command, _, needs = DEMO.STAGES[name]
+    command = [str(tmp_path / "evaluate.yaml") if part == str(DEMO.RUNS / "smollm2" / "config_base_model.yaml") else part
+               for part in command]
     order = list(DEMO.STAGES)
     assert all(order.index(need) < order.index(name) for need in needs)
     if command[1:3] == ["-m", "lenvm_rl.testbed"]:
@@ -45,8 +49,10 @@ def test_stage_commands_parse_and_needs_come_first(name, tmp_path):
         HfArgumentParser(TestbedSFTArguments).parse_args_into_dataclasses(command[3:])
         return
     stage = command[3]
-    parse_recipe(PARSERS[stage], [*command[4:], "--output_dir", str(tmp_path), "--report_to", "none", "--bf16", "false"]
-                 if stage in ("train-lenvm", "grpo") else [*command[4:], "--output_dir", str(tmp_path)])
+    parsed = parse_recipe(PARSERS[stage], [*command[4:], "--output_dir", str(tmp_path), "--report_to", "none", "--bf16", "false"]
+                          if stage in ("train-lenvm", "grpo") else [*command[4:], "--output_dir", str(tmp_path)])
+    if stage == "evaluate":  # the base model alone: the recipe's GRPO adapter is not made by the demo
+        assert parsed[0].adapters == [] and parsed[0].models() == [None]
 
 
 def test_progress_reads_the_last_tqdm_position(tmp_path):
