@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from testbed import RECIPES, ROOT, check, machine, prepare, run_logged  # noqa: E402  (same folder)
+from testbed import RECIPES, ROOT, machine, prepare, run_jobs  # noqa: E402  (same folder)
 
 COMPLETIONS_PER_STEP = 32
 PLAN = {"budgets": [32, 64, 96], "max_completion_length": 112}  # the second task (lenvm_rl.testbed, form plan)
@@ -79,25 +79,14 @@ def train_command(runs: Path, cell: str, seed: int, args) -> list[str]:
 
 def run_cells(runs: Path, args) -> dict:
     """Every cell x seed not yet finished, ``args.jobs`` processes at a time; returns {(cell, seed): wall s}."""
-    queue = [(cell, seed) for cell in args.cells for seed in args.seeds
-             if not (run_dir(runs, cell, seed) / "trainer_state.json").exists()]
-    running, times = {}, {}
-    while queue or running:
-        while queue and len(running) < args.jobs:
-            cell, seed = queue.pop(0)
-            shutil.rmtree(run_dir(runs, cell, seed), ignore_errors=True)  # an unfinished run of this map's own
-            log = runs / "logs" / "map" / f"{cell.replace(':', '_')}_seed{seed}.log"
-            running[(cell, seed)] = (run_logged(train_command(runs, cell, seed, args), log), log, time.perf_counter())
-            print(f"map: {cell} seed {seed} ... ({len(queue)} queued)", flush=True)
-        time.sleep(1.0)
-        for key, (process, log, start) in list(running.items()):
-            if process.poll() is not None:
-                check(process, log)
-                times[key] = time.perf_counter() - start
-                (run_dir(runs, *key) / "wall_s.txt").write_text(f"{times[key]:.1f}\n")
-                print(f"map: {key[0]} seed {key[1]} done in {times[key]:.0f} s", flush=True)
-                del running[key]
-    return times
+    todo = [(cell, seed) for cell in args.cells for seed in args.seeds
+            if not (run_dir(runs, cell, seed) / "trainer_state.json").exists()]
+    for cell, seed in todo:
+        shutil.rmtree(run_dir(runs, cell, seed), ignore_errors=True)  # an unfinished run of this map's own
+    jobs = [((cell, seed), train_command(runs, cell, seed, args),
+             runs / "logs" / "map" / f"{cell.replace(':', '_')}_seed{seed}.log") for cell, seed in todo]
+    record = lambda key, wall: (run_dir(runs, *key) / "wall_s.txt").write_text(f"{wall:.1f}\n")  # noqa: E731
+    return run_jobs(jobs, args.jobs, "map", done=record)
 
 
 def load_run(path: Path) -> dict:

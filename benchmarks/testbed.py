@@ -97,25 +97,34 @@ def train_command(runs: Path, arm: str, seed: int, args) -> list[str]:
     ]
 
 
-def run_study(runs: Path, args) -> dict:
-    """Stage 3: every arm x seed not yet finished, ``args.jobs`` processes at a time; returns wall times (s)."""
-    queue = [(arm, seed) for seed in args.seeds for arm in args.arms
-             if not (runs / "study" / arm / f"seed{seed}" / "trainer_state.json").exists()]
-    running, times = {}, {}
+def run_jobs(jobs: list[tuple[tuple, list[str], Path]], at_once: int, name: str, done=None) -> dict:
+    """Run (key, command, log) jobs ``at_once`` at a time, each its own process; stop at the first failure.
+    ``done(key, wall_s)`` is called as each one finishes. Returns {key: wall time (s)}."""
+    queue, running, times = list(jobs), {}, {}
     while queue or running:
-        while queue and len(running) < args.jobs:
-            arm, seed = queue.pop(0)
-            log = runs / "logs" / f"{ARMS[arm][0].split('/')[0]}_{arm}_seed{seed}.log"
-            running[(arm, seed)] = (run_logged(train_command(runs, arm, seed, args), log), log, time.perf_counter())
-            print(f"testbed: {arm} seed {seed} ...", flush=True)
+        while queue and len(running) < at_once:
+            key, command, log = queue.pop(0)
+            running[key] = (run_logged(command, log), log, time.perf_counter())
+            print(f"{name}: {' seed '.join(map(str, key))} ... ({len(queue)} queued)", flush=True)
         time.sleep(1.0)
         for key, (process, log, start) in list(running.items()):
             if process.poll() is not None:
                 check(process, log)
                 times[key] = time.perf_counter() - start
-                print(f"testbed: {key[0]} seed {key[1]} done in {times[key]:.0f} s", flush=True)
+                print(f"{name}: {' seed '.join(map(str, key))} done in {times[key]:.0f} s", flush=True)
+                if done is not None:
+                    done(key, times[key])
                 del running[key]
     return times
+
+
+def run_study(runs: Path, args) -> dict:
+    """Stage 3: every arm x seed not yet finished, ``args.jobs`` processes at a time; returns wall times (s)."""
+    jobs = [((arm, seed), train_command(runs, arm, seed, args),
+             runs / "logs" / f"{ARMS[arm][0].split('/')[0]}_{arm}_seed{seed}.log")
+            for seed in args.seeds for arm in args.arms
+            if not (runs / "study" / arm / f"seed{seed}" / "trainer_state.json").exists()]
+    return run_jobs(jobs, args.jobs, "testbed")
 
 
 def load_curves(runs: Path, arms, seeds) -> dict:
