@@ -79,14 +79,16 @@ STAGES = {
 }
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
        "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-PROGRESS = re.compile(r"(\d+)/(\d+) \[([\d:]+)<([\d:?]+)")
+PROGRESS = re.compile(r"([^\r\n|]*?)\s*\d+%\|[^|\r\n]*\| (\d+)/(\d+) \[([\d:]+)<([\d:?]+)")
+# Bars of loading and saving, not of the stage's work: a stage's progress is its last other bar.
+SIDE_BARS = ("Loading", "Writing", "Saving", "Map", "Filter", "Converting", "Generating", "Fetching")
 
 
 def progress(log: Path) -> str:
-    """The last tqdm position of a stage's log, as "done/total, ETA m:ss"."""
+    """The last tqdm position of a stage's own work in its log, as "done/total, ETA m:ss"."""
     text = log.read_text(errors="replace") if log.exists() else ""
-    found = PROGRESS.findall(text[-4000:])
-    return f"{found[-1][0]}/{found[-1][1]}, ETA {found[-1][3]}" if found else "starting"
+    found = [bar for bar in PROGRESS.findall(text[-50_000:]) if not bar[0].strip().startswith(SIDE_BARS)]
+    return f"{found[-1][1]}/{found[-1][2]}, ETA {found[-1][4]}" if found else "starting"
 
 
 def run_stages(jobs: int = 2) -> dict[str, float]:

@@ -60,6 +60,11 @@ def test_progress_reads_the_last_tqdm_position(tmp_path):
     log.write_text("rollouts:  10%|#  | 5/48 [00:10<01:26, 2.0s/prompt]\rrollouts:  21%|## | 10/48 [00:20<01:16, 2.0s/prompt]")
     assert DEMO.progress(log) == "10/48, ETA 01:16"
     assert DEMO.progress(tmp_path / "missing.log") == "starting"
+    # A saving bar after the stage's own bar is not the stage's progress (it showed "64/64, ETA 00:00" for minutes).
+    with log.open("a") as handle:
+        handle.write("\nSaving the dataset (1/1 shards): 100%|##########| 64/64 [00:00<00:00, 12468.55 examples/s]\n"
+                     "Loading weights: 100%|##########| 272/272 [00:00<00:00, 8887.48it/s]\n")
+    assert DEMO.progress(log) == "10/48, ETA 01:16"
 
 
 def test_report_tables_read_the_stages_outputs(tmp_path, monkeypatch):

@@ -215,10 +215,10 @@ def test_plan_solution_length_is_set_by_its_plan_and_fillers_do_not_change_it(st
         assert len(texts) == 6  # the fillers vary from draw to draw
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        assert len(ids) == plan_length(steps) == 3 + 4 * steps + 2 and tokenizer.unk_token_id not in ids
+        assert len(ids) == plan_length(steps) == 4 + 4 * steps + 2 and tokenizer.unk_token_id not in ids
         words = text.split()
-        assert words[:3] == ["plan", str(steps), ":"]
-        assert [int(w) for w in words[3:-2:4]] == list(range(steps - 1, -1, -1))  # the countdown
+        assert words[:4] == ["plan", str(steps), ":", "14"]
+        assert [int(w) for w in words[4:-2:4]] == list(range(steps - 1, -1, -1))  # the countdown
         assert Accuracy()(prompts=[""], completions=[text], completion_ids=[ids], answer=["14"]) == [1.0]
 
 
