@@ -14,6 +14,7 @@ markers into docs/BENCHMARKS.md.
     python benchmarks/map.py                                   # the default cells (CELLS below)
     python benchmarks/map.py --cells g2:seq g2:frozen --seeds 0 --max-steps 60   # a quick look
     python benchmarks/map.py --cells g2:frozen@length_advantage_coef=0.5 --seeds 0  # an arm with a field changed
+    python benchmarks/map.py --cells "g2:seq@reward_weights=1;2" --seeds 0          # a list field
 
 A cell is ``regime:arm`` or ``regime:arm@field=value[,field=value]``: the arm's recipe with more overrides (the
 sweeps of a coefficient or a reward weight), in its own folder.
@@ -61,7 +62,8 @@ def parse_cell(cell: str) -> tuple[str, str, dict[str, str]]:
     """``regime:arm@field=value,field=value`` -> (regime, arm, {field: value})."""
     regime, _, rest = cell.partition(":")
     arm, _, extra = rest.partition("@")
-    overrides = dict(item.split("=", 1) for item in extra.split(",") if "=" in item)
+    overrides = {key: value.split(";") if ";" in value else value  # a list field: values joined by ";"
+                 for key, value in (item.split("=", 1) for item in extra.split(",") if "=" in item)}
     if regime not in REGIMES or arm not in ARMS or extra.count("=") != len(overrides) or (extra and not overrides):
         raise ValueError(f"--cells: {cell!r} is not regime:arm[@field=value,...] with regime in {list(REGIMES)} "
                          f"and arm in {list(ARMS)}")
@@ -70,7 +72,8 @@ def parse_cell(cell: str) -> tuple[str, str, dict[str, str]]:
 
 def label(cell: str) -> str:
     _, arm, overrides = parse_cell(cell)
-    return ARMS[arm][2] + "".join(f", {key} {value}" for key, value in overrides.items())
+    shown = lambda value: " / ".join(value) if isinstance(value, list) else value  # noqa: E731
+    return ARMS[arm][2] + "".join(f", {key} {shown(value)}" for key, value in overrides.items())
 
 
 def task_dir(runs: Path, cell: str) -> Path:
@@ -81,7 +84,7 @@ def task_dir(runs: Path, cell: str) -> Path:
 
 def run_dir(runs: Path, cell: str, seed: int) -> Path:
     regime, arm, _ = parse_cell(cell)
-    return runs / "map" / regime / cell.partition(":")[2] / f"seed{seed}"
+    return runs / "map" / regime / cell.partition(":")[2].replace(";", "_") / f"seed{seed}"
 
 
 def train_command(runs: Path, cell: str, seed: int, args) -> list[str]:

@@ -21,12 +21,12 @@ The tokenizer is word-level (whitespace-split): every number 0..``NUMBER_TOKENS 
 budget N in the prompt is one token the policy can read, and a length in tokens is a count of words.
 
 The second task ("plan then count down", ``--form plan``): the same prompts, a solution that announces its
-plan first: ``plan K : <a + b>``, then K steps of ``PLAN_STEP_TOKENS`` tokens, each a countdown number (K - 1 .. 0)
-followed by filler words drawn at random, then ``#### <a + b>``: L = 4 + 4 K + 2 tokens. The length is fixed by
-one choice in the first two tokens (K); the fillers vary from token to token without changing it, and the
-countdown makes the stop follow from K, as a reasoning model's announced plan or step count sets its length
-long before it stops. K is uniform in [``PLAN_MIN_STEPS``, ``PLAN_MAX_STEPS``] in the SFT data (L 22..102, mean
-62), independent of the budget ({32, 64, 96}): the starting policy is budget-blind and must learn to pick K.
+plan first: ``N plan K : <a + b>`` (N the budget, restated), then K steps of ``PLAN_STEP_TOKENS`` tokens, each a
+countdown number (K - 1 .. 0) followed by filler words drawn at random, then ``#### <a + b>``: L = 5 + 4 K + 2
+tokens. The length is fixed by one choice in the first three tokens (K); the fillers vary from token to token
+without changing it, and the countdown makes the stop follow from K, as a reasoning model's announced plan or
+step count sets its length long before it stops. K is uniform in [``PLAN_MIN_STEPS``, ``PLAN_MAX_STEPS``] in the SFT data (L 23..103, mean
+63), independent of the budget ({32, 64, 96}): the starting policy is budget-blind and must learn to pick K.
 Built for that regime, where a critic can know the length early, not for a result (docs/BENCHMARKS.md).
 
 The starting policy. ``main`` (``python -m lenvm_rl.testbed --output_dir runs/testbed/sft``) trains a Llama
@@ -61,7 +61,8 @@ PLAN_STEP_TOKENS = 4  # a countdown number and three fillers
 PLAN_WORDS = ("plan", ":")
 PLAN_FILLERS = ("x", "y", "z", "w")
 PLAN_BUDGETS = (32, 64, 96)
-PLAN_MAX_TOKENS = 4 + PLAN_STEP_TOKENS * PLAN_MAX_STEPS + MIN_SOLUTION_TOKENS  # 102
+PLAN_HEAD_TOKENS = 5  # N plan K : a+b
+PLAN_MAX_TOKENS = PLAN_HEAD_TOKENS + PLAN_STEP_TOKENS * PLAN_MAX_STEPS + MIN_SOLUTION_TOKENS  # 103
 QUESTION = "What is {a} + {b} ?"
 ANSWER_MARKER = "####"
 SPECIAL_TOKENS = ("<unk>", "<pad>", "<eos>", "<|user|>", "<|assistant|>")
@@ -111,18 +112,21 @@ def write_solution(a: int, b: int, solution_tokens: int, budget_tokens: int) -> 
     return " ".join([*map(str, steps), ANSWER_MARKER, str(a + b)])
 
 
-def write_plan_solution(a: int, b: int, steps: int, rng: random.Random) -> str:
-    """The second task's solution: ``plan K : a + b``, K steps (countdown K - 1 .. 0, then three random fillers
-    each), ``#### a + b``: 4 + 4 K + 2 words, whatever fillers are drawn. The sum is written next to the prompt
-    and copied at the end, so that a tiny policy stays accurate however long its plan (with the sum only at the
-    end, 100 tokens after the operands, a 0.14M-parameter policy reached 0.87).
+def write_plan_solution(a: int, b: int, steps: int, rng: random.Random, budget_tokens: int) -> str:
+    """The second task's solution: ``N plan K : a + b``, K steps (countdown K - 1 .. 0, then three random fillers
+    each), ``#### a + b``: 5 + 4 K + 2 words, whatever fillers are drawn.
 
-    >>> write_plan_solution(3, 4, 2, random.Random(0))
-    'plan 2 : 7 1 w w x 0 z w w #### 7'
+    The budget N is restated first, as a reasoning model restates its budget: the policy then attends to it, and
+    choosing K from the token before it is learnable (without it, 150 GRPO steps of either arm moved nothing). The
+    sum is written next to the prompt and copied at the end, so that a tiny policy stays accurate however long its
+    plan (with the sum only at the end, 100 tokens after the operands, a 0.14M-parameter policy reached 0.87).
+
+    >>> write_plan_solution(3, 4, 2, random.Random(0), budget_tokens=32)
+    '32 plan 2 : 7 1 w w x 0 z w w #### 7'
     """
     if steps < 0:
         raise ConfigError(f"steps: a plan has at least 0 steps, got {steps}")
-    words = ["plan", str(steps), ":", str(a + b)]
+    words = [str(budget_tokens), "plan", str(steps), ":", str(a + b)]
     for remaining in range(steps - 1, -1, -1):
         words += [str(remaining), *(rng.choice(PLAN_FILLERS) for _ in range(PLAN_STEP_TOKENS - 1))]
     return " ".join([*words, ANSWER_MARKER, str(a + b)])
@@ -130,7 +134,7 @@ def write_plan_solution(a: int, b: int, steps: int, rng: random.Random) -> str:
 
 def plan_length(steps: int) -> int:
     """Tokens of a plan solution with ``steps`` steps (EOS excluded)."""
-    return len(PLAN_WORDS) + 2 + PLAN_STEP_TOKENS * steps + MIN_SOLUTION_TOKENS
+    return PLAN_HEAD_TOKENS + PLAN_STEP_TOKENS * steps + MIN_SOLUTION_TOKENS
 
 
 def make_tokenizer(form: str = "tracker") -> PreTrainedTokenizerFast:
@@ -209,7 +213,7 @@ def make_sft_dataset(
     for ids, row in zip(prompt_ids, prompts, strict=True):
         a, b = (int(word) for word in row["prompt"][0]["content"].split()[2:5:2])  # "What is a + b ?"
         if form == "plan":
-            solution = write_plan_solution(a, b, rng.randint(PLAN_MIN_STEPS, PLAN_MAX_STEPS), rng)
+            solution = write_plan_solution(a, b, rng.randint(PLAN_MIN_STEPS, PLAN_MAX_STEPS), rng, row["budget_tokens"])
         else:
             solution = write_solution(a, b, rng.randint(MIN_SOLUTION_TOKENS, MAX_SOLUTION_TOKENS), row["budget_tokens"])
         solution = tokenizer(solution, add_special_tokens=False)["input_ids"]

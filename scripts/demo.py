@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's lenvm_rl, whichever checkout an installed copy points at
 RUNS = ROOT / "runs" / "demo"
 SMOL = ROOT / "recipes" / "SmolLM2-135M-Instruct"
 TESTBED = ROOT / "recipes" / "testbed"
@@ -39,9 +40,9 @@ EVALUATE = [*LM, "evaluate", "--config", str(EVALUATE_RECIPE), *HELD_OUT,
 # name: (command, file that marks it done, stages it needs)
 STAGES = {
     "smollm2 rollouts": ([*LM, "rollout", "--config", str(SMOL / "rollout" / "config_arithmetic.yaml"),
-                          "--num_prompts", "48", "--num_samples_per_prompt", "4", "--max_completion_tokens", "96",
+                          "--num_prompts", "32", "--num_samples_per_prompt", "4", "--max_completion_tokens", "96",
                           "--prompts_per_batch", "16", "--shard_size", "16", "--output_dir", str(RUNS / "smollm2" / "rollouts")],
-                         RUNS / "smollm2" / "rollouts" / "shards" / "shard-00002", []),
+                         RUNS / "smollm2" / "rollouts" / "shards" / "shard-00001", []),
     "smollm2 held-out rollouts": ([*LM, "rollout", "--config", str(SMOL / "rollout" / "config_arithmetic_eval.yaml"),
                                    "--num_prompts", "16", "--max_completion_tokens", "96", "--shard_size", "8",
                                    "--output_dir", str(RUNS / "smollm2" / "rollouts_eval")],
@@ -78,7 +79,8 @@ STAGES = {
                                     RUNS / "smollm2" / "plain" / "results.json", []),
 }
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-       "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+       "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+       "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 PROGRESS = re.compile(r"([^\r\n|]*?)\s*\d+%\|[^|\r\n]*\| (\d+)/(\d+) \[([\d:]+)<([\d:?]+)")
 # Bars of loading and saving, not of the stage's work: a stage's progress is its last other bar.
 SIDE_BARS = ("Loading", "Writing", "Saving", "Map", "Filter", "Converting", "Generating", "Fetching")

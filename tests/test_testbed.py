@@ -210,15 +210,15 @@ SLOW_MAX_ACCURACY_DROP = 0.10
 @pytest.mark.parametrize("steps", [0, 1, PLAN_MIN_STEPS, PLAN_MAX_STEPS])
 def test_plan_solution_length_is_set_by_its_plan_and_fillers_do_not_change_it(steps):
     tokenizer = make_tokenizer("plan")
-    texts = {write_plan_solution(5, 9, steps, random.Random(seed)) for seed in range(6)}
+    texts = {write_plan_solution(5, 9, steps, random.Random(seed), budget_tokens=64) for seed in range(6)}
     if steps >= PLAN_MIN_STEPS:
         assert len(texts) == 6  # the fillers vary from draw to draw
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        assert len(ids) == plan_length(steps) == 4 + 4 * steps + 2 and tokenizer.unk_token_id not in ids
+        assert len(ids) == plan_length(steps) == 5 + 4 * steps + 2 and tokenizer.unk_token_id not in ids
         words = text.split()
-        assert words[:4] == ["plan", str(steps), ":", "14"]
-        assert [int(w) for w in words[4:-2:4]] == list(range(steps - 1, -1, -1))  # the countdown
+        assert words[:5] == ["64", "plan", str(steps), ":", "14"]
+        assert [int(w) for w in words[5:-2:4]] == list(range(steps - 1, -1, -1))  # the countdown
         assert Accuracy()(prompts=[""], completions=[text], completion_ids=[ids], answer=["14"]) == [1.0]
 
 
@@ -239,8 +239,8 @@ def test_plan_sft_rows_draw_the_plan_independently_of_the_budget():
         words = tokenizer.decode(labels[:-1]).split()
         prompt = tokenizer.decode([i for i, l in zip(row["input_ids"], row["labels"]) if l == -100]).split()
         budget = next(int(w) for w in prompt if w.isdigit() and int(w) in PLAN_BUDGETS)  # operands are <= 19
-        assert words[0] == "plan" and len(words) == plan_length(int(words[1]))
-        plans[budget].append(int(words[1]))
+        assert words[:2] == [str(budget), "plan"] and len(words) == plan_length(int(words[2]))
+        plans[budget].append(int(words[2]))
     for drawn in plans.values():  # K uniform on 4..24 for every budget: mean 14
         assert PLAN_MIN_STEPS <= min(drawn) and max(drawn) <= PLAN_MAX_STEPS
         assert abs(sum(drawn) / len(drawn) - 14) < 2.0
