@@ -9,6 +9,9 @@ How this departs from TRL's GRPO:
 - Scale: A_len is whitened over the valid tokens of the batch by default (``whiten_length_advantage``), so it
   enters at the scale of TRL's A_task, which is divided by its group's reward std. Unwhitened, c · A_len is a
   difference of scores in [0, 1] (0.1-0.3 per token on the testbed) against an A_task of order 1.
+  ``length_advantage_scale: first`` divides every batch by the first training batch's std instead (kept, in
+  checkpoints): whitened per batch, the LenVM's leftover error is scaled back up to std 1 once budgets are met,
+  where a sequence-level reward's advantage falls to 0 (docs/BENCHMARKS.md, "Where the length critic pays").
 - Baseline (budget objective): ``length_baseline: lenvm`` uses the LenVM's potential Φ(s_0) at the prompt
   boundary; ``group`` anchors it at the group's mean realised score, as TRL's advantage does for rewards, and
   keeps the LenVM's change Φ_j - Φ_0 within the completion (still a state-dependent baseline); unwhitened, the
@@ -43,6 +46,7 @@ the rows of the current generation batch, gathered over ranks, (B_global, F)).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -50,6 +54,7 @@ from typing import ClassVar
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
+from transformers.utils import logging
 from trl.models import prepare_deepspeed, prepare_fsdp
 
 from lenvm_rl.errors import ConfigError, check_training_counts
@@ -70,7 +75,10 @@ from lenvm_rl.returns import (
 
 LENGTH_OBJECTIVES = (*LENGTH_ADVANTAGE_MODES, "none")
 LENGTH_BASELINES = ("lenvm", "group")
+logger = logging.get_logger(__name__)
 LENVM_UPDATES = ("frozen", "live")
+LENGTH_ADVANTAGE_SCALES = ("batch", "first")
+LENGTH_SCALE_FILE = "length_advantage_scale.json"  # the first batch's scale, in checkpoints (length_advantage_scale first)
 BUDGET_COLUMNS = ("budget_tokens", "budget_kind")
 LIVE_LENVM_DIR = "lenvm"  # the live critic's folder inside output_dir and every checkpoint
 LIVE_LENVM_OPTIMIZER = "lenvm_optimizer.pt"  # its optimizer state, in checkpoints only
@@ -105,7 +113,15 @@ class LenVMGRPOConfig(GRPOConfig):
     length_score: str = field(default="lifebench", metadata={"help": "Budget score S: lifebench or l1."})
     whiten_length_advantage: bool = field(
         default=True,
-        metadata={"help": "Normalise A_len to mean 0, std 1 over the valid tokens of all ranks (the scale of A_task)."},
+        metadata={"help": "Normalise A_len over the valid tokens of all ranks to the scale of A_task "
+                          "(length_advantage_scale says how)."},
+    )
+    length_advantage_scale: str = field(
+        default="batch",
+        metadata={"help": "With whiten_length_advantage: batch (mean 0, std 1 in every batch) or first (divided by "
+                          "the std of the first training batch's A_len, kept for the run and in checkpoints, not "
+                          "centred: A_len shrinks as budgets are met instead of the critic's leftover error being "
+                          "scaled back up to std 1)."},
     )
     length_baseline: str = field(
         default="lenvm",
@@ -183,7 +199,8 @@ class LenVMGRPOConfig(GRPOConfig):
             raise ConfigError(f"length_score: {self.length_score!r} is unknown; use one of {', '.join(LENGTH_SCORES)}")
         if self.lenvm_batch_size < 1:
             raise ConfigError(f"lenvm_batch_size: must be a positive number of sequences, got {self.lenvm_batch_size}")
-        choices = {"length_baseline": LENGTH_BASELINES, "length_potential": LENGTH_POTENTIALS, "lenvm_update": LENVM_UPDATES}
+        choices = {"length_baseline": LENGTH_BASELINES, "length_potential": LENGTH_POTENTIALS,
+                   "lenvm_update": LENVM_UPDATES, "length_advantage_scale": LENGTH_ADVANTAGE_SCALES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: {getattr(self, name)!r} is unknown; use one of {', '.join(allowed)}")
@@ -243,6 +260,7 @@ class LenVMGRPOTrainer(GRPOTrainer):
         if args.use_vllm:
             self.keep_heads_out_of_vllm(self.vllm_generation)
         self.lenvm = self.lenvm_optimizer = None
+        self.length_scale = None  # length_advantage_scale first: the std of the first training batch's A_len
         self.batch_rewards = None  # (B_global, F), set by _calculate_rewards for the current generation batch
         if args.lenvm_model_path is None:
             return
@@ -333,8 +351,10 @@ class LenVMGRPOTrainer(GRPOTrainer):
         )  # (B, T)
         if scale is not None:
             length = length / (scale[:, None] + 1e-4)  # TRL's group scaling of its own advantage
-        if args.whiten_length_advantage:
+        if args.whiten_length_advantage and args.length_advantage_scale == "batch":
             length = self.masked_whiten(length, mask)
+        elif args.whiten_length_advantage:
+            length = length / (self.first_batch_scale(length, mask) + 1e-8)
         return args.length_advantage_coef * length * mask
 
     # ------------------------------------------------------------------------------------- the batch, scored
@@ -360,13 +380,27 @@ class LenVMGRPOTrainer(GRPOTrainer):
             for i in range(0, input_ids.size(0), size)
         ])
 
-    def masked_whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(x - mean) / (std + 1e-8), mean and std over the valid tokens of all ranks; padding is not zeroed. (B, T)"""
+    def masked_moments(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+        """Mean and std of ``x`` (B, T) over the valid tokens of all ranks."""
         stats = torch.stack([(x * mask).sum(), (x.square() * mask).sum(), mask.sum().to(x.dtype)])
         total, total_sq, count = self.accelerator.reduce(stats, reduction="sum").tolist()
         mean = total / max(count, 1.0)
-        std = max(total_sq / max(count, 1.0) - mean**2, 0.0) ** 0.5
+        return mean, max(total_sq / max(count, 1.0) - mean**2, 0.0) ** 0.5
+
+    def masked_whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(x - mean) / (std + 1e-8), mean and std over the valid tokens of all ranks; padding is not zeroed. (B, T)"""
+        mean, std = self.masked_moments(x, mask)
         return (x - mean) / (std + 1e-8)
+
+    def first_batch_scale(self, x: torch.Tensor, mask: torch.Tensor) -> float:
+        """The std of A_len over the first training batch's valid tokens (all ranks), kept from then on. Before it
+        (``eval_on_start``) and while every A_len is 0, the batch's own std, not kept."""
+        if self.length_scale is not None:
+            return self.length_scale
+        std = self.masked_moments(x, mask)[1]
+        if self.model.training and std > 1e-6:
+            self.length_scale = std
+        return std
 
     def describe_batch(self, output: dict, inputs: list[dict]) -> dict:
         """What the length hooks read, for the local rows (B,) and gathered over ranks (B_global,): ``finished``,
@@ -519,6 +553,9 @@ class LenVMGRPOTrainer(GRPOTrainer):
         super()._save_optimizer_and_scheduler(output_dir)
         if self.lenvm_optimizer is not None and self.args.should_save:
             torch.save(self.lenvm_optimizer.state_dict(), os.path.join(output_dir, LIVE_LENVM_OPTIMIZER))
+        if self.length_scale is not None and self.args.should_save:
+            with open(os.path.join(output_dir, LENGTH_SCALE_FILE), "w") as handle:
+                json.dump({"length_advantage_scale": self.length_scale}, handle)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -537,6 +574,14 @@ class LenVMGRPOTrainer(GRPOTrainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.args.whiten_length_advantage and self.args.length_advantage_scale == "first":
+            path = os.path.join(checkpoint, LENGTH_SCALE_FILE)
+            if os.path.isfile(path):
+                with open(path) as handle:
+                    self.length_scale = float(json.load(handle)["length_advantage_scale"])
+            else:
+                logger.warning("%s has no %s: the length advantage's scale is measured again on the next batch",
+                               checkpoint, LENGTH_SCALE_FILE)
         if self.lenvm_optimizer is not None and checkpoint is not None:
             state = torch.load(os.path.join(checkpoint, LIVE_LENVM_OPTIMIZER), map_location=self.accelerator.device)
             self.lenvm_optimizer.load_state_dict(state)

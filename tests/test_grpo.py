@@ -475,6 +475,44 @@ def test_whitened_group_baseline_is_not_divided_by_a_degenerate_group_std(tiny_m
     assert length.abs().max() < 10
 
 
+def test_first_batch_scale_is_kept_so_that_a_smaller_advantage_stays_smaller(tiny_model_path, tokenizer, dataset,
+                                                                            lenvm_path, tmp_path):
+    """length_advantage_scale first: the first training batch's A_len is divided by its own std (not centred); a
+    later batch whose raw A_len is half as large comes out half as large, where per-batch whitening gives std 1."""
+    trainer = make_trainer(tiny_model_path, tokenizer, dataset, tmp_path, lenvm_model_path=lenvm_path,
+                           length_advantage_scale="first", per_device_train_batch_size=4)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]]).bool()
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(0)) * mask
+    std = x[mask].std(correction=0).item()
+    trainer.model.eval()  # eval_on_start: the batch's own std, not kept
+    torch.testing.assert_close(x / trainer.first_batch_scale(x, mask), x / std)
+    assert trainer.length_scale is None
+    trainer.model.train()
+    assert trainer.first_batch_scale(x, mask) == pytest.approx(std) and trainer.length_scale == pytest.approx(std)
+    assert trainer.first_batch_scale(0.5 * x, mask) == pytest.approx(std)  # kept: the smaller batch stays smaller
+    trainer.length_scale = None
+    assert trainer.first_batch_scale(0 * x, mask) == 0 and trainer.length_scale is None  # nothing to measure yet
+
+
+def test_first_batch_scale_survives_a_resume(tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path):
+    from lenvm_rl.grpo import LENGTH_SCALE_FILE
+
+    options = dict(lenvm_model_path=lenvm_path, length_advantage_scale="first", save_strategy="steps", save_steps=1)
+    trainer = make_trainer(tiny_model_path, tokenizer, dataset, tmp_path, max_steps=1, **options)
+    trainer.train()
+    saved = json.loads((tmp_path / "checkpoint-1" / LENGTH_SCALE_FILE).read_text())["length_advantage_scale"]
+    assert saved == trainer.length_scale > 0
+    resumed = make_trainer(tiny_model_path, tokenizer, dataset, tmp_path, max_steps=2, **options)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    assert resumed.length_scale == saved
+
+
+def test_unknown_length_advantage_scale_is_one_clear_error(tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path):
+    with pytest.raises(ConfigError, match="length_advantage_scale: 'median' is unknown"):
+        make_trainer(tiny_model_path, tokenizer, dataset, tmp_path, lenvm_model_path=lenvm_path,
+                     length_advantage_scale="median")
+
+
 @pytest.mark.parametrize("options", [
     dict(length_baseline="group"), dict(length_potential="expected"), dict(eos_credit=True),
     dict(length_objective="efficiency", eos_credit=True),
