@@ -1,7 +1,7 @@
 """The Length Value Model: a causal-LM backbone with a scalar value head.
 
 V(s_t) = -sigmoid(z_t), z_t = W2 · SiLU(W1 h_t + b1) + b2, read from the final hidden state h_t of the
-last token of state s_t. V lies in (-1, 0) and estimates G_t = -(1 - γ^(L - t)) (DESIGN.md §2).
+last token of state s_t. V lies in (-1, 0) and estimates G_t = -(1 - γ^(L - t)) (docs/DESIGN.md §3.2).
 The head runs in float32 whatever the backbone's dtype: z is a logit whose tails matter (V near -1
 is a long remaining generation), and bf16 has 8 bits of mantissa.
 

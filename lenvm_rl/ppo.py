@@ -2,7 +2,7 @@
 
 TRL removed its PPOTrainer in 1.13. This is a ``LenVMGRPOTrainer`` subclass: generation (vLLM included),
 DeepSpeed/FSDP, the clipped policy loss (``loss_type``, ``epsilon``), reward functions and logging stay TRL's.
-What changes is where the advantage comes from, and a value loss is added (DESIGN.md, "LenVM inside RL"):
+What changes is where the advantage comes from, and a value loss is added (docs/DESIGN.md §3.12, §4.3):
 
     A_j = whiten(A_task)_j + c · A_len_j      on completion tokens, 0 on padding
     A_task = GAE(task_gamma, task_lambda) of r_j = -kl_coef · (log π_old - log π_ref)_j + R · [j = n - 1]
@@ -46,8 +46,8 @@ What changes is where the advantage comes from, and a value loss is added (DESIG
   reference log-probs are TRL's when ``beta`` != 0, else the adapter-free policy (LoRA) or a frozen reference
   model built and prepared as TRL builds its own (full fine-tune).
 - Value loss: ½ max((V - R)², (V_clip - R)²), V_clip = V_old + clip(V - V_old, ±cliprange_value), token mean over
-  the accumulation window (normalised like TRL's ``dapo`` loss whatever ``loss_type`` is), as DESIGN.md asks of
-  value losses.
+  the accumulation window (normalised like TRL's ``dapo`` loss whatever ``loss_type`` is), as docs/DESIGN.md
+  §10.2 asks of value losses.
 - Logged besides TRL's and the LenVM's metrics: ``ppo/value_loss``, ``ppo/value_clipfrac``,
   ``ppo/explained_variance`` (1 - Var(R - V_old) / Var(R) over the valid tokens of the generation batch, before the
   update), ``ppo/mean_value``, ``ppo/mean_return`` and ``ppo/kl`` (with ``kl_coef``). The policy clip fraction is

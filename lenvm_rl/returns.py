@@ -3,7 +3,7 @@
 No trainer, accelerate or I/O imports: everything here is a function of tensors and floats, tested
 against plain-loop references in ``tests/test_returns.py``.
 
-Conventions (see DESIGN.md §2): a completion has L generated tokens, EOS excluded. State s_t is the
+Conventions (docs/DESIGN.md §3.1, §3.2): a completion has L generated tokens, EOS excluded. State s_t is the
 prompt plus the first t completion tokens. The per-token length reward is r_t = -(1 - γ) for every
 non-terminal step, so the return from s_t is G_t = -(1 - γ^(L - t)), in (-1, 0].
 
@@ -116,7 +116,7 @@ def remaining_from_value(value: torch.Tensor, gamma: float) -> torch.Tensor:
 def auto_gamma(lengths, quantile: float = 0.99, target_value: float = 0.99) -> float:
     """γ = (1 - target)^(1 / L_q), so that 1 - γ^(L_q) = target, with L_q the ``quantile`` of ``lengths``.
 
-    With the defaults the 99th-percentile rollout length maps to a value of -0.99 (DESIGN.md §2).
+    With the defaults the 99th-percentile rollout length maps to a value of -0.99 (docs/DESIGN.md §3.2).
     ``lengths``: 1-D tensor or list of completion lengths in tokens (finished rollouts).
     """
     lengths = torch.as_tensor(lengths, dtype=torch.float64).flatten()
@@ -217,8 +217,8 @@ def masked_gae(
 def td_residuals(values: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
     """Length TD residuals s_t = -(1 - γ) + γ V_{t+1} - V_t, 0 where mask is False (paper §4.6).
 
-    Index t is the transition s_t -> s_{t+1} made by the completion token at index t (DESIGN.md
-    writes the same residual as s_{t+1}, indexed by the state it reaches). The reward -(1 - γ) is
+    Index t is the transition s_t -> s_{t+1} made by the completion token at index t (docs/DESIGN.md
+    §3.4; the same residual is often written s_{t+1}, indexed by the state it reaches). The reward -(1 - γ) is
     that of a non-EOS token: leave the EOS position out of ``mask`` (its reward is 0).
 
     Shapes: values (B, T + 1), mask (B, T) bool -> (B, T), dtype promoted to at least float32.

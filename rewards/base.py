@@ -46,7 +46,7 @@ class TokenLengthReward:
 
     TRL's ``completion_ids`` carry no padding but keep the EOS token that ended the completion; give the
     tokenizer's ``eos_token_id`` (one id or several) so that it is not counted, as L is defined in
-    DESIGN.md §2. Without it, L = len(completion_ids[i]).
+    docs/DESIGN.md §3.1. Without it, L = len(completion_ids[i]).
     """
 
     def __init__(self, eos_token_id: int | Sequence[int] | None = None):

@@ -66,7 +66,7 @@ def make_trainer(model_path, tokenizer, dataset, output_dir, peft_config=None, t
 
 
 def reference_advantages(task, values_full, prompt_length, mask, finished, gamma, lam, d, coef, mode, budgets, kinds):
-    """Plain loops over DESIGN.md's definitions: A = (A_task + c · A_len) on valid tokens, 0 on padding."""
+    """Plain loops over docs/DESIGN.md §3.6 to §3.10: A = (A_task + c · A_len) on valid tokens, 0 on padding."""
     total = torch.zeros(mask.shape, dtype=torch.float64)
     for b in range(mask.shape[0]):
         n = int(mask[b].sum())
