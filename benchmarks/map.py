@@ -280,7 +280,8 @@ def main(argv: list[str] | None = None) -> None:
         run_walls = [run["wall_s"] for seeds in runs_by_cell.values() for run in seeds.values() if run["wall_s"]]
         section = "\n".join([
             f"Command: `{command.strip()}`. Machine: {machine()}.",
-            f"{args.max_steps} steps per run, {COMPLETIONS_PER_STEP} completions per step, held-out evaluation every "
+            f"Steps per run: {steps_per_run(runs_by_cell)}; {COMPLETIONS_PER_STEP} completions per step, held-out "
+            f"evaluation every "
             f"{args.eval_steps} steps (64 held-out problems × 2 samples). Seeds per cell: as listed. Sum of the "
             f"runs' wall times: {sum(run_walls) / 60:.0f} min ({args.jobs} processes at a time, one thread each, on a "
             f"machine shared with other work: per-run wall times are not comparable between cells).",
@@ -293,6 +294,17 @@ def main(argv: list[str] | None = None) -> None:
         if BEGIN not in text:
             (ROOT / args.docs).write_text(text.rstrip() + f"\n\n{BEGIN}\n{END}\n")
         write_docs_block(ROOT / args.docs, section)
+
+
+def steps_per_run(runs_by_cell: dict) -> str:
+    """"300 (g8, g2), 200 (plan_g2)": the last evaluated step of the runs, by regime."""
+    by_steps = {}
+    for cell, seeds in runs_by_cell.items():
+        for run in seeds.values():
+            regimes = by_steps.setdefault(run["steps"][-1], [])
+            if cell.split(":")[0] not in regimes:
+                regimes.append(cell.split(":")[0])
+    return ", ".join(f"{steps} ({', '.join(regimes)})" for steps, regimes in sorted(by_steps.items(), reverse=True))
 
 
 def write_docs_block(docs: Path, section: str) -> None:
