@@ -30,7 +30,7 @@ step count sets its length long before it stops. K is uniform in [``PLAN_MIN_STE
 Built for that regime, where a critic can know the length early, not for a result (docs/BENCHMARKS.md).
 
 The starting policy. ``main`` (``python -m lenvm_rl.testbed --output_dir runs/testbed/sft``) trains a Llama
-of about a million parameters from scratch with transformers' ``Trainer`` on solutions whose length L is drawn
+of about 0.14M parameters from scratch with transformers' ``Trainer`` on solutions whose length L is drawn
 uniformly from [``MIN_SOLUTION_TOKENS``, ``MAX_SOLUTION_TOKENS``] independently of the budget in the prompt:
 the policy learns to add and to stop, but not to follow budgets. That is what GRPO has to teach.
 """
