@@ -246,7 +246,7 @@ def prompt_boundary_ground_truth(lengths_per_prompt, gamma: float) -> torch.Tens
 
 
 def mean_relative_error(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """MRE = mean |L̂ - L_GT| / L_GT over prompts with L_GT > 0 (``length_metrics`` drops the rest). (P,), (P,) -> 0-dim."""
+    """MRE = mean |L̂ - L_GT| / L_GT over L_GT > 0 (``length_metrics`` drops the rest). (P,), (P,) -> 0-dim."""
     return ((predicted - truth).abs() / truth).mean()
 
 
