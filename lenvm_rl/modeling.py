@@ -2,8 +2,10 @@
 
 V(s_t) = -sigmoid(z_t), z_t = W2 · SiLU(W1 h_t + b1) + b2, read from the final hidden state h_t of the
 last token of state s_t. V lies in (-1, 0) and estimates G_t = -(1 - γ^(L - t)) (docs/DESIGN.md §3.2).
-The head runs in float32 whatever the backbone's dtype: z is a logit whose tails matter (V near -1
-is a long remaining generation), and bf16 has 8 bits of mantissa.
+The head computes in float32 whatever the backbone's dtype and whatever dtype its own weights are stored in
+(``Float32Linear``): z is a logit whose tails matter (V near -1 is a long remaining generation), and bf16 has 8 bits
+of mantissa (at |z| = 4-8 a bf16 step in z is 0.03, 10-20 tokens of predicted length at γ = 0.997). Its weights are
+stored in float32, except under ZeRO-3 (``head_dtype``).
 
 ``LenVMModel`` is a ``PreTrainedModel`` with its own ``LenVMConfig`` (backbone config, γ, head size,
 loss), so ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` work as for any model.
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import ModelOutput
 
@@ -70,11 +73,27 @@ class LenVMOutput(ModelOutput):
     cache: object | None = None
 
 
+def head_dtype(backbone_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a head's weights are stored in beside a ``backbone_dtype`` backbone: float32, but the backbone's own
+    under ZeRO-3, whose parameters must share one dtype (DeepSpeed's coalesced all-gather and its optimizer's flat
+    buffers take one dtype; its fp32 master weights keep the training precision). The head computes in float32 either way."""
+    return backbone_dtype if is_deepspeed_zero3_enabled() else torch.float32
+
+
+class Float32Linear(nn.Linear):
+    """``nn.Linear`` computed in float32 from float32 upcasts of its input and weights, whatever dtype they are stored
+    in: DeepSpeed (bf16) and FSDP's mixed precision (``param_dtype``) hand a head bf16 weights, and upcasting is exact,
+    so the computation is the same under every launch config. Its own forward, so ZeRO-3 gathers its weights."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(input.float(), self.weight.float(), bias)
+
+
 class ValueHead(nn.Module):
-    """z = W2 · SiLU(W1 h + b1) + b2 (B, S) from hidden states (B, S, H), outside autocast, in the head's own dtype
-    (float32: the LenVM keeps its head float32 under a bf16 backbone, PPO builds its task head in float32, unless
-    DeepSpeed casts the whole model), returned in float32. The LenVM's length head (V = -sigmoid(z)) and PPO's task
-    value head (V = z, unbounded) are both this module.
+    """z = W2 · SiLU(W1 h + b1) + b2 (B, S), float32, from hidden states (B, S, H), outside autocast, computed in float32
+    whatever the dtype of ``h`` and of the head's weights (``Float32Linear``). The LenVM's length head
+    (V = -sigmoid(z)) and PPO's task value head (V = z, unbounded) are both this module.
 
     It calls its Linear submodules rather than ``F.linear`` on their weights: ZeRO-3 gathers a module's
     partitioned weights only around that module's own forward. ``zero_init``: W1 ~ N(0, 1/H), W2 = 0, b = 0, so
@@ -83,8 +102,8 @@ class ValueHead(nn.Module):
 
     def __init__(self, hidden_size: int, head_hidden_size: int, zero_init: bool = False):
         super().__init__()
-        self.dense = nn.Linear(hidden_size, head_hidden_size)
-        self.out = nn.Linear(head_hidden_size, 1)
+        self.dense = Float32Linear(hidden_size, head_hidden_size)
+        self.out = Float32Linear(head_hidden_size, 1)
         if zero_init:
             nn.init.normal_(self.dense.weight, std=hidden_size**-0.5)
             nn.init.zeros_(self.dense.bias)
@@ -93,8 +112,8 @@ class ValueHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            z = self.out(F.silu(self.dense(hidden.to(self.dense.weight.dtype))))
-        return z.squeeze(-1).float()
+            z = self.out(F.silu(self.dense(hidden)))  # (B, S, 1) float32
+        return z.squeeze(-1)
 
 
 class LenVMModel(PreTrainedModel):
@@ -130,7 +149,7 @@ class LenVMModel(PreTrainedModel):
         base = backbone.get_decoder() if hasattr(backbone, "get_decoder") else backbone
         config = LenVMConfig(backbone_config=backbone.config.to_dict(), gamma=gamma, **config_kwargs)
         model = cls(config, backbone=base).to(dtype=backbone.dtype)
-        model.head.float()  # the head's weights stay float32 with a bf16/fp16 backbone
+        model.head.to(head_dtype(backbone.dtype))  # float32 beside a bf16/fp16 backbone, except under ZeRO-3
         return model
 
     def get_input_embeddings(self):

@@ -19,8 +19,9 @@ What changes is where the advantage comes from, and a value loss is added (docs/
   colocated vLLM and the LenVM), and with LoRA the critic shares the adapter. The price is the textbook one of a
   shared trunk: the value loss's gradient reaches the trunk (or the adapter), scaled by ``vf_coef``; with LoRA the
   critic's capacity beyond its head is the adapter. The head is the LenVM head's MLP, unbounded (``modeling.ValueHead``:
-  W2 · SiLU(W1 h + b1) + b2, float32), output layer zero-initialised (V = 0 at the start), with its own learning rate
-  (``value_head_learning_rate``: a fresh head learns nothing at a full fine-tune's 1e-6).
+  W2 · SiLU(W1 h + b1) + b2, computed in float32; stored float32, in the policy's dtype under ZeRO-3), output layer
+  zero-initialised (V = 0 at the start), with its own learning rate (``value_head_learning_rate``: a fresh head
+  learns nothing at a full fine-tune's 1e-6).
 - Values: V(s_j), the state in which completion token j is chosen, is read at position P - 1 + j. Old values (for
   GAE and the value clip) come from one extra no-grad forward through TRL's log-prob path right after generation;
   they and the returns travel in the batch dict, so TRL's shuffle and split over ``steps_per_generation`` and its
@@ -78,7 +79,7 @@ from trl.trainer.utils import (
 )
 
 from lenvm_rl.errors import ConfigError
-from lenvm_rl.modeling import ValueHead
+from lenvm_rl.modeling import ValueHead, head_dtype
 from lenvm_rl.grpo import LenVMGRPOConfig, LenVMGRPOTrainer
 from lenvm_rl.train_policy import train_policy
 from lenvm_rl.returns import clipped_value_loss, task_advantages
@@ -161,7 +162,7 @@ class LenVMPPOTrainer(LenVMGRPOTrainer):
         hidden_size = causal_lm.config.get_text_config().hidden_size
         head = ValueHead(hidden_size, hidden_size, zero_init=True)
         # A submodule of the trained model: DDP reduces its gradients, DeepSpeed shards it, the optimizer sees it.
-        self.model.add_module("task_value_head", head.to(causal_lm.device))
+        self.model.add_module("task_value_head", head.to(causal_lm.device, head_dtype(causal_lm.dtype)))
         if not is_peft_model(self.model):  # the saved policy stays a plain causal LM; the head has its own file
             self.model._keys_to_ignore_on_save = set(self.model._keys_to_ignore_on_save or ()) | {
                 VALUE_HEAD_PREFIX + name for name in head.state_dict()

@@ -1,5 +1,6 @@
 """LenVMModel: value range and dtypes, save/load, the token-mean loss against a hand computation, training."""
 
+import copy
 import math
 
 import pytest
@@ -185,3 +186,37 @@ def test_head_weights_stay_float32_with_a_bf16_backbone(tmp_path):
         torch.testing.assert_close(
             model(**states_only(make_batch())).length_values, reloaded(**states_only(make_batch())).length_values, atol=1e-5, rtol=0
         )
+
+
+def test_head_computes_in_float32_whatever_dtype_its_weights_are_stored_in():
+    """DeepSpeed's bf16 engine (trl.models.prepare_deepspeed, ZeRO-3) and FSDP's mixed precision hand the head bf16
+    weights: it still computes in float32, so its z equals a float32 head's with the same (bf16-valued) weights."""
+    stored_bf16 = make_lenvm(torch.bfloat16).to(torch.bfloat16).eval()  # the whole model cast, as DeepSpeed does
+    with torch.no_grad():
+        stored_bf16.head.out.bias.fill_(6.0)  # |z| where a bf16 z is 0.03 coarse
+    assert stored_bf16.head.dense.weight.dtype == torch.bfloat16
+    upcast = copy.deepcopy(stored_bf16)
+    upcast.head.float()  # the same weights, stored in float32 (as under DDP)
+    with torch.no_grad():
+        z = stored_bf16(**states_only(make_batch())).logits
+        expected = upcast(**states_only(make_batch())).logits
+        hidden = torch.randn(3, 5, 32, dtype=torch.bfloat16)
+        torch.testing.assert_close(stored_bf16.head(hidden), upcast.head(hidden.float()), rtol=0, atol=0)
+    assert z.dtype == torch.float32
+    torch.testing.assert_close(z, expected, rtol=0, atol=1e-6)
+
+
+def test_head_shares_the_backbone_dtype_under_zero3():
+    """ZeRO-3 parameters share one dtype: the head is stored in the backbone's, elsewhere float32."""
+    pytest.importorskip("deepspeed")
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    backbone = AutoModelForCausalLM.from_config(tiny_llama_config(VOCAB)).to(torch.bfloat16)  # built outside zero.Init
+    zero3 = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}, "train_batch_size": 1})
+    try:
+        model = LenVMModel.from_backbone(backbone, gamma=GAMMA)
+    finally:
+        unset_hf_deepspeed_config()
+    assert zero3.is_zero3() and {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert LenVMModel.from_backbone(backbone, gamma=GAMMA).head.dense.weight.dtype == torch.float32  # DDP, FSDP, ZeRO-2

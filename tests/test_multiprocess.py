@@ -161,6 +161,23 @@ def test_accelerate_configs_parse(name):
         assert config.deepspeed_config["zero_stage"] == int(name[-1])
 
 
+@pytest.mark.parametrize("name", ["fsdp", "zero2", "zero3"])
+def test_cpu_accelerate_configs_parse_as_their_gpu_configs(name):
+    """accelerate_configs/cpu/<name>.yaml: the GPU config's plugin settings on 2 CPU processes without mixed precision
+    and without use_cpu (accelerate would drop DeepSpeed with it; lenvm_rl.cpu_launch sets what a CPU needs)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cpu = load_config_from_file(str(CONFIGS / "cpu" / f"{name}.yaml"))
+    gpu = load_config_from_file(str(CONFIGS / f"{name}.yaml"))
+    assert (cpu.num_processes, cpu.mixed_precision, cpu.use_cpu) == (2, "no", False)
+    assert cpu.distributed_type == gpu.distributed_type
+    assert (cpu.fsdp_config, cpu.deepspeed_config) == (gpu.fsdp_config, gpu.deepspeed_config)
+    if name.startswith("zero"):
+        assert cpu.deepspeed_config["zero_stage"] == int(name[-1])
+    else:
+        assert cpu.fsdp_config["fsdp_version"] == 2
+
+
 def test_lenvm_is_prepared_like_trls_reference_model(monkeypatch, tiny_model_path, tokenizer, tmp_path):
     """Under DeepSpeed the LenVM goes through trl.models.prepare_deepspeed, under FSDP through prepare_fsdp."""
     import lenvm_rl.grpo as grpo

@@ -6,6 +6,8 @@ One launch per config runs every stage in a row (tests/mp_stages.py; the imports
 ``ppo`` resumed from its first checkpoint (compared with DDP's resumed run: a resumed GRPO/PPO run is not
 bit-identical to an uninterrupted one, under DDP too). Each run records the distributed type and world size it ran under, so a
 silent fallback to one process or to DDP fails, and how the checked parameters were laid out (sharded or not).
+These runs are float32 (``bf16: false``); a second test runs the stages under ZeRO-2/3 in bf16, as the GPU configs
+do, for the heads' precision and ZeRO-3's single parameter dtype.
 """
 
 from __future__ import annotations
@@ -64,14 +66,18 @@ def recipes(work: Path, tiny_model_path: str, rollouts_path: Path) -> list[list[
     return commands
 
 
-def run_config(config: str, work: Path, tiny_model_path: str, rollouts_path: Path) -> list[list[dict]]:
-    """Every stage under one 2-process launch of ``config``; the facts each rank recorded, per stage."""
+def run_config(
+    config: str, work: Path, tiny_model_path: str, rollouts_path: Path, names: list[str] = STAGE_NAMES, bf16: bool = False
+) -> list[list[dict]]:
+    """The stages ``names`` under one 2-process launch of ``config``; the facts each rank recorded, per stage.
+    ``bf16``: DeepSpeed runs them in bf16 (tests/mp_stages.py)."""
     work.mkdir(parents=True, exist_ok=True)
     stages = work / "stages.json"
-    stages.write_text(json.dumps(recipes(work, tiny_model_path, rollouts_path)))
+    commands = dict(zip(STAGE_NAMES, recipes(work, tiny_model_path, rollouts_path)))
+    stages.write_text(json.dumps([commands[name] + (["--bf16", "true"] if bf16 else []) for name in names]))
     env = {
         **os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(TORCH_EXTENSIONS_DIR),
-        "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "MP_STAGES_DEEPSPEED_BF16": "1" if bf16 else "0",
     }
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS[config]),
@@ -79,7 +85,7 @@ def run_config(config: str, work: Path, tiny_model_path: str, rollouts_path: Pat
     ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    return [[json.loads((work / "facts" / f"{i}_rank{r}.json").read_text()) for r in range(2)] for i in range(len(STAGE_NAMES))]
+    return [[json.loads((work / "facts" / f"{i}_rank{r}.json").read_text()) for r in range(2)] for i in range(len(names))]
 
 
 def deepspeed_missing() -> str | None:
@@ -133,6 +139,13 @@ def test_stages_run_sharded_as_under_ddp(config, ddp_run, tiny_model_path, rollo
             assert rank0["lenvm_class"] == expected_class and rank0["lenvm_dtypes"] == ["torch.float32"], name
         if name.startswith("ppo"):
             assert any("task_value_head" in p for p in rank0["parameters"]), "the task head is part of the policy"
+        if config == "zero3":  # one dtype for every ZeRO-3 parameter (its optimizer's flat buffers refuse a mix)
+            assert len(rank0["model_dtypes"]) == 1 and len(rank0.get("lenvm_dtypes", [0])) == 1, name
+        # The LenVM (trained, or frozen as prepared) computes its head in float32 and gives DDP's z on the probe.
+        assert set(rank0["head_compute_dtypes"].values()) == {"torch.float32"}, name
+        assert rank0["lenvm_logits_dtype"] == "torch.float32", name
+        z, ddp_z = torch.tensor(rank0["lenvm_logits"]), torch.tensor(ddp0["lenvm_logits"])  # (2, 5)
+        torch.testing.assert_close(z, ddp_z, rtol=0, atol=1e-4, msg=name)
 
     tiny = weights(Path(tiny_model_path))
     # train-lenvm: the saved LenVM is whole (gathered), loads as a LenVM, and equals DDP's after the same 2 steps.
@@ -159,3 +172,22 @@ def test_stages_run_sharded_as_under_ddp(config, ddp_run, tiny_model_path, rollo
     assert history["global_step"] == 2 and logged(tmp_path / "ppo_resumed", 1) == logged(tmp_path / "ppo", 1)
     checkpoint = weights(tmp_path / "ppo" / "checkpoint-1")
     assert (weights(tmp_path / "ppo_resumed")["lm_head.weight"] - checkpoint["lm_head.weight"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
+def test_lenvm_head_computes_in_float32_under_deepspeed_bf16(config, tiny_model_path, rollouts_dir, tmp_path):
+    """DeepSpeed in bf16, as the GPU configs run it: ZeRO-2's engines cast every parameter to bf16 (the frozen LenVM's
+    through trl.models.prepare_deepspeed too), ZeRO-3 builds bf16 parameters under zero.Init. The heads still compute in
+    float32, and ZeRO-3's parameters share one dtype (a float32 head beside them stopped its optimizer's construction)."""
+    if deepspeed_missing():
+        pytest.skip(deepspeed_missing())
+    names = ["train-lenvm", "grpo", "ppo"]
+    for name, (rank0, _) in zip(names, run_config(config, tmp_path, tiny_model_path, rollouts_dir, names, bf16=True)):
+        assert (rank0["world_size"], rank0["distributed_type"]) == (2, "DEEPSPEED"), name
+        assert rank0["model_dtypes"] == ["torch.bfloat16"], name  # DeepSpeed did run in bf16
+        assert rank0.get("lenvm_dtypes", ["torch.bfloat16"]) == ["torch.bfloat16"], name
+        assert set(rank0["head_compute_dtypes"].values()) == {"torch.float32"}, name
+        z = torch.tensor(rank0["lenvm_logits"])
+        assert rank0["lenvm_logits_dtype"] == "torch.float32" and torch.isfinite(z).all(), name
+        assert not torch.equal(z, z.bfloat16().float()), name  # a bf16 computation would leave only bf16 values
+    assert (tmp_path / "ppo" / "task_value_head" / "model.safetensors").is_file()
