@@ -8,7 +8,8 @@ oversubscribes them):
   prompts the base model, hard truncation at the budget and LenVM-guided decoding (length score, accuracy, mean
   tokens per budget). The base and truncation arms generate in one process, the guided arm in another, with the
   same seeds.
-- Testbed: the tiny policy trained from scratch, its rollouts and LenVM, then LenVM-shaped GRPO (arm (c), λ = 1)
+- Testbed: the tiny policy trained from scratch, its rollouts and LenVM, then LenVM-shaped GRPO (the recipes'
+  default arm: frozen LenVM, λ = 0.95, A_len scaled by the first batch's std)
   with held-out evaluations every 25 steps: a before/after table and a learning-curve PNG.
 
 Every stage is skipped when its output exists (a rerun resumes; delete a folder under runs/demo to redo it), and
@@ -70,7 +71,8 @@ STAGES = {
                        "--model_name_or_path", str(RUNS / "testbed" / "sft"),
                        "--rollouts_path", str(RUNS / "testbed" / "rollouts"), "--output_dir", str(RUNS / "testbed" / "lenvm")],
                       RUNS / "testbed" / "lenvm" / "eval_results.json", ["testbed rollouts"]),
-    "testbed GRPO": ([*LM, "grpo", "--config", str(TESTBED / "grpo" / "config_lenvm_lambda1.yaml"),
+    "testbed GRPO": ([*LM, "grpo", "--config", str(TESTBED / "grpo" / "config_lenvm_lambda095.yaml"),
+                      "--length_advantage_scale", "first",  # the model recipes' default arm
                       "--model_name_or_path", str(RUNS / "testbed" / "sft"),
                       "--lenvm_model_path", str(RUNS / "testbed" / "lenvm"), "--output_dir", str(RUNS / "testbed" / "grpo"),
                       "--max_steps", "150", "--eval_steps", "25", "--eval_num_prompts", "128"],

@@ -167,7 +167,8 @@ def run_stage(args: list[str], log: Path) -> None:
 
 @pytest.mark.slow
 def test_lenvm_budget_advantages_teach_budgets(tmp_path):
-    """One short seed of arm (c), λ = 1, end to end; the sizes are the SLOW_* constants below.
+    """One short seed of the recipes' default arm (frozen LenVM, λ = 0.95, A_len scaled by the first batch's std)
+    end to end; the sizes are the SLOW_* constants below.
 
     A budget-blind policy cannot pass: the best single length for the testbed's budget mix (32 tokens) scores
     about 0.59 and the starting policy about 0.6, so a gain of 0.1 needs lengths that depend on the budget.
@@ -180,9 +181,9 @@ def test_lenvm_budget_advantages_teach_budgets(tmp_path):
     run_stage(["-m", "lenvm_rl", "train-lenvm", "--config", str(recipes / "lenvm" / "config_full.yaml"),
                "--model_name_or_path", str(tmp_path / "sft"), "--rollouts_path", str(tmp_path / "rollouts"),
                "--output_dir", str(tmp_path / "lenvm")], tmp_path / "lenvm.log")
-    run_stage(["-m", "lenvm_rl", "grpo", "--config", str(recipes / "grpo" / "config_lenvm_lambda1.yaml"),
+    run_stage(["-m", "lenvm_rl", "grpo", "--config", str(recipes / "grpo" / "config_lenvm_lambda095.yaml"),
                "--model_name_or_path", str(tmp_path / "sft"), "--lenvm_model_path", str(tmp_path / "lenvm"),
-               "--output_dir", str(tmp_path / "grpo"), *SLOW_GRPO_ARGS], tmp_path / "grpo.log")
+               "--output_dir", str(tmp_path / "grpo"), *DEFAULT_ARM_ARGS, *SLOW_GRPO_ARGS], tmp_path / "grpo.log")
     history = json.loads((tmp_path / "grpo" / "trainer_state.json").read_text())["log_history"]
     evals = [row for row in history if "eval_length/mean_length_score" in row]
     start, end = evals[0], evals[-1]
@@ -199,6 +200,7 @@ def test_lenvm_budget_advantages_teach_budgets(tmp_path):
 # 0.744 -> 0.672. GRPO at this learning rate costs about 6 points of accuracy in every arm of the study, correctness
 # only included, hence the 10-point allowance; a sign or off-by-one error in the advantages stalls the length score.
 SLOW_SFT_ARGS = ["--num_examples", "30000", "--epochs", "2"]
+DEFAULT_ARM_ARGS = ["--length_advantage_scale", "first"]  # the model recipes' setting (README "When to use ...")
 SLOW_GRPO_ARGS = ["--max_steps", "120", "--eval_steps", "60", "--eval_num_prompts", "128", "--num_generations_eval", "4"]
 SLOW_MIN_SCORE_GAIN = 0.10
 SLOW_MAX_ACCURACY_DROP = 0.10
