@@ -91,10 +91,10 @@ def train_command(runs: Path, cell: str, seed: int, args) -> list[str]:
     regime, arm, cell_overrides = parse_cell(cell)
     recipe, arm_overrides, _ = ARMS[arm]
     task = task_dir(runs, cell)
-    overrides = {**REGIMES[regime][2], **arm_overrides, **cell_overrides, "per_device_train_batch_size": COMPLETIONS_PER_STEP,
+    overrides = {**REGIMES[regime][2], **arm_overrides, "per_device_train_batch_size": COMPLETIONS_PER_STEP,
                  "seed": seed, "max_steps": args.max_steps, "eval_steps": args.eval_steps, "logging_steps": 1,
                  "model_name_or_path": task / "sft", "lenvm_model_path": task / "lenvm",
-                 "output_dir": run_dir(runs, cell, seed)}
+                 "output_dir": run_dir(runs, cell, seed), **cell_overrides}  # a cell's own fields win
     flags = [item for key, value in overrides.items()
              for item in (f"--{key}", *(map(str, value) if isinstance(value, list) else [str(value)]))]
     return [sys.executable, "-m", "lenvm_rl", recipe.split("/")[0], "--config", str(RECIPES / recipe), *flags]
@@ -164,6 +164,7 @@ def summarise(runs_by_cell: dict, target: float) -> dict:
         mean = lambda values: statistics.fmean(values)  # noqa: E731
         summary[cell] = {
             "seeds": list(runs), "steps": steps, "tokens": tokens,
+            "interval": seeds[0]["steps"][1] - seeds[0]["steps"][0],  # evaluation interval: the resolution of reach
             "median_steps": median_or_none(steps), "median_tokens": median_or_none(tokens),
             "best": mean([max(run["score"]) for run in seeds]), "final": mean([run["score"][-1] for run in seeds]),
             "start": mean([run["score"][0] for run in seeds]),
@@ -178,27 +179,33 @@ def summarise(runs_by_cell: dict, target: float) -> dict:
 
 
 def table(summary: dict, target: float) -> str:
-    """One row per cell; the tokens ratio is against the best sequence-level cell (any group size)."""
-    seq = [s["median_tokens"] for cell, s in summary.items()
-           if parse_cell(cell)[1] == "seq" and s["median_tokens"]]
-    best_seq = min(seq) if seq else None
+    """One row per cell; the tokens ratio is against the best sequence-level cell (any group size) of the same task
+    and evaluation interval (a coarser interval rounds steps to the target up further)."""
+    def key(cell: str) -> tuple[str, int]:
+        return REGIMES[cell.split(":")[0]][1], summary[cell]["interval"]
+
+    best_seq = {}
+    for cell, s in summary.items():
+        if parse_cell(cell)[1] == "seq" and s["median_tokens"]:
+            best_seq[key(cell)] = min(best_seq.get(key(cell), float("inf")), s["median_tokens"])
     shown = lambda values: ", ".join("–" if v is None else f"{v / 1000:.0f}k" if v > 999 else f"{v:g}"  # noqa: E731
                                      for v in values)
     lines = [
         f"| regime | arm | steps to LS ≥ {target} (per seed) | generated tokens to LS ≥ {target} (per seed; median) "
-        f"| × best sequence-level | best / final LS | accuracy start → final (last quarter's evaluations) | online MRE first → last 25 steps "
-        f"| wall per run |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| × best sequence-level | best / final LS | accuracy start → final (last quarter's evaluations) "
+        f"| online MRE first → last 25 steps | evaluated every | wall per run |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for cell, s in summary.items():
         regime = cell.split(":")[0]
         median = s["median_tokens"]
-        ratio = f"{median / best_seq:.2f}" if median and best_seq else "–"
+        baseline = best_seq.get(key(cell))
+        ratio = f"{median / baseline:.2f}" if median and baseline else "–"
         lines.append(
             f"| {regime} | {label(cell)} | {shown(s['steps'])} | {shown(s['tokens'])}; "
             f"{'–' if median is None else f'{median / 1000:.0f}k'} | {ratio} | {s['best']:.3f} / {s['final']:.3f} "
             f"| {s['accuracy_start']:.3f} → {s['accuracy_final']:.3f} | {s['mre_first']:.2f} → {s['mre_last']:.2f} "
-            f"| {s['wall_s']:.0f} s |"
+            f"| {s['interval']} steps | {s['wall_s']:.0f} s |"
         )
     return "\n".join(lines)
 
@@ -273,8 +280,10 @@ def main(argv: list[str] | None = None) -> None:
     result = table(summary, args.target)
     print(result)
     regimes = sorted({cell.split(":")[0] for cell in runs_by_cell}, key=list(REGIMES).index)
+    curves = {cell: seeds for cell, seeds in runs_by_cell.items() if len(seeds) >= 3}  # one-seed sweeps: table only
     for regime in regimes:
-        plot(runs_by_cell, regime, ROOT / args.figures / f"map_{regime}.png", args.target)
+        if any(cell.startswith(f"{regime}:") for cell in curves):
+            plot(curves, regime, ROOT / args.figures / f"map_{regime}.png", args.target)
     if args.docs:
         command = "python benchmarks/map.py " + " ".join(a for a in sys.argv[1:] if a != "--report-only")
         run_walls = [run["wall_s"] for seeds in runs_by_cell.values() for run in seeds.values() if run["wall_s"]]
@@ -288,7 +297,8 @@ def main(argv: list[str] | None = None) -> None:
             "",
             result,
             "",
-            *[f"![{REGIMES[r][0]}](figures/map_{r}.png)" for r in regimes],
+            *[f"![{REGIMES[r][0]}](figures/map_{r}.png)" for r in regimes
+              if any(cell.startswith(f"{r}:") for cell in curves)],
         ])
         text = (ROOT / args.docs).read_text()
         if BEGIN not in text:
