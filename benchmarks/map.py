@@ -54,7 +54,8 @@ ARMS = {  # name -> (recipe under recipes/testbed, overrides, label)
 FIRST, QUARTER = "length_advantage_scale=first", "length_advantage_scale=first,length_advantage_coef=0.25"
 # The published map (docs/BENCHMARKS.md), in run order: the small-group regime first (where the first probe saw the
 # critic pay), then 8 per prompt and 1 (PPO); the headline pair again at 5-step evaluations; the one-seed sweeps
-# (published for seed 0 only; a fresh run makes all three seeds); the plan task at 200 steps, and one seed of its best pair at 800.
+# (published for seed 0 only; a fresh run makes all three seeds); the plan task at 200 steps, and one seed of its
+# best pair at 800.
 CELLS = [
     "g2:seq", "g2:frozen", f"g2:frozen@{FIRST}", "g2:live", "g2:group", f"g2:expected@{FIRST}",
     "g8:seq", "g8:frozen", f"g8:frozen@{FIRST}", "g8:live", "g8:expected", "g1:ppo", f"g1:ppo@{FIRST}",
