@@ -205,7 +205,8 @@ def table(summary: dict, target: float) -> str:
     shown = lambda values: ", ".join("–" if v is None else f"{v / 1000:.0f}k" if v > 999 else f"{v:g}"  # noqa: E731
                                      for v in values)
     lines = [
-        f"| regime | arm | steps to LS ≥ {target} (per seed) | generated tokens to LS ≥ {target} (per seed; median) "
+        f"| regime | arm | steps to LS ≥ {target} (per seed) "
+        f"| generated tokens to LS ≥ {target} (per seed; median) "
         f"| × best sequence-level | best / final LS | accuracy start → final (last quarter's evaluations) "
         f"| online MRE first → last 25 steps | evaluated every | wall per run |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
