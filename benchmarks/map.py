@@ -184,7 +184,6 @@ def summarise(runs_by_cell: dict, target: float) -> dict:
             "start": mean([run["score"][0] for run in seeds]),
             "accuracy_start": mean([run["accuracy"][0] for run in seeds]),
             "accuracy_final": mean([late_mean(run, "accuracy") for run in seeds]),
-            "accuracy_last": mean([run["accuracy"][-1] for run in seeds]),
             "mre_first": mean([window_mean(run, "length/online_mre", 25, False) for run in seeds]),
             "mre_last": mean([window_mean(run, "length/online_mre", 25, True) for run in seeds]),
             "wall_s": mean([run["wall_s"] for run in seeds if run["wall_s"] is not None] or [float("nan")]),
@@ -296,9 +295,9 @@ def main(argv: list[str] | None = None) -> None:
     print(result)
     regimes = sorted({cell.split(":")[0] for cell in runs_by_cell}, key=list(REGIMES).index)
     curves = {cell: seeds for cell, seeds in runs_by_cell.items() if len(seeds) >= 3}  # one-seed sweeps: table only
-    for regime in regimes:
-        if any(cell.startswith(f"{regime}:") for cell in curves):
-            plot(curves, regime, ROOT / args.figures / f"map_{regime}.png", args.target)
+    plotted = [regime for regime in regimes if any(cell.startswith(f"{regime}:") for cell in curves)]
+    for regime in plotted:
+        plot(curves, regime, ROOT / args.figures / f"map_{regime}.png", args.target)
     if args.docs:
         command = "python benchmarks/map.py " + " ".join(a for a in sys.argv[1:] if a != "--report-only")
         run_walls = [run["wall_s"] for seeds in runs_by_cell.values() for run in seeds.values() if run["wall_s"]]
@@ -306,14 +305,12 @@ def main(argv: list[str] | None = None) -> None:
             f"Command: `{command.strip()}`. Machine: {machine()}.",
             f"Steps per run: {steps_per_run(runs_by_cell)}; {COMPLETIONS_PER_STEP} completions per step, held-out "
             f"evaluation at the interval in the table (64 held-out problems × 2 samples). Seeds per cell: as listed. "
-            f"Sum of the "
-            f"runs' wall times: {sum(run_walls) / 60:.0f} min ({args.jobs} processes at a time, one thread each, on a "
+            f"Sum of the runs' wall times: {sum(run_walls) / 60:.0f} min ({args.jobs} processes at a time, one thread each, on a "
             f"machine shared with other work: per-run wall times are not comparable between cells).",
             "",
             result,
             "",
-            *[f"![{REGIMES[r][0]}](figures/map_{r}.png)" for r in regimes
-              if any(cell.startswith(f"{r}:") for cell in curves)],
+            *[f"![{REGIMES[r][0]}](figures/map_{r}.png)" for r in plotted],
         ])
         text = (ROOT / args.docs).read_text()
         if BEGIN not in text:

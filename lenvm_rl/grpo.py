@@ -73,12 +73,13 @@ from lenvm_rl.returns import (
     value_targets,
 )
 
+logger = logging.get_logger(__name__)
+
 LENGTH_OBJECTIVES = (*LENGTH_ADVANTAGE_MODES, "none")
 LENGTH_BASELINES = ("lenvm", "group")
-logger = logging.get_logger(__name__)
 LENVM_UPDATES = ("frozen", "live")
 LENGTH_ADVANTAGE_SCALES = ("batch", "first")
-LENGTH_SCALE_FILE = "length_advantage_scale.json"  # the first batch's scale, in checkpoints (length_advantage_scale first)
+LENGTH_SCALE_FILE = "length_advantage_scale.json"  # length_advantage_scale first: its kept scale, in checkpoints
 BUDGET_COLUMNS = ("budget_tokens", "budget_kind")
 LIVE_LENVM_DIR = "lenvm"  # the live critic's folder inside output_dir and every checkpoint
 LIVE_LENVM_OPTIMIZER = "lenvm_optimizer.pt"  # its optimizer state, in checkpoints only

@@ -76,7 +76,8 @@ class LenVMOutput(ModelOutput):
 def head_dtype(backbone_dtype: torch.dtype) -> torch.dtype:
     """The dtype a head's weights are stored in beside a ``backbone_dtype`` backbone: float32, but the backbone's own
     under ZeRO-3, whose parameters must share one dtype (DeepSpeed's coalesced all-gather and its optimizer's flat
-    buffers take one dtype; its fp32 master weights keep the training precision). The head computes in float32 either way."""
+    buffers take one dtype; its fp32 master weights keep the training precision). The head computes in float32
+    either way."""
     return backbone_dtype if is_deepspeed_zero3_enabled() else torch.float32
 
 
@@ -91,8 +92,8 @@ class Float32Linear(nn.Linear):
 
 
 class ValueHead(nn.Module):
-    """z = W2 · SiLU(W1 h + b1) + b2 (B, S), float32, from hidden states (B, S, H), outside autocast, computed in float32
-    whatever the dtype of ``h`` and of the head's weights (``Float32Linear``). The LenVM's length head
+    """z = W2 · SiLU(W1 h + b1) + b2 (B, S), float32, from hidden states (B, S, H), outside autocast, computed in
+    float32 whatever the dtype of ``h`` and of the head's weights (``Float32Linear``). The LenVM's length head
     (V = -sigmoid(z)) and PPO's task value head (V = z, unbounded) are both this module.
 
     It calls its Linear submodules rather than ``F.linear`` on their weights: ZeRO-3 gathers a module's

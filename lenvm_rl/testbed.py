@@ -25,8 +25,8 @@ plan first: ``N plan K : <a + b>`` (N the budget, restated), then K steps of ``P
 countdown number (K - 1 .. 0) followed by filler words drawn at random, then ``#### <a + b>``: L = 5 + 4 K + 2
 tokens. The length is fixed by one choice in the first three tokens (K); the fillers vary from token to token
 without changing it, and the countdown makes the stop follow from K, as a reasoning model's announced plan or
-step count sets its length long before it stops. K is uniform in [``PLAN_MIN_STEPS``, ``PLAN_MAX_STEPS``] in the SFT data (L 23..103, mean
-63), independent of the budget ({32, 64, 96}): the starting policy is budget-blind and must learn to pick K.
+step count sets its length long before it stops. K is uniform in [``PLAN_MIN_STEPS``, ``PLAN_MAX_STEPS``] in the
+SFT data (L 23..103, mean 63), independent of the budget ({32, 64, 96}): the starting policy is budget-blind and must learn to pick K.
 Built for that regime, where a critic can know the length early, not for a result (docs/BENCHMARKS.md).
 
 The starting policy. ``main`` (``python -m lenvm_rl.testbed --output_dir runs/testbed/sft``) trains a Llama

@@ -199,9 +199,10 @@ def test_lenvm_budget_advantages_teach_budgets(tmp_path):
 # 2 epochs: sampled accuracy 0.74-0.86), a LenVM on 128 prompts x 8 rollouts, 120 GRPO steps of the default arm
 # evaluated on 128 held-out prompts x 4 samples (sampling error about ±0.02). Measured: arm (c) at λ = 1, whitened
 # per batch: length score 0.478 -> 0.814, accuracy 0.744 -> 0.672; the default arm: accuracy 0.859 -> 0.750 (the
-# demo's 150-step run of it, on 128 x 2: 0.824 -> 0.742). GRPO at this learning rate costs 4-6 points of accuracy
-# in the map's arms, the sequence-level one included, and 11 here from a weaker start, hence the 15-point allowance (a collapse, like the plan
-# task's 32 points at c = 1, fails it); a sign or off-by-one error in the advantages stalls the length score.
+# demo's 150-step run of it, on 128 x 2: 0.824 -> 0.742). GRPO at this learning rate costs 4-6 points of
+# accuracy in the map's arms, the sequence-level one included, and 11 here from a weaker start, hence the 15-point
+# allowance (a collapse, like the plan task's 32 points at c = 1, fails it); a sign or off-by-one error in the
+# advantages stalls the length score.
 SLOW_SFT_ARGS = ["--num_examples", "30000", "--epochs", "2"]
 DEFAULT_ARM_ARGS = ["--length_advantage_scale", "first"]  # the model recipes' setting (README "When to use ...")
 SLOW_GRPO_ARGS = ["--max_steps", "120", "--eval_steps", "60", "--eval_num_prompts", "128", "--num_generations_eval", "4"]
