@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from lenvm_rl.lenvm_eval import collate_states
+from lenvm_rl.critic_metrics import collate_states
 from lenvm_rl.loading import load_causal_lm, load_tokenizer
 from lenvm_rl.modeling import LenVMModel
 
@@ -64,7 +64,7 @@ def main():
     torch.manual_seed(0)
     tokenizer = load_tokenizer(args.model)
     if args.rollouts:
-        from lenvm_rl.rollouts import load_rollouts
+        from lenvm_rl.rollout import load_rollouts
 
         rows = [r for r in load_rollouts(args.rollouts) if r["finished"]]
     else:

@@ -38,17 +38,13 @@ def fresh_rollouts(runs: Path, path: Path, seed: int) -> None:
 
 def predictions(lenvm_path: Path, rollouts_path: Path, max_tokens: int) -> dict[str, torch.Tensor]:
     """One row per state s_j of a finished rollout: kind, both potentials' predictions of score and hit, outcomes."""
-    from lenvm_rl.lenvm_eval import score_rollouts
+    from lenvm_rl.critic_metrics import score_rollouts
     from lenvm_rl.loading import load_tokenizer
     from lenvm_rl.modeling import load_lenvm
-    from lenvm_rl.returns import (
-        LENGTH_SCORES,
-        budget_hit,
-        budget_kind_codes,
-        expected_length_score,
-        remaining_from_value,
-    )
-    from lenvm_rl.rollouts import load_rollouts
+    from lenvm_rl.advantages import expected_length_score
+    from lenvm_rl.returns import remaining_from_value
+    from rewards.scores import budget_hit, budget_kind_codes, LENGTH_SCORES
+    from lenvm_rl.rollout import load_rollouts
 
     model = load_lenvm(str(lenvm_path))
     gamma = model.config.gamma

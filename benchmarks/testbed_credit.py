@@ -15,8 +15,10 @@ import torch
 from lenvm_rl.budgets import add_budgets
 from lenvm_rl.loading import load_causal_lm, load_tokenizer
 from lenvm_rl.modeling import load_lenvm
-from lenvm_rl.returns import budget_kind_codes, length_advantages, lenvm_state_values, remaining_from_value
-from lenvm_rl.rollouts import generate_hf, tokenize_prompts
+from lenvm_rl.advantages import length_advantages, lenvm_state_values
+from lenvm_rl.returns import remaining_from_value
+from rewards.scores import budget_kind_codes
+from lenvm_rl.rollout import generate_hf, tokenize_prompts
 from lenvm_rl.testbed import ANSWER_MARKER, BUDGETS, make_testbed_dataset
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from datasets import Dataset
 
 from lenvm_rl.errors import ConfigError
-from lenvm_rl.returns import BUDGET_KINDS
+from rewards.scores import BUDGET_KINDS
 
 DEFAULT_TEMPLATES = {
     "exact": "Answer in exactly {N} tokens.",

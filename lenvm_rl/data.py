@@ -11,7 +11,7 @@ import datasets
 from datasets import Dataset
 
 from lenvm_rl.errors import ConfigError
-from lenvm_rl.returns import BUDGET_KINDS
+from rewards.scores import BUDGET_KINDS
 
 
 @dataclass

@@ -31,7 +31,8 @@ import math
 import torch
 from transformers import LogitsProcessor
 
-from lenvm_rl.returns import budget_kind_codes, remaining_from_value, value_from_remaining
+from lenvm_rl.returns import remaining_from_value, value_from_remaining
+from rewards.scores import budget_kind_codes
 
 GUIDANCE_MODES = ("select", "tilt")
 

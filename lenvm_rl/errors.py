@@ -42,12 +42,6 @@ def check_training_counts(config) -> None:
         raise ConfigError(f"learning_rate: must be >= 0, got {config.learning_rate}")
 
 
-def changed_setting(previous: dict, current: dict, ignore: tuple[str, ...] = ()) -> str | None:
-    """The first key (in sorted order) whose value differs between a run's saved settings and the current ones."""
-    changed = sorted(k for k in (previous.keys() | current.keys()) - set(ignore) if previous.get(k) != current.get(k))
-    return changed[0] if changed else None
-
-
 def require_vllm(use_vllm: bool | None) -> None:
     """Refuse ``use_vllm: true`` where vLLM is not installed."""
     import importlib.util

@@ -36,14 +36,13 @@ from datasets import Dataset, concatenate_datasets
 from tqdm.auto import tqdm
 
 from lenvm_rl.data import DatasetArguments, load_prompts, source_fingerprint
-from lenvm_rl.errors import ConfigError, changed_setting, require_single_process, require_vllm
-from lenvm_rl.returns import BUDGET_KINDS, budget_hit, budget_kind_codes, lifebench_length_score
-
-METRICS = ("accuracy", "mean_tokens", "length_deviation", "abs_length_deviation", "length_score", "hit_rate")
-
+from lenvm_rl.errors import ConfigError, require_single_process, require_vllm
+from lenvm_rl.generation import VLLMArguments, generate_hf, tokenize_prompts, vllm_seeds
+from lenvm_rl.outputs import changed_setting
+from lenvm_rl.reporting import markdown_table, ms_per_token, plot_results, read_records, score_record, summarize
 
 @dataclass
-class EvaluateArguments(DatasetArguments):
+class EvaluateArguments(DatasetArguments, VLLMArguments):
     """Which models, which prompts and budgets, and how to generate."""
 
     model_name_or_path: str = field(
@@ -93,21 +92,16 @@ class EvaluateArguments(DatasetArguments):
         default=None,
         metadata={"help": "Generate the plain and truncation arms with vLLM: unset = when vLLM is installed and a GPU is visible."},
     )
-    vllm_gpu_memory_utilization: float = field(default=0.8, metadata={"help": "vLLM's GPU memory share."})
-    vllm_tensor_parallel_size: int = field(
-        default=1, metadata={"help": "GPUs vLLM splits the model over (from one process; the others must be visible)."}
-    )
 
     def __post_init__(self):
         super().__post_init__()
         require_vllm(self.use_vllm)
-        if not 0 < self.vllm_gpu_memory_utilization <= 1:
-            raise ConfigError(f"vllm_gpu_memory_utilization: must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        self.check_vllm_layout()
         if self.budgets is None:
             raise ConfigError("budgets: evaluate needs the budgets to ask for, e.g. budgets: [16, 32, 64]")
         if self.budget_range is not None:
             raise ConfigError("budget_range: evaluate asks every prompt at every budget; give budgets: [...] instead")
-        for name in ("max_new_tokens", "num_samples", "batch_size", "vllm_tensor_parallel_size"):
+        for name in ("max_new_tokens", "num_samples", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.temperature < 0:
@@ -196,7 +190,6 @@ Sampler = Callable[[Dataset, list[list[int]], range, int], list[list[tuple[list[
 def hf_sampler(model, tokenizer, args: EvaluateArguments, logits_processor_for: Callable | None = None) -> Sampler:
     """``sample(batch, prompt_ids, rows, limit)`` with ``model.generate``; ``logits_processor_for(batch, prompt_ids)``
     may return a LogitsProcessorList for that batch (guided decoding)."""
-    from lenvm_rl.rollouts import generate_hf
 
     def sample(batch, prompt_ids, rows, limit):
         processors = logits_processor_for(batch, prompt_ids) if logits_processor_for else None
@@ -208,9 +201,8 @@ def hf_sampler(model, tokenizer, args: EvaluateArguments, logits_processor_for: 
 
 
 def vllm_sampler(generate: Callable, args: EvaluateArguments, adapter: str | None) -> Sampler:
-    """``sample(batch, prompt_ids, rows, limit)`` with a ``rollouts.make_vllm_generate`` engine; row i's seed is
-    fixed by i (``rollouts.vllm_seeds``), so a resumed run asks for what an uninterrupted one would have."""
-    from lenvm_rl.rollouts import vllm_seeds
+    """``sample(batch, prompt_ids, rows, limit)`` with a ``generation.make_vllm_generate`` engine; row i's seed is
+    fixed by i (``generation.vllm_seeds``), so a resumed run asks for what an uninterrupted one would have."""
 
     def sample(batch, prompt_ids, rows, limit):
         return generate(prompt_ids, vllm_seeds(args.seed, rows, args.num_samples), limit, adapter)
@@ -233,8 +225,6 @@ def generate_rows(
     A batch holds rows of one budget: with ``hard_truncation`` the limit is min(N, max_new_tokens).
     Each record keeps its share of its batch's generation seconds (``seconds``) for the cost per token.
     """
-    from lenvm_rl.rollouts import tokenize_prompts
-
     done = read_records(path)
     records, start = list(done), len(done) // args.num_samples
     if start and start * args.num_samples != len(done):
@@ -267,133 +257,6 @@ def generate_rows(
             os.fsync(sink.fileno())
             progress.update(len(rows))
     return records
-
-
-def score_record(row: dict, text: str, tokens: int, finished: bool, hard_truncation: bool = False) -> dict:
-    """One generation's record: budget, tokens, finished, correct (None without an answer column), text."""
-    from rewards import is_correct
-
-    correct = None
-    if row.get("answer") is not None:
-        correct = is_correct(text, row["answer"]) and (finished or not hard_truncation)
-    return {
-        "budget_tokens": row["budget_tokens"], "budget_kind": row["budget_kind"], "tokens": tokens,
-        "finished": finished, "correct": correct, "completion": text,
-    }
-
-
-def read_records(path: Path) -> list[dict]:
-    """The complete records of a generations file; a torn last line (an interrupted write) is dropped."""
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        lines = lines[:-1]
-        path.write_text("".join(lines))
-    return [json.loads(line) for line in lines]
-
-
-def summarize(records: list[dict]) -> list[dict]:
-    """Per (kind, budget) metrics of the records, kinds in BUDGET_KINDS order, budgets ascending."""
-    groups: dict[tuple[str, int], list[dict]] = {}
-    for record in records:
-        groups.setdefault((record["budget_kind"], record["budget_tokens"]), []).append(record)
-    summary = []
-    for (kind, budget), group in sorted(groups.items(), key=lambda item: (BUDGET_KINDS.index(item[0][0]), item[0][1])):
-        lengths = torch.tensor([float(r["tokens"]) for r in group])
-        budgets = torch.full_like(lengths, float(budget))
-        kinds = budget_kind_codes([kind] * len(group))
-        deviation = (lengths - budgets) / budgets
-        graded = [r["correct"] for r in group if r["correct"] is not None]
-        summary.append({
-            "budget_kind": kind,
-            "budget_tokens": budget,
-            "n": len(group),
-            "accuracy": sum(graded) / len(graded) if graded else None,
-            "mean_tokens": lengths.mean().item(),
-            "length_deviation": deviation.mean().item(),
-            "abs_length_deviation": deviation.abs().mean().item(),
-            "length_score": lifebench_length_score(lengths, budgets, kinds).mean().item(),
-            "hit_rate": budget_hit(lengths, budgets, kinds).float().mean().item(),
-            "finished_rate": sum(r["finished"] for r in group) / len(group),
-        })
-    return summary
-
-
-def ms_per_token(records: list[dict]) -> float:
-    """Generation wall time per generated token (EOS included) over an arm's records, in milliseconds."""
-    steps = sum(r["tokens"] + r["finished"] for r in records)
-    return 1000 * sum(r.get("seconds", 0.0) for r in records) / max(steps, 1)
-
-
-def markdown_table(
-    results: dict[str, list[dict]], costs: dict[str, float] | None = None, backends: dict[str, str] | None = None
-) -> str:
-    """One row per (model, kind, budget) plus each model's mean over its budgets; then ms per token."""
-    header = "| model | kind | budget | n | accuracy | mean tokens | length dev. | length score | hit rate |"
-    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-
-    def cell(value, fmt):
-        return "–" if value is None else format(value, fmt)
-
-    for label, summary in results.items():
-        for s in [*summary, mean_row(summary)]:
-            lines.append(
-                f"| {label} | {s['budget_kind']} | {s['budget_tokens']} | {s['n']} | {cell(s['accuracy'], '.3f')} | "
-                f"{s['mean_tokens']:.1f} | {s['length_deviation']:+.2f} | {s['length_score']:.3f} | {s['hit_rate']:.3f} |"
-            )
-    if costs:
-        backends = backends or {}
-        lines += ["", "| model | generation ms per token | generator |", "|---|---:|---|"]
-        lines += [f"| {label} | {cost:.1f} | {backends.get(label, 'hf')} |" for label, cost in costs.items()]
-    return "\n".join(lines) + "\n"
-
-
-def mean_row(summary: list[dict]) -> dict:
-    """Unweighted mean of the per-budget rows (each budget counts once)."""
-    row = {"budget_kind": "all", "budget_tokens": "mean", "n": sum(s["n"] for s in summary)}
-    for name in (*METRICS, "finished_rate"):
-        values = [s[name] for s in summary if s[name] is not None]
-        row[name] = sum(values) / len(values) if values else None
-    return row
-
-
-def plot_results(results: dict[str, list[dict]], output_dir: Path) -> list[Path]:
-    """length_score.png (score against budget, a line per model and kind) and pareto.png (accuracy vs tokens)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = [output_dir / "length_score.png", output_dir / "pareto.png"]
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for label, summary in results.items():
-        for kind in BUDGET_KINDS:
-            points = [(s["budget_tokens"], s["length_score"]) for s in summary if s["budget_kind"] == kind]
-            if points:
-                axis.plot(*zip(*points), marker="o", label=f"{label} ({kind})")
-    axis.set(xscale="log", xlabel="budget N (tokens)", ylabel="mean length score", ylim=(-0.02, 1.02))
-    axis.set_title("Length score against budget")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(paths[0], dpi=100)
-    plt.close(figure)
-
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for label, summary in results.items():
-        points = [(s["mean_tokens"], s["accuracy"]) for s in summary if s["accuracy"] is not None]
-        if points:
-            axis.plot(*zip(*sorted(points)), marker="o", label=label)
-            for s in summary:
-                if s["accuracy"] is not None:
-                    axis.annotate(f"{s['budget_kind'][:5]} {s['budget_tokens']}", (s["mean_tokens"], s["accuracy"]), fontsize=7)
-    axis.set(xlabel="mean completion tokens", ylabel="accuracy", ylim=(-0.02, 1.02))
-    axis.set_title("Accuracy against length")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(paths[1], dpi=100)
-    plt.close(figure)
-    return paths
 
 
 def load_policy(model_name_or_path: str, adapter: str | None, dtype: str):
@@ -446,9 +309,9 @@ def drop_if_stale(file: Path, adapter: str | None) -> None:
 
 def run_evaluation(args: EvaluateArguments) -> dict[str, list[dict]]:
     """Evaluate every arm of ``args.model_specs()``; write results.json / results.md / plots; return summaries."""
-    from lenvm_rl.loading import inference_device, load_tokenizer, resolve_model_path
+    from lenvm_rl.generation import eos_token_ids, vllm_engine
+    from lenvm_rl.loading import inference_device, load_tokenizer
     from lenvm_rl.precision import resolve_dtype
-    from lenvm_rl.rollouts import eos_token_ids, generation_eos_ids, make_vllm_generate
 
     args.dtype = resolve_dtype(args.dtype, inference_device().type)  # the manifest records what "auto" became
     output_dir = Path(args.output_dir)
@@ -484,13 +347,7 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, list[dict]]:
         check_lenvm_tokenizer(args.lenvm_model_path, tokenizer)
     vllm_generate = None
     if backend == "vllm":  # first: vLLM takes its share of the free GPU memory; the LenVM and HF policy use the rest
-        path = resolve_model_path(args.model_name_or_path)
-        vllm_generate = make_vllm_generate(
-            path, num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
-            eos_ids=generation_eos_ids(path, tokenizer), dtype=args.dtype,
-            gpu_memory_utilization=args.vllm_gpu_memory_utilization, seed=args.seed, adapters=list(args.adapters),
-            tensor_parallel_size=args.vllm_tensor_parallel_size,
-        )
+        vllm_generate = vllm_engine(args.model_name_or_path, tokenizer, args, args.num_samples, args.dtype, args.adapters)
     if lenvm is not None:
         lenvm = lenvm.to(inference_device())
     # Written once the data and models load: a failed start leaves no manifest that would refuse the fixed rerun.
@@ -519,7 +376,7 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, list[dict]]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
-    from lenvm_rl.cli import parse_recipe
+    from lenvm_rl.recipe import parse_recipe
     from lenvm_rl.outputs import check_output_dir
 
     (args,) = parse_recipe((EvaluateArguments,), argv)

@@ -59,19 +59,15 @@ from trl.models import prepare_deepspeed, prepare_fsdp
 
 from lenvm_rl.errors import ConfigError, check_training_counts
 from lenvm_rl.precision import resolve_bf16
-from lenvm_rl.returns import (
-    BUDGET_KINDS,
-    LENGTH_ADVANTAGE_MODES,
-    LENGTH_POTENTIALS,
-    LENGTH_SCORES,
-    budget_hit,
-    budget_kind_codes,
+from lenvm_rl.advantages import (
     group_stats,
+    LENGTH_ADVANTAGE_MODES,
     length_advantages,
+    LENGTH_POTENTIALS,
     lenvm_state_values,
-    remaining_from_value,
-    value_targets,
 )
+from lenvm_rl.returns import remaining_from_value, value_targets
+from rewards.scores import budget_hit, budget_kind_codes, BUDGET_KINDS, LENGTH_SCORES
 
 logger = logging.get_logger(__name__)
 

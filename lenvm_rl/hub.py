@@ -1,7 +1,8 @@
-"""Publish a trained model to the Hugging Face Hub with a generated model card.
+"""The Hub and the run record: what every training stage writes for a later push, and the push itself.
 
-`lenvm-rl push PATH --hub_model_id user/name`, and ``push_to_hub: true`` in a grpo / train-lenvm recipe (which
-calls ``push_folder`` once the model is saved). The folder's kind decides what is uploaded, top-level files only:
+``record_run`` (``lenvm_rl_run.json``), ``model_card`` (README.md at the final save), ``defer_push`` and
+``push_folder``, used by ``train-lenvm``, ``grpo`` and ``ppo`` (``push_to_hub: true`` pushes once the model is
+saved) and by the ``push`` stage (``lenvm_rl/push.py``, `lenvm-rl push PATH --hub_model_id user/name`). The folder's kind decides what is uploaded, top-level files only:
 
 - adapter (``adapter_config.json``, a LoRA grpo run): adapter_config.json, adapter_model.safetensors;
 - LenVM (``config.json`` with model_type lenvm): config.json, model.safetensors (or its shards and index);
@@ -23,7 +24,7 @@ import json
 import re
 import shlex
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -313,28 +314,3 @@ def hub_failure(error: Exception, folder: Path, repo_id: str) -> str:
         reason = f"could not reach the Hub ({type(error).__name__}: {detail})"
     return (f"push: {reason}; the local files in {folder} are intact; "
             f"retry with `lenvm-rl push {folder} --hub_model_id {repo_id}`")
-
-
-@dataclass
-class PushArguments:
-    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo to push to: <user or org>/<name>."})
-    private: bool | None = field(default=None, metadata={"help": "Create the repo private (no effect if it exists)."})
-    revision: str | None = field(
-        default=None, metadata={"help": "Branch to push to (created if missing); default main."}
-    )
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`lenvm-rl push PATH --hub_model_id <user>/<name> [--private true] [--revision BRANCH]`"""
-    from lenvm_rl.cli import parse_recipe
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0].startswith("-"):
-        if argv and argv[0] in ("-h", "--help"):
-            parse_recipe((PushArguments,), argv)
-        raise ConfigError("push: give the folder to push first: `lenvm-rl push PATH --hub_model_id <user>/<name>`")
-    path, (args,) = argv[0], parse_recipe((PushArguments,), argv[1:])
-    if not args.hub_model_id:
-        raise ConfigError(f"hub_model_id: say where to push; `lenvm-rl push {path} --hub_model_id <user>/<name>`")
-    url = push_folder(path, args.hub_model_id, private=args.private, revision=args.revision)
-    print(f"pushed {path} to {args.hub_model_id}: {url}")

@@ -77,12 +77,12 @@ def ranked(stats: dict[str, dict], direction: str, min_count: int, top: int) -> 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from lenvm_rl.cli import parse_recipe
-    from lenvm_rl.lenvm_eval import check_lenvm_reads_rollouts, score_rollouts
+    from lenvm_rl.recipe import parse_recipe
+    from lenvm_rl.critic_metrics import check_lenvm_reads_rollouts, score_rollouts
     from lenvm_rl.loading import inference_device, load_tokenizer
     from lenvm_rl.modeling import load_lenvm
     from lenvm_rl.outputs import check_output_dir
-    from lenvm_rl.rollouts import load_rollouts
+    from lenvm_rl.rollout import load_rollouts
 
     (args,) = parse_recipe((LengthTokenArguments,), argv)
     check_output_dir(args.output_dir, {"lenvm_model_path": args.lenvm_model_path, "rollouts_path": args.rollouts_path})

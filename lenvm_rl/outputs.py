@@ -146,3 +146,10 @@ def final_save(output_dir: str, main_process: bool = True):
     staging.rmdir()
     previous = json.loads((out / WRITTEN).read_text()) if (out / WRITTEN).is_file() else {}
     (out / WRITTEN).write_text(json.dumps({**previous, **written}, indent=1))
+
+
+def changed_setting(previous: dict, current: dict, ignore: tuple[str, ...] = ()) -> str | None:
+    """The first key (in sorted order) whose value differs between a run's saved settings (a stage's manifest in its
+    output_dir: ``rollout_args.json``, ``evaluate_args.json``) and the current ones; None when they agree."""
+    changed = sorted(k for k in (previous.keys() | current.keys()) - set(ignore) if previous.get(k) != current.get(k))
+    return changed[0] if changed else None

@@ -82,7 +82,7 @@ from lenvm_rl.errors import ConfigError
 from lenvm_rl.modeling import ValueHead, head_dtype
 from lenvm_rl.grpo import LenVMGRPOConfig, LenVMGRPOTrainer
 from lenvm_rl.train_policy import train_policy
-from lenvm_rl.returns import clipped_value_loss, task_advantages
+from lenvm_rl.advantages import clipped_value_loss, task_advantages
 
 # In a subfolder: vLLM loads every *.safetensors at a model folder's top level (without an index file), and the
 # head's weights beside a full fine-tune's model.safetensors would be read as the policy's.

@@ -35,12 +35,12 @@ def train_policy(argv: list[str] | None, stage: str, config_class: type, trainer
     from transformers import set_seed
     from trl import ModelConfig, get_peft_config
 
-    from lenvm_rl.cli import parse_recipe
+    from lenvm_rl.recipe import parse_recipe
     from lenvm_rl.data import load_prompt_splits
     from lenvm_rl.faults import SaveOnSigterm, resume_checkpoint, train
     from lenvm_rl.loading import load_causal_lm, load_tokenizer
     from lenvm_rl.outputs import check_output_dir, final_save
-    from lenvm_rl.rollouts import eos_token_ids
+    from lenvm_rl.rollout import eos_token_ids
     from rewards import REWARDS, get_reward
     from rewards.base import TokenLengthReward
 

@@ -93,7 +93,7 @@ def tiny_model_path(tmp_path_factory, tokenizer) -> str:
 
 
 def rollout_args(output_dir, **overrides):
-    from lenvm_rl.rollouts import RolloutArguments
+    from lenvm_rl.rollout import RolloutArguments
 
     settings = dict(
         output_dir=str(output_dir), dataset_name="arithmetic", num_prompts=6, shard_size=2, num_samples_per_prompt=2,
@@ -105,7 +105,7 @@ def rollout_args(output_dir, **overrides):
 @pytest.fixture(scope="session")
 def make_rollouts(tiny_model_path, tmp_path_factory):
     """``make_rollouts(**overrides) -> folder``: the real ``run_rollouts`` on the tiny model, in a new folder."""
-    from lenvm_rl.rollouts import run_rollouts
+    from lenvm_rl.rollout import run_rollouts
 
     def make(**overrides):
         return run_rollouts(rollout_args(tmp_path_factory.mktemp("rollouts"), **overrides), tiny_model_path)

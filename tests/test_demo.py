@@ -7,12 +7,12 @@ import pytest
 from trl import ModelConfig
 
 from conftest import ROOT
-from lenvm_rl.cli import parse_recipe
+from lenvm_rl.recipe import parse_recipe
 from lenvm_rl.evaluate import EvaluateArguments
 from lenvm_rl.grpo import LenVMGRPOConfig
-from lenvm_rl.lenvm_trainer import LenVMScriptArguments, LenVMTrainingConfig
-from lenvm_rl.predict import PredictArguments
-from lenvm_rl.rollouts import RolloutArguments
+from lenvm_rl.train_lenvm import LenVMScriptArguments, LenVMTrainingConfig
+from lenvm_rl.predict_length import PredictArguments
+from lenvm_rl.rollout import RolloutArguments
 from lenvm_rl.train_policy import GRPOScriptArguments
 
 PARSERS = {

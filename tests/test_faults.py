@@ -127,7 +127,7 @@ def test_train_lenvm_saves_on_sigterm_and_resumes(tiny_model_path, rollouts_dir,
     """The same contract in-process for `train-lenvm`: SIGTERM (sent to itself at the end of step 2) saves
     checkpoint-2, exits 143 without a final model; the resumed run ends at max_steps with every step logged once."""
     from lenvm_rl.faults import SaveOnSigterm
-    from lenvm_rl.lenvm_trainer import main
+    from lenvm_rl.train_lenvm import main
 
     output_dir = tmp_path / "lenvm"
     recipe = tmp_path / "lenvm.yaml"

@@ -16,13 +16,13 @@ from transformers import AutoModelForCausalLM
 from trl import GRPOTrainer, ModelConfig
 
 from conftest import ROOT, make_tiny_llama, make_tokenizer
-from lenvm_rl.cli import parse_recipe
+from lenvm_rl.recipe import parse_recipe
 from lenvm_rl.data import DatasetArguments, load_prompt_splits, load_prompts
 from lenvm_rl.errors import ConfigError
 from lenvm_rl.grpo import LenVMGRPOConfig, LenVMGRPOTrainer, main
 from lenvm_rl.train_policy import GRPOScriptArguments
 from lenvm_rl.modeling import LenVMModel
-from lenvm_rl.returns import LENGTH_SCORES, budget_kind_codes
+from rewards.scores import budget_kind_codes, LENGTH_SCORES
 from rewards import Accuracy, LengthScore
 
 GAMMA = 0.9
@@ -456,7 +456,7 @@ def test_whitened_group_baseline_is_not_divided_by_a_degenerate_group_std(tiny_m
                                                                           lenvm_path, tmp_path):
     """Groups of 2 with equal realised scores have std 0: whitened, A_len is the whitened group-anchored advantage
     itself (no division by std + 1e-4, which made the LenVM's Φ_j - Φ_0 of those rows 10^4 times larger)."""
-    from lenvm_rl.returns import length_advantages, lenvm_state_values
+    from lenvm_rl.advantages import length_advantages, lenvm_state_values
 
     trainer = make_trainer(tiny_model_path, tokenizer, dataset, tmp_path, lenvm_model_path=lenvm_path,
                            length_baseline="group", num_generations=2, per_device_train_batch_size=4)

@@ -17,7 +17,7 @@ from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, Resp
 from huggingface_hub.utils import get_session
 
 from conftest import make_tiny_llama
-from lenvm_rl import cli, grpo, lenvm_trainer
+from lenvm_rl import cli, grpo, train_lenvm
 from lenvm_rl.errors import ConfigError
 from lenvm_rl.hub import RUN_RECORD, TOKENIZER_FILES, hub_id, model_card, record_run
 from lenvm_rl.modeling import LenVMModel
@@ -103,7 +103,7 @@ def lenvm_push(tiny_model_path, rollouts_dir, tmp_path_factory):
     ]
     with pytest.MonkeyPatch.context() as patch:
         hub = FakeHub().install(patch)
-        lenvm_trainer.main(argv)
+        train_lenvm.main(argv)
     return output_dir, hub
 
 
@@ -177,7 +177,7 @@ def test_base_model_metadata_names_hub_ids_only(grpo_push, tmp_path):
 
 
 def test_record_run_redacts_the_token(tmp_path):
-    from lenvm_rl.hub import PushArguments
+    from lenvm_rl.push import PushArguments
 
     record_run(str(tmp_path), "grpo", ["--hub_token", "hf_secret", "--hub_token=hf_secret2"], PushArguments())
     text = (tmp_path / RUN_RECORD).read_text()

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import tiny_llama_config
 from lenvm_rl.errors import ConfigError
-from lenvm_rl.lenvm_eval import collate_states
+from lenvm_rl.critic_metrics import collate_states
 from lenvm_rl.modeling import LenVMConfig, LenVMModel, load_lenvm
 
 GAMMA = 0.9

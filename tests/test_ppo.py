@@ -19,7 +19,7 @@ from lenvm_rl.errors import ConfigError
 from lenvm_rl.grpo import LenVMGRPOConfig
 from lenvm_rl.modeling import LenVMModel
 from lenvm_rl.ppo import VALUE_HEAD_FILE, LenVMPPOConfig, LenVMPPOTrainer, main
-from lenvm_rl.returns import clipped_value_loss, task_advantages
+from lenvm_rl.advantages import clipped_value_loss, task_advantages
 from rewards import Accuracy, LengthScore
 
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")

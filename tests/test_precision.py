@@ -84,9 +84,9 @@ def test_explicit_bf16_values_win_and_bad_ones_name_the_field(cpu_with):
 
 @pytest.mark.parametrize(("flags", "bf16"), [(AVX2_CPU, False), (AVX512_BF16_CPU, True)])
 def test_configs_record_the_resolved_bf16(cpu_with, flags, bf16, tmp_path):
-    from lenvm_rl.cli import parse_recipe
+    from lenvm_rl.recipe import parse_recipe
     from lenvm_rl.grpo import LenVMGRPOConfig
-    from lenvm_rl.lenvm_trainer import LenVMTrainingConfig
+    from lenvm_rl.train_lenvm import LenVMTrainingConfig
 
     cpu_with(flags)
     lenvm = LenVMTrainingConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")  # default: auto
@@ -104,7 +104,7 @@ def test_configs_record_the_resolved_bf16(cpu_with, flags, bf16, tmp_path):
 @pytest.mark.parametrize(("flags", "dtype"), [(AVX2_CPU, "float32"), (AVX512_BF16_CPU, "bfloat16")])
 def test_rollout_manifest_records_what_auto_became(cpu_with, flags, dtype, tiny_model_path, tmp_path):
     from conftest import rollout_args
-    from lenvm_rl.rollouts import MANIFEST, run_rollouts
+    from lenvm_rl.rollout import MANIFEST, run_rollouts
 
     cpu_with(flags)
     output_dir = run_rollouts(rollout_args(tmp_path, num_prompts=2), tiny_model_path, dtype="auto")

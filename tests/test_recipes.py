@@ -5,14 +5,14 @@ from pathlib import Path
 import pytest
 from trl import ModelConfig
 
-from lenvm_rl.cli import parse_recipe
+from lenvm_rl.recipe import parse_recipe
 from lenvm_rl.errors import ConfigError
 from lenvm_rl.evaluate import EvaluateArguments
 from lenvm_rl.grpo import LenVMGRPOConfig
 from lenvm_rl.train_policy import GRPOScriptArguments
-from lenvm_rl.lenvm_trainer import LenVMScriptArguments, LenVMTrainingConfig
+from lenvm_rl.train_lenvm import LenVMScriptArguments, LenVMTrainingConfig
 from lenvm_rl.ppo import LenVMPPOConfig
-from lenvm_rl.rollouts import RolloutArguments
+from lenvm_rl.rollout import RolloutArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {

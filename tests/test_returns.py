@@ -5,17 +5,9 @@ import math
 import pytest
 import torch
 
+from lenvm_rl.advantages import expected_length_score, group_stats, length_advantages, lenvm_state_values
 from lenvm_rl.returns import (
-    BUDGET_KINDS,
     auto_gamma,
-    budget_hit,
-    budget_kind_codes,
-    expected_length_score,
-    group_stats,
-    l1_length_score,
-    length_advantages,
-    lenvm_state_values,
-    lifebench_length_score,
     masked_gae,
     mean_relative_error,
     prompt_boundary_ground_truth,
@@ -25,6 +17,7 @@ from lenvm_rl.returns import (
     value_from_remaining,
     value_targets,
 )
+from rewards.scores import budget_hit, budget_kind_codes, BUDGET_KINDS, l1_length_score, lifebench_length_score
 
 NAN = float("nan")
 

@@ -9,10 +9,10 @@ from trl import ModelConfig
 
 from conftest import write_rollout_shard
 from lenvm_rl.errors import ConfigError
-from lenvm_rl.lenvm_eval import collate_states, length_metrics, score_rollouts
-from lenvm_rl.lenvm_trainer import LenVMTrainer, LenVMTrainingConfig, build_lenvm, prepare_rollouts, split_by_prompt
+from lenvm_rl.critic_metrics import collate_states, length_metrics, score_rollouts
+from lenvm_rl.train_lenvm import LenVMTrainer, LenVMTrainingConfig, build_lenvm, prepare_rollouts, split_by_prompt
 from lenvm_rl.modeling import LenVMModel, load_lenvm
-from lenvm_rl.rollouts import load_rollouts
+from lenvm_rl.rollout import load_rollouts
 
 TRAIN_LENGTHS = torch.tensor([2.0, 3.0, 4.0], dtype=torch.float64)  # finished training lengths: the constants
 GAMMA = 0.9
@@ -202,7 +202,7 @@ def test_backbone_with_another_tokenizer_is_refused(rollouts_dir, tiny_model_pat
 
     from transformers import AutoTokenizer
 
-    from lenvm_rl.lenvm_trainer import check_rollout_tokenizer
+    from lenvm_rl.train_lenvm import check_rollout_tokenizer
 
     same_family = shutil.copytree(tiny_model_path, tmp_path / "same")
     check_rollout_tokenizer(str(rollouts_dir), str(same_family), AutoTokenizer.from_pretrained(same_family))

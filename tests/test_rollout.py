@@ -7,11 +7,11 @@ import shutil
 import pytest
 import torch
 
-import lenvm_rl.rollouts
+import lenvm_rl.rollout
 from conftest import rollout_args
 from lenvm_rl.data import load_prompts
 from lenvm_rl.errors import ConfigError
-from lenvm_rl.rollouts import load_rollouts, run_rollouts, tokenize_prompts
+from lenvm_rl.rollout import load_rollouts, run_rollouts, tokenize_prompts
 
 COLUMNS = {
     "prompt_id", "sample_index", "prompt", "prompt_ids", "completion_ids", "completion", "completion_tokens",
@@ -43,7 +43,7 @@ def records(path):
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(rollouts_dir, tiny_model_path, tmp_path, monkeypatch):
-    generate, calls = lenvm_rl.rollouts.generate_hf, []
+    generate, calls = lenvm_rl.rollout.generate_hf, []
 
     def interrupted(*args, **kwargs):  # one generate call per shard here; die in the second shard
         calls.append(1)
@@ -51,7 +51,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(rollouts_dir, tiny_m
             raise KeyboardInterrupt
         return generate(*args, **kwargs)
 
-    monkeypatch.setattr(lenvm_rl.rollouts, "generate_hf", interrupted)
+    monkeypatch.setattr(lenvm_rl.rollout, "generate_hf", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_rollouts(rollout_args(tmp_path), tiny_model_path)
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["shard-00000"]
@@ -156,7 +156,7 @@ def test_vllm_path_seeds_each_prompt_and_strips_eos(monkeypatch):
             return [types.SimpleNamespace(outputs=[done, cut]) for _ in prompts]
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
-    generate = lenvm_rl.rollouts.make_vllm_generate(
+    generate = lenvm_rl.rollout.make_vllm_generate(
         "some/model", num_samples=2, temperature=1.0, top_p=1.0, eos_ids={2}, dtype="bfloat16", seed=5
     )
     assert calls["llm"] == dict(model="some/model", dtype="bfloat16", gpu_memory_utilization=0.8, seed=5)  # no LoRA
@@ -198,7 +198,7 @@ def test_generate_ignores_the_model_sampling_defaults(tiny_model_path, tokenizer
     import copy
 
     from lenvm_rl.loading import load_causal_lm
-    from lenvm_rl.rollouts import generate_hf
+    from lenvm_rl.rollout import generate_hf
 
     model = load_causal_lm(tiny_model_path).eval()
     model.generation_config.repetition_penalty = 1.05

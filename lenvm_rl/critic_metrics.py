@@ -19,7 +19,12 @@ from collections import defaultdict
 
 import torch
 
-from lenvm_rl.returns import mean_relative_error, prompt_boundary_ground_truth, remaining_from_value, value_from_remaining
+from lenvm_rl.returns import (
+    mean_relative_error,
+    prompt_boundary_ground_truth,
+    remaining_from_value,
+    value_from_remaining,
+)
 
 RELATIVE_POSITIONS = (0.0, 0.25, 0.5, 0.75)
 
@@ -52,7 +57,7 @@ def check_lenvm_reads_rollouts(lenvm_path: str, model, rollouts, rollouts_path: 
     from lenvm_rl.errors import ConfigError
     from lenvm_rl.loading import load_tokenizer
     from lenvm_rl.modeling import check_lenvm_tokenizer
-    from lenvm_rl.rollouts import MANIFEST
+    from lenvm_rl.rollout import MANIFEST
 
     check_token_ids(rollouts, model.backbone.get_input_embeddings().num_embeddings, "rollouts_path", rollouts_path)
     manifest = Path(rollouts_path) / MANIFEST

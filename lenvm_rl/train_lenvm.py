@@ -6,7 +6,7 @@ Departures from a plain regression Trainer, each for a reason:
   (not ``labels``). A mean over sequences would reweight states by 1/L and shift the target.
 - Truncated rollouts are dropped (default) or bootstrapped from the model's own detached V(s_T);
   they are never labelled as if they ended at the limit.
-- ``evaluate`` scores held-out rollouts and logs the length metrics of ``lenvm_eval``.
+- ``evaluate`` scores held-out rollouts and logs the length metrics of ``critic_metrics``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from transformers import Trainer, TrainingArguments
 from lenvm_rl.errors import ConfigError, check_training_counts
 from lenvm_rl.hub import defer_push, model_card, push_folder, record_run
 from lenvm_rl.precision import resolve_bf16, resolve_dtype, training_device
-from lenvm_rl.lenvm_eval import collate_states, constant_baselines, length_metrics, score_rollouts
+from lenvm_rl.critic_metrics import collate_states, constant_baselines, length_metrics, score_rollouts
 from lenvm_rl.returns import prompt_boundary_ground_truth, resolve_gamma
 
 
@@ -150,7 +150,7 @@ def check_rollout_tokenizer(rollouts_path: str, backbone: str, tokenizer) -> Non
     from pathlib import Path
 
     from lenvm_rl.loading import load_tokenizer
-    from lenvm_rl.rollouts import MANIFEST
+    from lenvm_rl.rollout import MANIFEST
 
     manifest = Path(rollouts_path) / MANIFEST
     policy = json.loads(manifest.read_text())["model_name_or_path"] if manifest.exists() else None
@@ -239,14 +239,14 @@ def main(argv: list[str] | None = None) -> None:
     """`lenvm-rl train-lenvm --config recipes/<Model>/lenvm/config_<variant>.yaml`"""
     from trl import ModelConfig
 
-    from lenvm_rl.cli import parse_recipe
+    from lenvm_rl.recipe import parse_recipe
     from lenvm_rl.errors import require_launched_world
     from lenvm_rl.faults import SaveOnSigterm, resume_checkpoint, train
-    from lenvm_rl.lenvm_eval import check_token_ids
+    from lenvm_rl.critic_metrics import check_token_ids
     from lenvm_rl.loading import load_tokenizer, model_vocab_size
     from lenvm_rl.outputs import check_output_dir, final_save
     from lenvm_rl.returns import auto_gamma
-    from lenvm_rl.rollouts import load_rollouts
+    from lenvm_rl.rollout import load_rollouts
 
     script_args, config, model_args = parse_recipe((LenVMScriptArguments, LenVMTrainingConfig, ModelConfig), argv)
     inputs = {"model_name_or_path": model_args.model_name_or_path, "rollouts_path": script_args.rollouts_path,

@@ -1,0 +1,196 @@
+"""Generation shared by the stages that sample: ``rollout``, ``evaluate``, the testbed and the policy stages' EOS ids.
+
+Two generators with one output, per prompt ``num_samples`` (completion ids with the EOS stripped, finished) pairs:
+``generate_hf`` (``model.generate``, any device) and ``make_vllm_generate`` (one vLLM engine for a base model and
+its LoRA adapters). ``generate_hf`` switches off the generation config's own sampling extras, so both sample what
+TRL's trainers sample with the same settings (docs/DESIGN.md §2.1). vLLM is imported only when an engine is made.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lenvm_rl.errors import ConfigError
+
+
+@dataclass
+class VLLMArguments:
+    """How a stage's vLLM engine is laid out (``rollout``, ``evaluate``); neither field changes what is sampled.
+
+    Parameters:
+        vllm_gpu_memory_utilization (`float`, *optional*, defaults to `0.8`):
+            Share of the GPU's memory vLLM takes for weights and KV cache, in (0, 1].
+        vllm_tensor_parallel_size (`int`, *optional*, defaults to `1`):
+            GPUs vLLM splits the model over, from one process (the others must be visible to it).
+    """
+
+    vllm_gpu_memory_utilization: float = field(default=0.8, metadata={"help": "vLLM's GPU memory share."})
+    vllm_tensor_parallel_size: int = field(
+        default=1, metadata={"help": "GPUs vLLM splits the model over (from one process; the others must be visible)."}
+    )
+
+    def check_vllm_layout(self) -> None:
+        """Called by the stage's ``__post_init__`` (the dataclass bases do not chain it)."""
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ConfigError(f"vllm_gpu_memory_utilization: must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        if self.vllm_tensor_parallel_size <= 0:
+            raise ConfigError(f"vllm_tensor_parallel_size: must be positive, got {self.vllm_tensor_parallel_size}")
+
+
+def eos_token_ids(tokenizer, generation_config=None) -> set[int]:
+    """Every id generation stops on: the tokenizer's EOS and the generation config's (Qwen has two)."""
+    ids = {tokenizer.eos_token_id}
+    configured = generation_config.eos_token_id if generation_config is not None else None
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return {i for i in ids if i is not None}
+
+
+def split_completion(token_ids: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
+    """Cut a generated sequence at its first EOS: (tokens before it, whether an EOS was found)."""
+    for index, token in enumerate(token_ids):
+        if token in eos_ids:
+            return token_ids[:index], True
+    return token_ids, False
+
+
+def tokenize_prompts(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
+    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def generate_hf(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    logits_processor=None,
+) -> list[list[tuple[list[int], bool]]]:
+    """For each prompt, ``num_samples`` (completion ids, finished) pairs from ``model.generate``.
+
+    Temperature 0 decodes greedily; otherwise samples with top-k off. The model's generation config may carry
+    other sampling defaults (Qwen2.5 Instruct ships a repetition_penalty): it is switched off, so this samples what vLLM
+    and TRL's trainers sample with the same settings. ``logits_processor``: a ``transformers.LogitsProcessorList``
+    applied at every step (LenVM-guided decoding).
+    """
+    eos_ids = eos_token_ids(tokenizer, model.generation_config)
+    width = max(map(len, prompt_ids))
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=model.device)  # left pad
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=model.device)
+    sampling = dict(do_sample=False)
+    if temperature > 0:
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        **sampling,
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=num_samples,
+        repetition_penalty=1.0,
+        pad_token_id=pad,
+        eos_token_id=sorted(eos_ids),
+        logits_processor=logits_processor,
+    )
+    completions = [split_completion(row, eos_ids) for row in output[:, width:].tolist()]
+    return [completions[i * num_samples : (i + 1) * num_samples] for i in range(len(prompt_ids))]
+
+
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's max_lora_rank accepts
+
+
+def make_vllm_generate(
+    model_path: str,
+    *,
+    num_samples: int,
+    temperature: float,
+    top_p: float,
+    eos_ids: set[int],
+    dtype: str | None = None,
+    gpu_memory_utilization: float = 0.8,
+    seed: int = 0,
+    adapters: list[str] = (),
+    tensor_parallel_size: int = 1,
+) -> Callable:
+    """``generate(prompt_ids, seeds, max_tokens, adapter=None)``: per prompt, ``num_samples`` (ids, finished) pairs.
+
+    One vLLM engine serves the base model and every LoRA adapter folder in ``adapters``, each applied per
+    request as a ``LoRARequest`` (no merge, no reload between models).
+    """
+    from vllm import LLM
+
+    engine = dict(model=model_path, dtype=dtype or "auto", gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+    if tensor_parallel_size > 1:
+        engine["tensor_parallel_size"] = tensor_parallel_size
+    if adapters:
+        rank = max(json.loads(Path(a, "adapter_config.json").read_text())["r"] for a in adapters)
+        fits = [r for r in VLLM_LORA_RANKS if r >= rank]
+        if not fits:
+            raise ConfigError(f"adapters: LoRA rank {rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]}); set use_vllm: false")
+        engine.update(enable_lora=True, max_lora_rank=fits[0], max_loras=1)
+    llm = LLM(**engine)
+    lora_ids = {adapter: index for index, adapter in enumerate(adapters, start=1)}
+
+    def generate(prompt_ids, seeds, max_tokens, adapter=None):
+        from vllm import SamplingParams
+
+        # One seed per prompt (``vllm_seeds``): a shared seed would give sample k of every prompt the same stream.
+        params = [
+            SamplingParams(n=num_samples, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+            for seed in seeds
+        ]
+        lora = None
+        if adapter is not None:
+            from vllm.lora.request import LoRARequest
+
+            lora = LoRARequest(f"{lora_ids[adapter]}-{Path(adapter).name}", lora_ids[adapter], str(adapter))  # unique names
+        outputs = llm.generate(
+            [{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False, lora_request=lora
+        )
+        # finish_reason "stop" = an EOS (or stop token) ended it; "length" = truncated at max_tokens.
+        return [
+            [(split_completion(list(c.token_ids), eos_ids)[0], c.finish_reason == "stop") for c in o.outputs]
+            for o in outputs
+        ]
+
+    return generate
+
+
+def vllm_seeds(seed: int, rows, num_samples: int) -> list[int]:
+    """One vLLM seed per request (row). vLLM samples completion k of a request with seed + k, so rows are spaced by
+    ``num_samples``: no two completions of a run share a random stream, and row i's seed depends on i alone."""
+    return [seed * 1_000_000_007 + row * num_samples for row in rows]
+
+
+def generation_eos_ids(model_path: str, tokenizer) -> set[int]:
+    """The ids a model's generation stops on, read from its folder (for vLLM, which loads no HF model)."""
+    from transformers import GenerationConfig
+
+    try:
+        generation_config = GenerationConfig.from_pretrained(model_path)
+    except OSError:  # a model without generation_config.json stops on the tokenizer's EOS only
+        generation_config = None
+    return eos_token_ids(tokenizer, generation_config)
+
+
+
+
+def vllm_engine(model_name_or_path: str, tokenizer, args, num_samples: int, dtype: str | None, adapters=()) -> Callable:
+    """``make_vllm_generate`` for a stage's arguments (``temperature``, ``top_p``, ``seed`` and ``VLLMArguments``):
+    the model's own EOS ids, its folder resolved (the embedded default is converted once)."""
+    from lenvm_rl.loading import resolve_model_path
+
+    path = resolve_model_path(model_name_or_path)
+    return make_vllm_generate(
+        path, num_samples=num_samples, temperature=args.temperature, top_p=args.top_p,
+        eos_ids=generation_eos_ids(path, tokenizer), dtype=dtype, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+        seed=args.seed, adapters=list(adapters), tensor_parallel_size=args.vllm_tensor_parallel_size,
+    )
