@@ -57,7 +57,7 @@ def check_lenvm_reads_rollouts(lenvm_path: str, model, rollouts, rollouts_path: 
     from lenvm_rl.errors import ConfigError
     from lenvm_rl.loading import load_tokenizer
     from lenvm_rl.modeling import check_lenvm_tokenizer
-    from lenvm_rl.rollout import MANIFEST
+    from lenvm_rl.rollout_data import MANIFEST
 
     check_token_ids(rollouts, model.backbone.get_input_embeddings().num_embeddings, "rollouts_path", rollouts_path)
     manifest = Path(rollouts_path) / MANIFEST

@@ -1,8 +1,13 @@
-"""The one exception type for mistakes a user can fix; the CLI prints it as one line and exits 2."""
+"""``ConfigError``, the one exception for mistakes a user can fix (the CLI prints it as one line and exits 2), and
+the refusals several stages share: a launch the stage cannot run under, counts a Trainer would misread.
 
+``ConfigError`` is defined in ``rewards.errors`` (rewards raise it and import nothing from ``lenvm_rl``); import it
+from here inside ``lenvm_rl`` (docs/DESIGN.md §2.4).
+"""
 
-class ConfigError(ValueError):
-    """A bad recipe field, dataset, path or model: the message names the field and the fix."""
+from rewards.errors import ConfigError
+
+__all__ = ["ConfigError", "check_training_counts", "require_launched_world", "require_single_process"]
 
 
 def require_single_process(stage: str) -> None:
@@ -40,11 +45,3 @@ def check_training_counts(config) -> None:
         raise ConfigError(f"per_device_train_batch_size: must be positive, got {config.per_device_train_batch_size}")
     if config.learning_rate < 0:
         raise ConfigError(f"learning_rate: must be >= 0, got {config.learning_rate}")
-
-
-def require_vllm(use_vllm: bool | None) -> None:
-    """Refuse ``use_vllm: true`` where vLLM is not installed."""
-    import importlib.util
-
-    if use_vllm and importlib.util.find_spec("vllm") is None:
-        raise ConfigError("use_vllm: vLLM is not installed; `pip install 'lenvm-rl[vllm]'` on a GPU machine, or set use_vllm: false")

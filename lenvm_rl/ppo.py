@@ -29,7 +29,7 @@ What changes is where the advantage comes from, and a value loss is added (docs/
 - Task reward R: the weighted sum of TRL's reward functions (``reward_weights``), raw, not group-normalised
   (``scale_rewards`` and ``multi_objective_aggregation`` only shape TRL's own advantage, which is discarded), on the
   last completion token (the EOS when finished). Every completion ends its episode there, truncated ones too: the
-  reward already scored the text as it stands, so nothing is bootstrapped (``returns.task_advantages``). A row for
+  reward already scored the text as it stands, so nothing is bootstrapped (``advantages.task_advantages``). A row for
   which every reward function returned None gets no task advantage and keeps its old value as the target.
 - λ defaults to 1 for both the actor (``task_lambda``) and the critic's targets (``task_value_lambda``), so
   A_task_j = R - V(s_j) (γ = 1, no KL). With λ < 1 and a critic that has not learned yet (V ≈ constant), GAE
@@ -80,7 +80,8 @@ from trl.trainer.utils import (
 
 from lenvm_rl.errors import ConfigError
 from lenvm_rl.modeling import ValueHead, head_dtype
-from lenvm_rl.grpo import LenVMGRPOConfig, LenVMGRPOTrainer
+from lenvm_rl.grpo_config import LenVMGRPOConfig
+from lenvm_rl.grpo_trainer import LenVMGRPOTrainer
 from lenvm_rl.train_policy import train_policy
 from lenvm_rl.advantages import clipped_value_loss, task_advantages
 
@@ -260,12 +261,11 @@ class LenVMPPOTrainer(LenVMGRPOTrainer):
 
         # Explained variance of the old values, over the valid tokens of all ranks: 1 - Var(R - V) / Var(R).
         residual = returns - old_values
-        stats = torch.stack([
+        count, sum_r, sum_r2, sum_d, sum_d2, sum_v, *kl_stats = self.ranks_sum(
             task_mask.sum().float(), (returns * task_mask).sum(), (returns.square() * task_mask).sum(),
             (residual * task_mask).sum(), (residual.square() * task_mask).sum(), (old_values * task_mask).sum(),
             *(((kl * mask).sum(), mask.sum().float()) if kl is not None else ()),
-        ])
-        count, sum_r, sum_r2, sum_d, sum_d2, sum_v, *kl_stats = self.accelerator.reduce(stats, reduction="sum").tolist()
+        )
         count = max(count, 1.0)
         var_returns, var_residual = sum_r2 / count - (sum_r / count) ** 2, sum_d2 / count - (sum_d / count) ** 2
         metrics["ppo/explained_variance"].append(1.0 - var_residual / var_returns if var_returns > 0 else float("nan"))
@@ -297,8 +297,9 @@ class LenVMPPOTrainer(LenVMGRPOTrainer):
             normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
         value_loss = (per_token * mask).sum() / normalizer
 
-        stats = torch.stack([(per_token * mask).sum(), (clipped * mask).sum(), mask.sum()]).detach()
-        total, total_clipped, count = self.accelerator.reduce(stats, reduction="sum").tolist()
+        total, total_clipped, count = self.ranks_sum(
+            (per_token * mask).sum().detach(), (clipped * mask).sum().detach(), mask.sum().detach()
+        )
         self._metrics[mode]["ppo/value_loss"].append(total / max(count, 1.0))
         self._metrics[mode]["ppo/value_clipfrac"].append(total_clipped / max(count, 1.0))
         return loss + self.args.vf_coef * value_loss

@@ -31,6 +31,11 @@ PRECISIONS = ("float32", "bfloat16")
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")  # x86 AMX, x86 AVX512-BF16, Arm BF16
 
 
+def cache_dir() -> Path:
+    """Where the project caches what it computes once per machine (converted embedded models, ``precision.json``)."""
+    return Path(os.environ.get("LENVM_RL_CACHE", Path.home() / ".cache" / "lenvm_rl"))
+
+
 @dataclass(frozen=True)
 class Precision:
     """The dtype ``auto`` resolves to on ``device`` ("cpu" or "cuda"), and why."""
@@ -77,8 +82,6 @@ def cpu_precision(flags: set[str] | None) -> tuple[str, str]:
         if native:
             return "bfloat16", f"the CPU has {' and '.join(native)}"
         return "float32", "the CPU has no amx_bf16 / avx512_bf16: bf16 would be emulated"
-    from lenvm_rl.loading import cache_dir
-
     cache = cache_dir() / "precision.json"
     try:
         speedup = json.loads(cache.read_text())["bf16_speedup"]

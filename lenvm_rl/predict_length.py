@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     from lenvm_rl.modeling import load_lenvm
     from lenvm_rl.outputs import check_output_dir
     from lenvm_rl.returns import prompt_boundary_ground_truth, remaining_from_value
-    from lenvm_rl.rollout import load_rollouts
+    from lenvm_rl.rollout_data import load_rollouts
 
     (args,) = parse_recipe((PredictArguments,), argv)
     check_output_dir(args.output_dir, {"lenvm_model_path": args.lenvm_model_path, "rollouts_path": args.rollouts_path})

@@ -204,7 +204,7 @@ def make_sft_dataset(
     """
     budgets = form_budgets(form) if budgets is None else budgets
     from lenvm_rl.budgets import add_budgets
-    from lenvm_rl.rollout import tokenize_prompts
+    from lenvm_rl.generation import tokenize_prompts
 
     rng = random.Random(f"{seed}-lengths")  # not random.Random(seed): that would replay the operands' draws
     prompts = add_budgets(make_testbed_dataset(num_examples, seed=seed), budgets=list(budgets), kinds=list(kinds), seed=seed)
@@ -249,7 +249,7 @@ def sample_accuracy(
 ) -> dict:
     """Accuracy and mean solution length (tokens, EOS excluded) of one sampled completion per budgeted prompt."""
     from lenvm_rl.budgets import add_budgets
-    from lenvm_rl.rollout import generate_hf, tokenize_prompts
+    from lenvm_rl.generation import generate_hf, tokenize_prompts
     from rewards.correctness import is_correct
 
     prompts = add_budgets(make_testbed_dataset(num_prompts, seed=seed), budgets=list(form_budgets(form)),

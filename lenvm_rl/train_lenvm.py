@@ -150,7 +150,7 @@ def check_rollout_tokenizer(rollouts_path: str, backbone: str, tokenizer) -> Non
     from pathlib import Path
 
     from lenvm_rl.loading import load_tokenizer
-    from lenvm_rl.rollout import MANIFEST
+    from lenvm_rl.rollout_data import MANIFEST
 
     manifest = Path(rollouts_path) / MANIFEST
     policy = json.loads(manifest.read_text())["model_name_or_path"] if manifest.exists() else None
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     from lenvm_rl.loading import load_tokenizer, model_vocab_size
     from lenvm_rl.outputs import check_output_dir, final_save
     from lenvm_rl.returns import auto_gamma
-    from lenvm_rl.rollout import load_rollouts
+    from lenvm_rl.rollout_data import load_rollouts
 
     script_args, config, model_args = parse_recipe((LenVMScriptArguments, LenVMTrainingConfig, ModelConfig), argv)
     inputs = {"model_name_or_path": model_args.model_name_or_path, "rollouts_path": script_args.rollouts_path,

@@ -40,7 +40,7 @@ def train_policy(argv: list[str] | None, stage: str, config_class: type, trainer
     from lenvm_rl.faults import SaveOnSigterm, resume_checkpoint, train
     from lenvm_rl.loading import load_causal_lm, load_tokenizer
     from lenvm_rl.outputs import check_output_dir, final_save
-    from lenvm_rl.rollout import eos_token_ids
+    from lenvm_rl.generation import eos_token_ids
     from rewards import REWARDS, get_reward
     from rewards.base import TokenLengthReward
 

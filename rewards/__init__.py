@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 
-from lenvm_rl.errors import ConfigError
+from rewards.errors import ConfigError
 from rewards.correctness import Accuracy, extract_final_answer, is_correct
 from rewards.format import AnswerFormat
 from rewards.length import CosineLength, L1Exact, L1Max, LengthScore, SoftOverlong

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lenvm_rl.errors import ConfigError
+from rewards.errors import ConfigError
 
 BUDGET_FIX = "add budgets with the budget transform: dataset.budgets in the recipe, or lenvm_rl.budgets.add_budgets"
 COLUMN_FIXES = {

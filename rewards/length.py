@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from trl.rewards import get_soft_overlong_punishment
 
-from lenvm_rl.errors import ConfigError
+from rewards.errors import ConfigError
 from rewards.scores import budget_kind_codes, BUDGET_KINDS, l1_length_score, lifebench_length_score
 from rewards.base import TokenLengthReward, budget_tokens, column, completion_text
 from rewards.correctness import is_correct

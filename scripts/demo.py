@@ -140,7 +140,7 @@ def prediction_table() -> str:
 
 
 def length_control_table() -> str:
-    from lenvm_rl.evaluate import mean_row
+    from lenvm_rl.reporting import mean_row
 
     results = {}
     for arm in ("plain", "guided"):

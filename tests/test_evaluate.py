@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-import lenvm_rl.rollout
+import lenvm_rl.generation
 from lenvm_rl.errors import ConfigError
 from lenvm_rl.evaluate import (
     EvaluateArguments,
@@ -115,7 +115,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tiny_model_path, tm
     reference = run_evaluation(evaluate_args(tiny_model_path, tmp_path / "reference"))
     expected = read_records(tmp_path / "reference" / "generations" / "base.jsonl")
 
-    calls, real = [], lenvm_rl.rollout.generate_hf
+    calls, real = [], lenvm_rl.generation.generate_hf
 
     def dies_on_the_third_batch(*args, **kwargs):
         calls.append(1)
@@ -123,14 +123,14 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tiny_model_path, tm
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lenvm_rl.rollout, "generate_hf", dies_on_the_third_batch)
+    monkeypatch.setattr(lenvm_rl.generation, "generate_hf", dies_on_the_third_batch)
     with pytest.raises(KeyboardInterrupt):
         run_evaluation(evaluate_args(tiny_model_path, tmp_path / "resumed"))
     partial = tmp_path / "resumed" / "generations" / "base.jsonl"
     assert len(read_records(partial)) == 2 * (3 + 2)  # two batches written (3 and 2 prompts of budget 2)
     with open(partial, "a") as sink:
         sink.write('{"row": 5, "torn')  # a write cut by the kill
-    monkeypatch.setattr(lenvm_rl.rollout, "generate_hf", real)
+    monkeypatch.setattr(lenvm_rl.generation, "generate_hf", real)
     assert run_evaluation(evaluate_args(tiny_model_path, tmp_path / "resumed")) == reference
     timeless = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]  # noqa: E731
     assert timeless(read_records(partial)) == timeless(expected)  # no duplicate, no gap
