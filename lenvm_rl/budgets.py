@@ -25,6 +25,21 @@ DEFAULT_TEMPLATES = {
 L1_TEMPLATES = {"exact": "Think for {N} tokens.", "at_most": "Think for maximum {N} tokens."}
 
 
+def check_budget_choices(budgets, budget_range, kinds, kinds_field: str = "kinds") -> None:
+    """Refuse budgets, a budget range or kinds the transform cannot draw from: the one check, run by ``add_budgets``
+    and, before any model loads or file is written, by ``DatasetArguments`` (whose field is ``budget_kinds``)."""
+    if budgets is not None and not (budgets and all(b == int(b) and b > 0 for b in budgets)):
+        raise ConfigError(f"budgets: need a non-empty list of positive integer token counts, e.g. [16, 32, 64]; "
+                          f"got {budgets}")
+    if budget_range is not None and not (len(budget_range) == 2 and 0 < budget_range[0] <= budget_range[1]):
+        raise ConfigError(f"budget_range: need [low, high] with 0 < low <= high tokens, got {budget_range}")
+    if not kinds:
+        raise ConfigError(f"{kinds_field}: give at least one budget kind ({', '.join(BUDGET_KINDS)})")
+    unknown = [kind for kind in kinds if kind not in BUDGET_KINDS]
+    if unknown:
+        raise ConfigError(f"{kinds_field}: {unknown} not budget kinds; use some of {', '.join(BUDGET_KINDS)}")
+
+
 def add_budgets(
     dataset: Dataset,
     budgets: Sequence[int] | None = None,
@@ -51,15 +66,8 @@ def add_budgets(
     templates = DEFAULT_TEMPLATES if templates is None else templates
     if (budgets is None) == (budget_range is None):
         raise ConfigError("budgets: give exactly one of budgets (a list of token counts) or budget_range (low, high)")
-    if budgets is not None and not (budgets and all(b == int(b) and b > 0 for b in budgets)):
-        raise ConfigError(f"budgets: need a non-empty list of positive integer token counts, got {budgets}")
-    if budget_range is not None and not (len(budget_range) == 2 and 0 < budget_range[0] <= budget_range[1]):
-        raise ConfigError(f"budget_range: need (low, high) with 0 < low <= high tokens, got {budget_range}")
-    if not kinds:
-        raise ConfigError(f"kinds: give at least one budget kind ({', '.join(BUDGET_KINDS)})")
+    check_budget_choices(budgets, budget_range, kinds)
     for kind in kinds:
-        if kind not in BUDGET_KINDS:
-            raise ConfigError(f"kinds: {kind!r} is not a budget kind ({', '.join(BUDGET_KINDS)})")
         if kind not in templates:
             raise ConfigError(f"templates: no template for budget kind {kind!r}; give one containing {{N}}")
     for kind, template in templates.items():

@@ -10,8 +10,8 @@ from pathlib import Path
 import datasets
 from datasets import Dataset
 
+from lenvm_rl.budgets import add_budgets, check_budget_choices
 from lenvm_rl.errors import ConfigError
-from rewards.scores import BUDGET_KINDS
 
 
 @dataclass
@@ -60,17 +60,8 @@ class DatasetArguments:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, list) and all(type(b) is int for b in value)):
                 raise ConfigError(f"{name}: need a flat list of token counts, e.g. [16, 32, 64]; got {value!r}")
-        # Checked here as well as in add_budgets: a bad budget fails before any model loads or file is written.
-        if self.budgets is not None and not (self.budgets and all(b > 0 for b in self.budgets)):
-            raise ConfigError(f"budgets: need positive token counts, e.g. [16, 32, 64]; got {self.budgets}")
-        low_high = self.budget_range
-        if low_high is not None and not (len(low_high) == 2 and 0 < low_high[0] <= low_high[1]):
-            raise ConfigError(f"budget_range: need [low, high] with 0 < low <= high tokens, got {self.budget_range}")
-        unknown_kinds = [kind for kind in self.budget_kinds if kind not in BUDGET_KINDS]
-        if unknown_kinds or not self.budget_kinds:
-            raise ConfigError(
-                f"budget_kinds: {unknown_kinds or self.budget_kinds} not budget kinds; use some of {', '.join(BUDGET_KINDS)}"
-            )
+        # The transform's own check, here too: a bad budget fails before any model loads or file is written.
+        check_budget_choices(self.budgets, self.budget_range, self.budget_kinds, kinds_field="budget_kinds")
 
 
 def load_prompts(args: DatasetArguments) -> Dataset:
@@ -221,8 +212,6 @@ def _finish(dataset: Dataset, args: DatasetArguments, seed: int) -> Dataset:
 
     dataset = dataset.map(to_chat, remove_columns=[args.prompt_column])
     if args.budgets is not None or args.budget_range is not None:
-        from lenvm_rl.budgets import add_budgets
-
         try:
             dataset = add_budgets(
                 dataset,

@@ -173,3 +173,47 @@ def stand_in_vllm(monkeypatch, tokenizer):
         module.__dict__.update(attributes)
         monkeypatch.setitem(sys.modules, name, module)
     return calls
+
+
+# ------------------------------------------------------------------------------- a LenVM and policy trainers
+
+
+@pytest.fixture(scope="module")
+def lenvm_path(tmp_path_factory, tokenizer) -> str:
+    """A random tiny LenVM (γ 0.9) saved with the policy's tokenizer, as `train-lenvm` saves one."""
+    from lenvm_rl.modeling import LenVMModel
+
+    path = tmp_path_factory.mktemp("lenvm")
+    torch.manual_seed(1)
+    LenVMModel.from_backbone(make_tiny_llama(tokenizer), gamma=0.9).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    """16 arithmetic prompts at budgets 3 and 6, every kind: the policy trainers' tests' prompts."""
+    from lenvm_rl.data import DatasetArguments, load_prompts
+
+    return load_prompts(DatasetArguments(num_prompts=16, budgets=[3, 6], budget_kinds=["exact", "at_most", "at_least"]))
+
+
+def make_trainer(model_path, tokenizer, dataset, output_dir, peft_config=None, trainer_class=None, config_class=None,
+                 **overrides):
+    """A 2-step policy trainer on the tiny model (``LenVMGRPOTrainer`` and its config unless given). The length
+    score varies with length on a random model; accuracy alone would give constant returns."""
+    from transformers import AutoModelForCausalLM
+
+    from lenvm_rl.grpo import LenVMGRPOConfig, LenVMGRPOTrainer
+    from rewards import Accuracy, LengthScore
+
+    settings = dict(
+        output_dir=str(output_dir), max_steps=2, per_device_train_batch_size=8, num_generations=4,
+        max_completion_length=8, learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, bf16=False,
+        activation_checkpointing=False, logging_steps=1, seed=0, disable_tqdm=True, lenvm_batch_size=3,
+    )
+    config = (config_class or LenVMGRPOConfig)(**{**settings, **overrides})
+    rewards = [Accuracy(), LengthScore(eos_token_id=tokenizer.eos_token_id)]
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    trainer_class = trainer_class or LenVMGRPOTrainer
+    return trainer_class(model, rewards, config, dataset, processing_class=tokenizer, peft_config=peft_config)

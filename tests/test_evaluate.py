@@ -172,18 +172,6 @@ def test_a_folder_without_an_adapter_is_refused(tiny_model_path, tmp_path):
         run_evaluation(evaluate_args(tiny_model_path, tmp_path, adapters=[str(tmp_path)], num_prompts=1))
 
 
-@pytest.fixture(scope="module")
-def lenvm_path(tokenizer, tmp_path_factory):
-    from conftest import make_tiny_llama
-    from lenvm_rl.modeling import LenVMModel
-
-    path = tmp_path_factory.mktemp("lenvm")
-    torch.manual_seed(2)
-    LenVMModel.from_backbone(make_tiny_llama(tokenizer), gamma=0.8).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def test_guided_decoding_arm(tiny_model_path, lenvm_path, tmp_path):
     args = evaluate_args(tiny_model_path, tmp_path, guided_decoding=True, lenvm_model_path=lenvm_path, guidance_top_k=4)
     results = run_evaluation(args)

@@ -12,10 +12,9 @@ import pytest
 import torch
 import yaml
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM
 from trl import GRPOTrainer, ModelConfig
 
-from conftest import ROOT, make_tiny_llama, make_tokenizer
+from conftest import ROOT, make_tiny_llama, make_tokenizer, make_trainer
 from lenvm_rl.recipe import parse_recipe
 from lenvm_rl.data import DatasetArguments, load_prompt_splits, load_prompts
 from lenvm_rl.errors import ConfigError
@@ -23,43 +22,13 @@ from lenvm_rl.grpo import LenVMGRPOConfig, LenVMGRPOTrainer, main
 from lenvm_rl.train_policy import GRPOScriptArguments
 from lenvm_rl.modeling import LenVMModel
 from rewards.scores import budget_kind_codes, LENGTH_SCORES
-from rewards import Accuracy, LengthScore
 
 GAMMA = 0.9
 RECIPES = sorted(ROOT.glob("recipes/*/grpo/config_*.yaml"))
 
 
-@pytest.fixture(scope="module")
-def lenvm_path(tmp_path_factory, tokenizer) -> str:
-    """A random tiny LenVM saved with the policy's tokenizer, as `train-lenvm` saves one."""
-    path = tmp_path_factory.mktemp("lenvm")
-    torch.manual_seed(1)
-    LenVMModel.from_backbone(make_tiny_llama(tokenizer), gamma=GAMMA).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def dataset():
-    args = DatasetArguments(num_prompts=16, budgets=[3, 6], budget_kinds=["exact", "at_most", "at_least"])
-    return load_prompts(args)
-
-
 def config_for(output_dir, **fields) -> LenVMGRPOConfig:
     return LenVMGRPOConfig(output_dir=str(output_dir), use_cpu=True, activation_checkpointing=False, **fields)
-
-
-def make_trainer(model_path, tokenizer, dataset, output_dir, peft_config=None, trainer_class=LenVMGRPOTrainer,
-                 **overrides):
-    settings = dict(
-        output_dir=str(output_dir), max_steps=2, per_device_train_batch_size=8, num_generations=4,
-        max_completion_length=8, learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, bf16=False,
-        activation_checkpointing=False, logging_steps=1, seed=0, disable_tqdm=True, lenvm_batch_size=3,
-    )
-    config = LenVMGRPOConfig(**{**settings, **overrides})
-    rewards = [Accuracy(), LengthScore(eos_token_id=tokenizer.eos_token_id)]
-    model = AutoModelForCausalLM.from_pretrained(model_path)
-    return trainer_class(model, rewards, config, dataset, processing_class=tokenizer, peft_config=peft_config)
 
 
 # ------------------------------------------------------------------------------------------ assembly

@@ -10,17 +10,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 import yaml
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, Response
 from huggingface_hub.utils import get_session
 
-from conftest import make_tiny_llama
 from lenvm_rl import cli, grpo, train_lenvm
 from lenvm_rl.errors import ConfigError
 from lenvm_rl.hub import RUN_RECORD, TOKENIZER_FILES, hub_id, model_card, record_run
-from lenvm_rl.modeling import LenVMModel
 
 TOKENIZER = {"tokenizer.json", "tokenizer_config.json"}  # what the tiny tokenizer saves (chat_template.jinja too)
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", RUN_RECORD, "README.md"}
@@ -61,15 +58,6 @@ def card_of(commit) -> ModelCard:
 
 def checksums(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def lenvm_path(tmp_path_factory, tokenizer) -> str:
-    path = tmp_path_factory.mktemp("grpo-lenvm")
-    torch.manual_seed(1)
-    LenVMModel.from_backbone(make_tiny_llama(tokenizer), gamma=0.9).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

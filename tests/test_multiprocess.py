@@ -181,7 +181,7 @@ def test_cpu_accelerate_configs_parse_as_their_gpu_configs(name):
 def test_lenvm_is_prepared_like_trls_reference_model(monkeypatch, tiny_model_path, tokenizer, tmp_path):
     """Under DeepSpeed the LenVM goes through trl.models.prepare_deepspeed, under FSDP through prepare_fsdp."""
     import lenvm_rl.grpo_trainer as grpo
-    from test_grpo import make_trainer
+    from conftest import make_trainer
     from lenvm_rl.data import DatasetArguments, load_prompts
 
     lenvm = tmp_path / "lenvm"

@@ -12,44 +12,19 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_llama
+import conftest
 from lenvm_rl.cli import main as cli_main
-from lenvm_rl.data import DatasetArguments, load_prompts
 from lenvm_rl.errors import ConfigError
 from lenvm_rl.grpo import LenVMGRPOConfig
-from lenvm_rl.modeling import LenVMModel
 from lenvm_rl.ppo import VALUE_HEAD_FILE, LenVMPPOConfig, LenVMPPOTrainer, main
 from lenvm_rl.advantages import clipped_value_loss, task_advantages
-from rewards import Accuracy, LengthScore
 
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
 
 
-@pytest.fixture(scope="module")
-def lenvm_path(tmp_path_factory, tokenizer) -> str:
-    path = tmp_path_factory.mktemp("lenvm")
-    torch.manual_seed(1)
-    LenVMModel.from_backbone(make_tiny_llama(tokenizer), gamma=0.9).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def dataset():
-    return load_prompts(DatasetArguments(num_prompts=16, budgets=[3, 6], budget_kinds=["exact", "at_most", "at_least"]))
-
-
 def make_trainer(model_path, tokenizer, dataset, output_dir, peft_config=None, **overrides):
-    settings = dict(
-        output_dir=str(output_dir), max_steps=2, per_device_train_batch_size=8, num_generations=4,
-        max_completion_length=8, learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, bf16=False,
-        activation_checkpointing=False, logging_steps=1, seed=0, disable_tqdm=True, lenvm_batch_size=3,
-    )
-    config = LenVMPPOConfig(**{**settings, **overrides})
-    # The length score varies with length on a random model; accuracy alone would give constant returns.
-    rewards = [Accuracy(), LengthScore(eos_token_id=tokenizer.eos_token_id)]
-    model = AutoModelForCausalLM.from_pretrained(model_path)
-    return LenVMPPOTrainer(model, rewards, config, dataset, processing_class=tokenizer, peft_config=peft_config)
+    return conftest.make_trainer(model_path, tokenizer, dataset, output_dir, peft_config, LenVMPPOTrainer,
+                                 LenVMPPOConfig, **overrides)
 
 
 def generation_batch(trainer, dataset, prompts=2):

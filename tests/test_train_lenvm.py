@@ -41,7 +41,7 @@ def training_config(output_dir, **overrides) -> LenVMTrainingConfig:
     return LenVMTrainingConfig(**{**settings, **overrides})
 
 
-def make_trainer(model_path, tokenizer, rows, output_dir, model_args=None, **overrides):
+def make_lenvm_trainer(model_path, tokenizer, rows, output_dir, model_args=None, **overrides):
     config = training_config(output_dir, **overrides)
     model_args = model_args or ModelConfig(model_name_or_path=model_path)
     model = build_lenvm(model_args, config, GAMMA, TRAIN_LENGTHS)
@@ -57,7 +57,7 @@ def train_losses(trainer):
 
 
 def test_trains_and_evaluates(tiny_model_path, tokenizer, finished_rows, tmp_path):
-    trainer = make_trainer(tiny_model_path, tokenizer, finished_rows, tmp_path)
+    trainer = make_lenvm_trainer(tiny_model_path, tokenizer, finished_rows, tmp_path)
     before = snapshot(trainer.model)
     trainer.train()
     losses = train_losses(trainer)
@@ -71,7 +71,7 @@ def test_trains_and_evaluates(tiny_model_path, tokenizer, finished_rows, tmp_pat
 
 
 def test_accumulated_gradient_equals_token_mean_of_concatenated_batch(tiny_model_path, tokenizer, finished_rows, tmp_path):
-    trainer = make_trainer(tiny_model_path, tokenizer, finished_rows, tmp_path)
+    trainer = make_lenvm_trainer(tiny_model_path, tokenizer, finished_rows, tmp_path)
     model = trainer.model
     records = [finished_rows[i] for i in range(4)]
     micro_batches = [collate_states(records[:2], tokenizer.pad_token_id), collate_states(records[2:], tokenizer.pad_token_id)]
@@ -155,7 +155,7 @@ def test_frozen_backbone_leaves_only_the_head_trainable(tiny_model_path, tmp_pat
 
 def test_lora_trains_adapters_and_head_only_and_merges(tiny_model_path, tokenizer, finished_rows, tmp_path):
     model_args = ModelConfig(model_name_or_path=tiny_model_path, use_peft=True, lora_target_modules=["q_proj", "v_proj"])
-    trainer = make_trainer(tiny_model_path, tokenizer, finished_rows, tmp_path, model_args)
+    trainer = make_lenvm_trainer(tiny_model_path, tokenizer, finished_rows, tmp_path, model_args)
     before = snapshot(trainer.model)
     trainer.train()
     assert all(math.isfinite(loss) for loss in train_losses(trainer))
