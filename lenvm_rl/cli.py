@@ -25,7 +25,15 @@ STAGES = {
 
 
 def rewards_main(argv: list[str] | None = None) -> None:
+    """`lenvm-rl rewards`: the registry, one reward a line. Takes no arguments, and says so when given some."""
     from rewards import describe_rewards
+
+    argv = list(argv or ())
+    if argv[:1] in (["-h"], ["--help"]):
+        print("usage: lenvm-rl rewards   (lists the reward registry: name, formula, columns read)")
+        return
+    if argv:
+        raise ConfigError(f"rewards: takes no arguments, got {' '.join(argv)!r}; run `lenvm-rl rewards`")
 
     rows = describe_rewards()
     width = max(len(r["name"]) for r in rows)

@@ -1,62 +1,21 @@
-"""PPO with a learned task critic and the LenVM length critic (`lenvm-rl ppo --config recipes/<Model>/ppo/config_<variant>.yaml`).
+"""PPO with a task critic and the LenVM length critic (`lenvm-rl ppo --config recipes/<Model>/ppo/config_<variant>.yaml`).
 
-TRL removed its PPOTrainer in 1.13. This is a ``LenVMGRPOTrainer`` subclass: generation (vLLM included),
-DeepSpeed/FSDP, the clipped policy loss (``loss_type``, ``epsilon``), reward functions and logging stay TRL's.
-What changes is where the advantage comes from, and a value loss is added (docs/DESIGN.md §3.12, §4.3):
+TRL removed its PPOTrainer in 1.13; this is a ``LenVMGRPOTrainer`` subclass, so generation (vLLM included),
+DeepSpeed/FSDP, the clipped policy loss (``loss_type``, ``epsilon``), reward functions and logging stay TRL's. How it
+departs from its anchor, TRL's GRPO (the design is docs/DESIGN.md §4.3, the math §3.12, the choices §10.1-§10.2):
 
     A_j = whiten(A_task)_j + c · A_len_j      on completion tokens, 0 on padding
     A_task = GAE(task_gamma, task_lambda) of r_j = -kl_coef · (log π_old - log π_ref)_j + R · [j = n - 1]
     critic targets: the returns of GAE(task_gamma, task_value_lambda)
 
-- **Task critic: a value head on the policy's trunk, not a separate value model.** One forward per micro-batch
-  gives both the log-probs and the values: a forward hook on the causal LM's backbone (the module TRL's fused LM
-  head calls) reads the last hidden states of TRL's own policy forward, so TRL's ``_compute_loss`` runs unchanged
-  and this class adds ``vf_coef`` × the value loss to what it returns. The head runs inside the policy's forward,
-  and a second hook adds its values to the policy's output (``FusedOutputWithValues``): DDP with
-  ``find_unused_parameters`` (Trainer's default without activation checkpointing) walks back from that output to
-  find the parameters in use, and would otherwise count the head as unused and fail in the backward. No second
-  model to load, shard, prepare, keep in the optimizer or sync with vLLM (memory matters for a 1.5B policy beside a
-  colocated vLLM and the LenVM), and with LoRA the critic shares the adapter. The price is the textbook one of a
-  shared trunk: the value loss's gradient reaches the trunk (or the adapter), scaled by ``vf_coef``; with LoRA the
-  critic's capacity beyond its head is the adapter. The head is the LenVM head's MLP, unbounded (``modeling.ValueHead``:
-  W2 · SiLU(W1 h + b1) + b2, computed in float32; stored float32, in the policy's dtype under ZeRO-3), output layer
-  zero-initialised (V = 0 at the start), with its own learning rate (``value_head_learning_rate``: a fresh head
-  learns nothing at a full fine-tune's 1e-6).
-- Values: V(s_j), the state in which completion token j is chosen, is read at position P - 1 + j. Old values (for
-  GAE and the value clip) come from one extra no-grad forward through TRL's log-prob path right after generation;
-  they and the returns travel in the batch dict, so TRL's shuffle and split over ``steps_per_generation`` and its
-  reuse over ``num_iterations`` keep them aligned with their rows.
-- Task reward R: the weighted sum of TRL's reward functions (``reward_weights``), raw, not group-normalised
-  (``scale_rewards`` and ``multi_objective_aggregation`` only shape TRL's own advantage, which is discarded), on the
-  last completion token (the EOS when finished). Every completion ends its episode there, truncated ones too: the
-  reward already scored the text as it stands, so nothing is bootstrapped (``advantages.task_advantages``). A row for
-  which every reward function returned None gets no task advantage and keeps its old value as the target.
-- λ defaults to 1 for both the actor (``task_lambda``) and the critic's targets (``task_value_lambda``), so
-  A_task_j = R - V(s_j) (γ = 1, no KL). With λ < 1 and a critic that has not learned yet (V ≈ constant), GAE
-  discounts the final reward by λ^(distance to the end): the early tokens of a long completion get almost none of
-  it, every token of a short one gets most of it, and after whitening the policy is pushed towards short
-  completions whatever the length critic says. Measured on the learning testbed (docs/BENCHMARKS.md): λ 0.95
-  collapsed completions from 19 to about 4 tokens within 25 steps and the held-out length score from 0.54 to 0.37,
-  λ 1 took it to 0.99. The same reward decay over long sequences is behind VC-PPO's critic-side fix (Yuan et al.
-  2025, "What's Behind PPO's Collapse in Long-CoT?") and VAPO's length-adaptive λ; VC-PPO's decoupled GAE (actor
-  λ < 1, critic λ = 1) is available here once the critic explains the returns.
-- Groups are optional: ``num_generations: 1`` is allowed (the critic is the baseline); with groups the completions
-  of one prompt are simply more samples. TRL's sequence-level ``advantages`` metric stays the group-normalised one.
-- KL penalty (``kl_coef`` > 0): the per-token k1 estimate log π_old - log π_ref of the sampled token, in the reward
-  (as in the RLHF PPO papers), not in the loss; TRL's ``beta`` still adds its own KL term to the loss if set. The
-  reference log-probs are TRL's when ``beta`` != 0, else the adapter-free policy (LoRA) or a frozen reference
-  model built and prepared as TRL builds its own (full fine-tune).
-- Value loss: ½ max((V - R)², (V_clip - R)²), V_clip = V_old + clip(V - V_old, ±cliprange_value), token mean over
-  the accumulation window (normalised like TRL's ``dapo`` loss whatever ``loss_type`` is), as docs/DESIGN.md
-  §10.2 asks of value losses.
-- Logged besides TRL's and the LenVM's metrics: ``ppo/value_loss``, ``ppo/value_clipfrac``,
-  ``ppo/explained_variance`` (1 - Var(R - V_old) / Var(R) over the valid tokens of the generation batch, before the
-  update), ``ppo/mean_value``, ``ppo/mean_return`` and ``ppo/kl`` (with ``kl_coef``). The policy clip fraction is
-  TRL's ``clip_ratio/region_mean``.
-- Saving: the head is a submodule of the trained model (so DDP all-reduces its gradients, DeepSpeed and FSDP shard
-  it with the policy, the optimizer sees it) and is written to ``task_value_head/model.safetensors`` beside the adapter or
-  weights, in checkpoints too, and read back on resume; a full fine-tune's ``model.safetensors`` leaves it out, so
-  the saved policy loads as a plain causal LM.
+- The task advantage is GAE of the raw weighted reward R against a learned critic, not TRL's group-normalised
+  reward; groups are optional (``num_generations: 1``: the critic is the baseline). λ defaults to 1 for both.
+- The critic is a value head on the policy's trunk (``task_value_head``), fed by forward hooks on TRL's own log-prob
+  forward: no second model to load, shard or sync with vLLM; its values reach the forward's output for DDP.
+- The loss gains ``vf_coef`` × the clipped value loss; the head has its own learning rate.
+- The KL penalty (``kl_coef``) is in the reward, not the loss (TRL's ``beta`` still adds its own if set).
+- The head is saved to ``task_value_head/model.safetensors`` beside the policy, in checkpoints too; a full
+  fine-tune's ``model.safetensors`` leaves it out, so the saved policy loads as a plain causal LM.
 """
 
 from __future__ import annotations
@@ -115,7 +74,7 @@ class LenVMPPOConfig(LenVMGRPOConfig):
     task_lambda: float = field(
         default=1.0,
         metadata={"help": "λ_task of the actor's GAE, in [0, 1]. < 1 with a critic that has not learned yet favours "
-                          "short completions (module docstring): lower it only once the critic explains the returns."},
+                          "short completions (docs/DESIGN.md §10.1): lower it only once the critic explains the returns."},
     )
     task_value_lambda: float = field(
         default=1.0, metadata={"help": "λ of the critic's GAE returns (its targets), in [0, 1]; 1 = Monte Carlo."}
@@ -337,8 +296,6 @@ class LenVMPPOTrainer(LenVMGRPOTrainer):
             # Trainer loads without calling this method); its head is sharded, and the file holds the full tensors.
             return
         path = os.path.join(resume_from_checkpoint, VALUE_HEAD_FILE)
-        if not os.path.isfile(path):  # checkpoints written before the head moved into its subfolder
-            path = os.path.join(resume_from_checkpoint, "task_value_head.safetensors")
         if not os.path.isfile(path):
             raise ConfigError(
                 f"resume_from_checkpoint: {resume_from_checkpoint} has no {VALUE_HEAD_FILE} (not a `lenvm-rl ppo` "

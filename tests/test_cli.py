@@ -77,6 +77,18 @@ def test_rewards_lists_the_registry(tmp_path):
     assert {"length_score", "accuracy"} <= set(names)
 
 
+def test_main_reads_its_argv_not_the_process_arguments(capsys, monkeypatch):
+    from lenvm_rl.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["lenvm-rl", "no-such-stage"])
+    main(["rewards"])  # the process's own arguments would exit 2
+    assert "length_score" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["rewards", "--verbose"])
+    assert exit_info.value.code == 2
+    assert "rewards: takes no arguments" in capsys.readouterr().err
+
+
 BAD_INPUTS = {
     "misspelt-field": ("rollout", {"num_samples_per_promt": 2}, [], "recipe: unknown field(s) num_samples_per_promt"),
     "missing-prompt-column": ("rollout", {"dataset_name": "{jsonl}", "num_prompts": 2}, [], "prompt_column: the dataset has no column 'prompt'"),
