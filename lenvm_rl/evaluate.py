@@ -44,7 +44,69 @@ from lenvm_rl.reporting import markdown_table, ms_per_token, plot_results, read_
 
 @dataclass
 class EvaluateArguments(DatasetArguments, VLLMArguments):
-    """Which models, which prompts and budgets, and how to generate."""
+    """Which models, which arms and how to generate, on top of `DatasetArguments` (the prompts; `budgets` and `budget_kinds` are asked of every prompt) and `VLLMArguments`.
+
+    Parameters:
+        > Parameters that control the evaluated models
+
+        model_name_or_path (`str`, *optional*, defaults to `"smollm2-135m-instruct"`):
+            The base model: a Hub id, a local path, or the embedded default.
+        adapters (`list[str]`, *optional*, defaults to `[]`):
+            LoRA adapter folders (e.g. `lenvm-rl grpo` output) to evaluate on the base.
+        include_base (`bool`, *optional*, defaults to `True`):
+            Also evaluate the base model without an adapter.
+        labels (`list[str]` or `None`, *optional*):
+            Names in the table: one per evaluated model (base first); default from paths.
+        dtype (`str`, *optional*, defaults to `"float32"`):
+            Model dtype: float32, bfloat16, or auto (bf16 where the device computes it natively).
+
+        > Parameters that control the arms
+
+        plain_decoding (`bool`, *optional*, defaults to `True`):
+            Evaluate each model with its own sampling; false keeps only the truncation / guided arms (e.g. to generate
+            them in another process, into another output_dir).
+        hard_truncation (`bool`, *optional*, defaults to `False`):
+            Also evaluate each model with generation cut at the budget (cut = wrong).
+        guided_decoding (`bool`, *optional*, defaults to `False`):
+            Also evaluate each model with LenVM-guided decoding (needs lenvm_model_path).
+        lenvm_model_path (`str` or `None`, *optional*):
+            A LenVM (`lenvm-rl train-lenvm` output) for guided_decoding.
+
+        > Parameters that control guided decoding (docs/DESIGN.md §3.13)
+
+        guidance_mode (`str`, *optional*, defaults to `"select"`):
+            select (by budget kind) or tilt (p·exp(βV)).
+        guidance_top_k (`int`, *optional*, defaults to `8`):
+            Candidates scored per step: the top k tokens ...
+        guidance_top_p (`float`, *optional*, defaults to `0.95`):
+            ... within this nucleus mass ...
+        guidance_min_p (`float`, *optional*, defaults to `0.3`):
+            ... and at least min_p times the top probability (0.3 kept SmolLM2's accuracy; 0 lost it).
+        guidance_beta (`float`, *optional*, defaults to `0.0`):
+            β of tilt mode: > 0 shorter, < 0 longer.
+
+        > Parameters that control generation
+
+        max_new_tokens (`int`, *optional*, defaults to `256`):
+            Generation limit; a completion without EOS is truncated.
+        temperature (`float`, *optional*, defaults to `0.7`):
+            Sampling temperature; 0 decodes greedily.
+        top_p (`float`, *optional*, defaults to `0.95`):
+            Nucleus sampling mass.
+        num_samples (`int`, *optional*, defaults to `1`):
+            Completions per prompt and budget.
+        batch_size (`int`, *optional*, defaults to `16`):
+            Prompts per generate call.
+        seed (`int`, *optional*, defaults to `0`):
+            Sampling seed; batch i uses seed + i (vLLM: one seed per row).
+        use_vllm (`bool` or `None`, *optional*):
+            Generate the plain and truncation arms with vLLM: unset = when vLLM is installed and a GPU is visible.
+
+        > Parameters that control the output
+
+        output_dir (`str`, *optional*, defaults to `"runs/evaluate"`):
+            Where results, tables, plots and generations go.
+    """
 
     model_name_or_path: str = field(
         default="smollm2-135m-instruct", metadata={"help": "The base model: a Hub id, a local path, or the embedded default."}

@@ -28,7 +28,62 @@ LIVE_LENVM_OPTIMIZER = "lenvm_optimizer.pt"  # its optimizer state, in checkpoin
 
 @dataclass
 class LenVMGRPOConfig(GRPOConfig):
-    """GRPOConfig plus the LenVM critic's fields."""
+    """TRL's `GRPOConfig` plus the LenVM critic's fields; every field of GRPOConfig keeps TRL's meaning.
+
+    The math each field selects is docs/DESIGN.md §3.7-§3.11; the trainer that reads them, §4.2.
+
+    Parameters:
+        > Parameters that control the LenVM critic (docs/DESIGN.md §3.6, §5)
+
+        lenvm_model_path (`str` or `None`, *optional*):
+            Output folder of `lenvm-rl train-lenvm`; with length_objective none it feeds metrics only.
+        lenvm_update (`str`, *optional*, defaults to `"frozen"`):
+            frozen, or live: the LenVM keeps learning from every training batch (saved to <output_dir>/lenvm).
+        lenvm_learning_rate (`float`, *optional*, defaults to `1e-05`):
+            AdamW learning rate of the live LenVM.
+        lenvm_epochs (`int`, *optional*, defaults to `1`):
+            Passes of the live LenVM over each generation batch.
+        lenvm_batch_size (`int`, *optional*, defaults to `8`):
+            Sequences per LenVM forward pass (and update).
+
+        > Parameters that control the length advantage (docs/DESIGN.md §3.7-§3.9, §3.11)
+
+        length_objective (`str`, *optional*, defaults to `"budget"`):
+            budget (hit the prompt's budget), efficiency (c > 0: shorter), shaping, or none.
+        length_advantage_coef (`float`, *optional*, defaults to `1.0`):
+            c in A_task + c · A_len; >= 0 for budget/shaping, any sign for efficiency.
+        length_gamma (`float` or `None`, *optional*):
+            γ that turns LenVM values into lengths; default: the LenVM's own γ.
+        length_lambda (`float`, *optional*, defaults to `1.0`):
+            GAE λ of the length advantage, in [0, 1].
+        length_discount (`float`, *optional*, defaults to `1.0`):
+            RL discount d of δ and the GAE sum; 1 because GRPO's sequence reward is undiscounted.
+        length_score (`str`, *optional*, defaults to `"lifebench"`):
+            Budget score S: lifebench or l1.
+        length_baseline (`str`, *optional*, defaults to `"lenvm"`):
+            Budget baseline at the prompt boundary: lenvm (Φ(s_0)) or group (the group's mean realised score;
+            unwhitened, divided by its std when scale_rewards is group); needs >= 2 generations.
+        length_potential (`str`, *optional*, defaults to `"point"`):
+            Budget potential: point (S of the LenVM's expected length) or expected (E[S(L)] under a constant stop hazard
+            matched to the LenVM's value).
+        eos_credit (`bool`, *optional*, defaults to `False`):
+            The EOS action carries the length advantage of stopping (V(s_L) kept).
+
+        > Parameters that control its scale (docs/DESIGN.md §3.10)
+
+        whiten_length_advantage (`bool`, *optional*, defaults to `True`):
+            Normalise A_len over the valid tokens of all ranks to the scale of A_task (length_advantage_scale says how).
+        length_advantage_scale (`str`, *optional*, defaults to `"batch"`):
+            With whiten_length_advantage: batch (mean 0, std 1 in every batch) or first (divided by the std of the first
+            training batch's A_len, kept for the run and in checkpoints, not centred: A_len shrinks as budgets are met
+            instead of the critic's leftover error being scaled back up to std 1).
+
+        > Parameters that control precision (docs/DESIGN.md §7)
+
+        bf16 (`str`, *optional*, defaults to `"auto"`):
+            bf16 autocast: true, false, or auto (bf16 where the device computes it natively, float32 elsewhere;
+            lenvm_rl.precision). Resolved to true / false before training.
+    """
 
     # GRPO's baseline is the group mean, so it needs >= 2 completions per prompt; PPO's critic allows 1.
     min_generations: ClassVar[int] = 2

@@ -62,7 +62,34 @@ class FusedOutputWithValues(FusedCausalLMOutput):
 
 @dataclass
 class LenVMPPOConfig(LenVMGRPOConfig):
-    """LenVMGRPOConfig plus the task critic's fields (the LenVM's length_* fields keep their meaning)."""
+    """`LenVMGRPOConfig` plus the task critic's fields; the LenVM's `length_*` fields keep their meaning.
+
+    The task advantage and value loss are docs/DESIGN.md §3.12; the trainer, §4.3.
+
+    Parameters:
+        > Parameters that control the task critic (docs/DESIGN.md §4.3)
+
+        vf_coef (`float`, *optional*, defaults to `0.1`):
+            Weight of the value loss added to TRL's policy loss.
+        cliprange_value (`float`, *optional*, defaults to `0.2`):
+            ε of the value clip: V_clip = V_old + clip(V - V_old, ±ε), in reward units.
+        value_head_learning_rate (`float` or `None`, *optional*):
+            Learning rate of the task value head; default: learning_rate.
+
+        > Parameters that control the task advantage (docs/DESIGN.md §3.12)
+
+        task_gamma (`float`, *optional*, defaults to `1.0`):
+            Discount γ_task of the task GAE, in (0, 1].
+        task_lambda (`float`, *optional*, defaults to `1.0`):
+            λ_task of the actor's GAE, in [0, 1]. < 1 with a critic that has not learned yet favours short completions
+            (docs/DESIGN.md §10.1): lower it only once the critic explains the returns.
+        task_value_lambda (`float`, *optional*, defaults to `1.0`):
+            λ of the critic's GAE returns (its targets), in [0, 1]; 1 = Monte Carlo.
+        kl_coef (`float`, *optional*, defaults to `0.0`):
+            Per-token KL penalty -kl_coef · (log π - log π_ref) in the task reward; 0 turns it off.
+        whiten_task_advantage (`bool`, *optional*, defaults to `True`):
+            Normalise A_task to mean 0, std 1 over the valid tokens of all ranks.
+    """
 
     min_generations: ClassVar[int] = 1  # the critic is the baseline: one completion per prompt is enough
 

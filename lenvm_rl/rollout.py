@@ -34,6 +34,34 @@ from lenvm_rl.rollout_data import MANIFEST, load_rollouts
 
 @dataclass
 class RolloutArguments(DatasetArguments, VLLMArguments):
+    """How `rollout` samples, on top of `DatasetArguments` (the prompts) and `VLLMArguments` (the engine's layout).
+
+    Parameters:
+        > Parameters that control sampling
+
+        num_samples_per_prompt (`int`, *optional*, defaults to `8`):
+            K completions sampled per prompt.
+        max_completion_tokens (`int`, *optional*, defaults to `256`):
+            Generation limit; longer = truncated.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Sampling temperature.
+        top_p (`float`, *optional*, defaults to `1.0`):
+            Nucleus sampling mass.
+        seed (`int`, *optional*, defaults to `0`):
+            Sampling seed; shard i uses seed + i.
+        use_vllm (`bool`, *optional*, defaults to `False`):
+            Generate with vLLM (GPU; `pip install lenvm-rl[vllm]`).
+
+        > Parameters that control batching and the output
+
+        prompts_per_batch (`int`, *optional*, defaults to `8`):
+            Prompts per generate call (x K sequences).
+        shard_size (`int`, *optional*, defaults to `32`):
+            Prompts per shard (the unit of resumption).
+        output_dir (`str`, *optional*, defaults to `"runs/rollouts"`):
+            Folder of the sharded rollout dataset.
+    """
+
     output_dir: str = field(default="runs/rollouts", metadata={"help": "Folder of the sharded rollout dataset."})
     num_samples_per_prompt: int = field(default=8, metadata={"help": "K completions sampled per prompt."})
     max_completion_tokens: int = field(default=256, metadata={"help": "Generation limit; longer = truncated."})

@@ -41,7 +41,40 @@ class LenVMScriptArguments:
 
 @dataclass
 class LenVMTrainingConfig(TrainingArguments):
-    """TrainingArguments plus the LenVM's own fields."""
+    """transformers' `TrainingArguments` plus the LenVM's own fields (docs/DESIGN.md §3.2-§3.3, §4.1).
+
+    Parameters:
+        > Parameters that control the targets and the loss (docs/DESIGN.md §3.2-§3.3)
+
+        gamma (`str`, *optional*, defaults to `"auto"`):
+            Discount γ in (0, 1), or 'auto': 1 - γ^L99 = 0.99 on training lengths.
+        value_loss (`str`, *optional*, defaults to `"mse"`):
+            'mse' on V, or 'bce' on the logit.
+        truncated_rollouts (`str`, *optional*, defaults to `"drop"`):
+            'drop' truncated rollouts, or 'bootstrap' them from V(s_T).
+
+        > Parameters that control the model
+
+        head_hidden_size (`int` or `None`, *optional*):
+            Head MLP width (default: hidden size).
+        freeze_backbone (`bool`, *optional*, defaults to `False`):
+            Train the head only.
+        trainable_top_layers (`int` or `None`, *optional*):
+            Train only the top N decoder layers, the final norm and the head (cheap on a CPU).
+
+        > Parameters that control the data
+
+        max_sequence_tokens (`int` or `None`, *optional*):
+            Skip rollouts whose prompt + completion exceed this many tokens.
+        remove_unused_columns (`bool`, *optional*, defaults to `False`):
+            Kept False: the collator reads raw rows.
+
+        > Parameters that control precision (docs/DESIGN.md §7)
+
+        bf16 (`str`, *optional*, defaults to `"auto"`):
+            bf16 autocast: true, false, or auto (bf16 where the device computes it natively, float32 elsewhere;
+            lenvm_rl.precision). Resolved to true / false before training.
+    """
 
     gamma: str = field(
         default="auto", metadata={"help": "Discount γ in (0, 1), or 'auto': 1 - γ^L99 = 0.99 on training lengths."}
