@@ -64,7 +64,7 @@ def main():
     torch.manual_seed(0)
     tokenizer = load_tokenizer(args.model)
     if args.rollouts:
-        from lenvm_rl.rollout import load_rollouts
+        from lenvm_rl.rollout_data import load_rollouts
 
         rows = [r for r in load_rollouts(args.rollouts) if r["finished"]]
     else:

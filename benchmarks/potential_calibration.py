@@ -44,7 +44,7 @@ def predictions(lenvm_path: Path, rollouts_path: Path, max_tokens: int) -> dict[
     from lenvm_rl.advantages import expected_length_score
     from lenvm_rl.returns import remaining_from_value
     from rewards.scores import budget_hit, budget_kind_codes, LENGTH_SCORES
-    from lenvm_rl.rollout import load_rollouts
+    from lenvm_rl.rollout_data import load_rollouts
 
     model = load_lenvm(str(lenvm_path))
     gamma = model.config.gamma

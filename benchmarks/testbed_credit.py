@@ -18,7 +18,7 @@ from lenvm_rl.modeling import load_lenvm
 from lenvm_rl.advantages import length_advantages, lenvm_state_values
 from lenvm_rl.returns import remaining_from_value
 from rewards.scores import budget_kind_codes
-from lenvm_rl.rollout import generate_hf, tokenize_prompts
+from lenvm_rl.generation import generate_hf, tokenize_prompts
 from lenvm_rl.testbed import ANSWER_MARKER, BUDGETS, make_testbed_dataset
 
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import OFFLINE_ENV, ROOT, write_rollout_shard
-from lenvm_rl.rollout import load_rollouts
+from lenvm_rl.rollout_data import load_rollouts
 
 
 def run_cli(*args, cwd):

@@ -52,7 +52,7 @@ def test_lenvm_loss_with_two_processes_equals_one(rollouts_dir, tiny_model_path,
     # Exactly one global batch of data (4 finished rollouts of different lengths): whatever order the samplers
     # draw in, the step sees the same rollouts, so the two losses must match if normalisation is global.
     from conftest import write_rollout_shard
-    from lenvm_rl.rollout import load_rollouts
+    from lenvm_rl.rollout_data import load_rollouts
 
     finished = load_rollouts(rollouts_dir).filter(lambda f: f, input_columns="finished")
     assert len(finished) >= 4 and len(set(finished["completion_tokens"][:4])) > 1

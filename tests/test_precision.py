@@ -104,7 +104,8 @@ def test_configs_record_the_resolved_bf16(cpu_with, flags, bf16, tmp_path):
 @pytest.mark.parametrize(("flags", "dtype"), [(AVX2_CPU, "float32"), (AVX512_BF16_CPU, "bfloat16")])
 def test_rollout_manifest_records_what_auto_became(cpu_with, flags, dtype, tiny_model_path, tmp_path):
     from conftest import rollout_args
-    from lenvm_rl.rollout import MANIFEST, run_rollouts
+    from lenvm_rl.rollout import run_rollouts
+    from lenvm_rl.rollout_data import MANIFEST
 
     cpu_with(flags)
     output_dir = run_rollouts(rollout_args(tmp_path, num_prompts=2), tiny_model_path, dtype="auto")

@@ -11,7 +11,9 @@ import lenvm_rl.rollout
 from conftest import rollout_args
 from lenvm_rl.data import load_prompts
 from lenvm_rl.errors import ConfigError
-from lenvm_rl.rollout import load_rollouts, run_rollouts, tokenize_prompts
+from lenvm_rl.generation import tokenize_prompts
+from lenvm_rl.rollout import run_rollouts
+from lenvm_rl.rollout_data import load_rollouts
 
 COLUMNS = {
     "prompt_id", "sample_index", "prompt", "prompt_ids", "completion_ids", "completion", "completion_tokens",
@@ -198,7 +200,7 @@ def test_generate_ignores_the_model_sampling_defaults(tiny_model_path, tokenizer
     import copy
 
     from lenvm_rl.loading import load_causal_lm
-    from lenvm_rl.rollout import generate_hf
+    from lenvm_rl.generation import generate_hf
 
     model = load_causal_lm(tiny_model_path).eval()
     model.generation_config.repetition_penalty = 1.05

@@ -12,7 +12,7 @@ from lenvm_rl.errors import ConfigError
 from lenvm_rl.critic_metrics import collate_states, length_metrics, score_rollouts
 from lenvm_rl.train_lenvm import LenVMTrainer, LenVMTrainingConfig, build_lenvm, prepare_rollouts, split_by_prompt
 from lenvm_rl.modeling import LenVMModel, load_lenvm
-from lenvm_rl.rollout import load_rollouts
+from lenvm_rl.rollout_data import load_rollouts
 
 TRAIN_LENGTHS = torch.tensor([2.0, 3.0, 4.0], dtype=torch.float64)  # finished training lengths: the constants
 GAMMA = 0.9
