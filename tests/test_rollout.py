@@ -5,7 +5,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 import lenvm_rl.rollout
 from conftest import rollout_args
