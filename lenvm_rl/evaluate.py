@@ -44,7 +44,8 @@ from lenvm_rl.reporting import markdown_table, ms_per_token, plot_results, read_
 
 @dataclass
 class EvaluateArguments(DatasetArguments, VLLMArguments):
-    """Which models, which arms and how to generate, on top of `DatasetArguments` (the prompts; `budgets` and `budget_kinds` are asked of every prompt) and `VLLMArguments`.
+    """Which models, which arms and how to generate, on top of `DatasetArguments` (the prompts; `budgets` and
+    `budget_kinds` are asked of every prompt) and `VLLMArguments`.
 
     Parameters:
         > Parameters that control the evaluated models

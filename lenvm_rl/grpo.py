@@ -18,7 +18,8 @@ How this departs from TRL's GRPO:
   result is divided by the group's score std when ``scale_rewards`` is ``group`` (TRL's own field, its own
   meaning); whitened (the default), the whitening alone sets the scale.
 - Potential (budget objective): ``length_potential: point`` scores the LenVM's expected length, S(E[L]);
-  ``expected`` is E[S(L)] under a constant stop hazard matched to the LenVM's value (``advantages.expected_length_score``).
+  ``expected`` is E[S(L)] under a constant stop hazard matched to the LenVM's value
+  (``advantages.expected_length_score``).
 - EOS: TRL's completion_mask includes the EOS token. A completion is finished when its last masked token is
   one of TRL's ``eos_token_ids``; then L = mask.sum() - 1 (EOS excluded) and the EOS token is the action taken
   in s_L. By default V(s_L) := 0 and the EOS action gets no length advantage; ``eos_credit`` keeps the LenVM's

@@ -24,7 +24,8 @@ from trl.models import prepare_deepspeed, prepare_fsdp
 
 from lenvm_rl.advantages import group_stats, length_advantages, lenvm_state_values
 from lenvm_rl.errors import ConfigError
-from lenvm_rl.grpo_config import BUDGET_COLUMNS, LENGTH_SCALE_FILE, LIVE_LENVM_DIR, LIVE_LENVM_OPTIMIZER, LenVMGRPOConfig
+from lenvm_rl.grpo_config import BUDGET_COLUMNS, LENGTH_SCALE_FILE, LIVE_LENVM_DIR, LIVE_LENVM_OPTIMIZER
+from lenvm_rl.grpo_config import LenVMGRPOConfig
 from lenvm_rl.returns import remaining_from_value, value_targets
 from rewards.scores import budget_hit, budget_kind_codes, BUDGET_KINDS, LENGTH_SCORES
 

@@ -1,4 +1,4 @@
-"""PPO with a task critic and the LenVM length critic (`lenvm-rl ppo --config recipes/<Model>/ppo/config_<variant>.yaml`).
+"""PPO with a task critic and the LenVM length critic (`lenvm-rl ppo --config recipes/<Model>/ppo/config_<x>.yaml`).
 
 TRL removed its PPOTrainer in 1.13; this is a ``LenVMGRPOTrainer`` subclass, so generation (vLLM included),
 DeepSpeed/FSDP, the clipped policy loss (``loss_type``, ``epsilon``), reward functions and logging stay TRL's. How it
@@ -101,7 +101,7 @@ class LenVMPPOConfig(LenVMGRPOConfig):
     task_lambda: float = field(
         default=1.0,
         metadata={"help": "λ_task of the actor's GAE, in [0, 1]. < 1 with a critic that has not learned yet favours "
-                          "short completions (docs/DESIGN.md §10.1): lower it only once the critic explains the returns."},
+                          "short completions (docs/DESIGN.md §10.1): lower it once the critic explains the returns."},
     )
     task_value_lambda: float = field(
         default=1.0, metadata={"help": "λ of the critic's GAE returns (its targets), in [0, 1]; 1 = Monte Carlo."}

@@ -78,7 +78,8 @@ def test_rewards_is_the_leaf():
 @pytest.mark.parametrize("name", sorted(PURE_MODULES))
 def test_pure_math_imports_no_trainer_accelerate_or_io(name):
     tree = ast.parse(module_files()[name].read_text())
-    roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+             for alias in node.names}
     roots |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert not roots & {"transformers", "trl", "accelerate", "datasets", "json", "os", "pathlib"}
 
