@@ -5,18 +5,6 @@ class ConfigError(ValueError):
     """A bad recipe field, dataset, path or model: the message names the field and the fix."""
 
 
-def require_single_process(stage: str) -> None:
-    """Refuse a multi-process launch of a stage that writes its output from one process."""
-    import os
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        raise ConfigError(
-            f"{stage}: runs as one process (launched as {world}); run `lenvm-rl {stage} ...` without accelerate "
-            f"launch (with use_vllm, vllm_tensor_parallel_size spreads one model over several GPUs)"
-        )
-
-
 def require_launched_world(world_size: int) -> None:
     """Refuse a run that sees fewer processes than its launcher started: each would train alone as rank 0 and
     write the same output_dir (a torchrun-style WORLD_SIZE with a recipe that lets accelerate pick a GPU setup)."""

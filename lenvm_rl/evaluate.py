@@ -27,6 +27,7 @@ import importlib.util
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +37,8 @@ from datasets import Dataset, concatenate_datasets
 from tqdm.auto import tqdm
 
 from lenvm_rl.data import DatasetArguments, load_prompts, source_fingerprint
-from lenvm_rl.errors import ConfigError, changed_setting, require_single_process, require_vllm
+from lenvm_rl.data_parallel import Ranks, launched_ranks, merge_records, part_path, parts_of, read_jsonl
+from lenvm_rl.errors import ConfigError, changed_setting, require_vllm
 from lenvm_rl.returns import BUDGET_KINDS, budget_hit, budget_kind_codes, lifebench_length_score
 
 METRICS = ("accuracy", "mean_tokens", "length_deviation", "abs_length_deviation", "length_score", "hit_rate")
@@ -226,30 +228,37 @@ def generate_rows(
     args: EvaluateArguments,
     hard_truncation: bool = False,
     desc: str = "evaluate",
+    ranks: Ranks = Ranks(),
 ) -> list[dict]:
-    """Generate for every row of ``prompts`` (num_samples each), appending records to the jsonl ``path``.
+    """Generate for every row of ``prompts`` (num_samples each) into the jsonl ``path``; return its records.
 
-    Records already in ``path`` are kept and their batches skipped (a torn last line is dropped).
-    A batch holds rows of one budget: with ``hard_truncation`` the limit is min(N, max_new_tokens).
-    Each record keeps its share of its batch's generation seconds (``seconds``) for the cost per token.
+    Batches whose rows are all in ``path`` are skipped (a torn last line is dropped, a torn batch generated again),
+    and the file is rewritten in row order at the end. A batch holds rows of one budget: with ``hard_truncation``
+    the limit is min(N, max_new_tokens). Each record keeps its share of its batch's generation seconds
+    (``seconds``) for the cost per token. Under a data-parallel launch each process generates every ``world``-th
+    batch into its own part file, which process 0 merges into ``path`` (batch i is seeded by i alone); the others
+    return no records.
     """
     from lenvm_rl.rollouts import tokenize_prompts
 
-    done = read_records(path)
-    records, start = list(done), len(done) // args.num_samples
-    if start and start * args.num_samples != len(done):
-        raise ConfigError(f"output_dir: {path} holds a partial prompt ({len(done)} records); delete the file to redo it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ranks.main_first(lambda: merge_records(path, record_key))  # what an interrupted run left, parts included
+    written = Counter(record["row"] for record in read_jsonl(path))
     batches, begin = [], 0
     budgets = prompts["budget_tokens"]
     for end in range(1, len(prompts) + 1):  # cut batches at batch_size and at every change of budget
         if end == len(prompts) or end - begin == args.batch_size or budgets[end] != budgets[begin]:
             batches.append(range(begin, end))
             begin = end
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as sink, tqdm(total=len(prompts), initial=start, desc=desc, unit="prompt") as progress:
-        for index, rows in enumerate(batches):
-            if rows.stop <= start:
-                continue
+    mine = ranks.share(list(enumerate(batches)))
+    todo = [(index, rows) for index, rows in mine if any(written[row] < args.num_samples for row in rows)]
+    share = sum(len(rows) for _, rows in mine)
+    sink_path = path if ranks.world == 1 else part_path(path, ranks.rank)
+    initial = share - sum(len(rows) for _, rows in todo)
+    with open(sink_path, "a") as sink, tqdm(
+        total=share, initial=initial, desc=desc, unit="prompt", disable=not ranks.is_main
+    ) as progress:
+        for index, rows in todo:
             batch = prompts.select(rows)
             torch.manual_seed(args.seed + index)
             limit = min(budgets[rows.start], args.max_new_tokens) if hard_truncation else args.max_new_tokens
@@ -257,16 +266,22 @@ def generate_rows(
             began = time.perf_counter()
             samples = sample(batch, prompt_ids, rows, limit)
             seconds = (time.perf_counter() - began) / (len(rows) * args.num_samples)
+            lines = []
             for row_index, row, group in zip(rows, batch, samples):
                 for sample_index, (ids, finished) in enumerate(group):
                     text = tokenizer.decode(ids, skip_special_tokens=True)
                     record = score_record(row, text, len(ids), finished, hard_truncation)
-                    records.append({"row": row_index, "sample_index": sample_index, "seconds": seconds, **record})
-                    sink.write(json.dumps(records[-1]) + "\n")
+                    lines.append(json.dumps({"row": row_index, "sample_index": sample_index, "seconds": seconds, **record}))
+            sink.write("".join(line + "\n" for line in lines))
             sink.flush()
             os.fsync(sink.fileno())
             progress.update(len(rows))
-    return records
+    ranks.barrier()  # every part is written before process 0 merges them
+    return ranks.main_first(lambda: merge_records(path, record_key)) or []
+
+
+def record_key(record: dict) -> tuple[int, int]:
+    return record["row"], record["sample_index"]
 
 
 def score_record(row: dict, text: str, tokens: int, finished: bool, hard_truncation: bool = False) -> dict:
@@ -283,14 +298,8 @@ def score_record(row: dict, text: str, tokens: int, finished: bool, hard_truncat
 
 
 def read_records(path: Path) -> list[dict]:
-    """The complete records of a generations file; a torn last line (an interrupted write) is dropped."""
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        lines = lines[:-1]
-        path.write_text("".join(lines))
-    return [json.loads(line) for line in lines]
+    """The complete records of a generations file; a torn last line (an interrupted write) is left out."""
+    return read_jsonl(path)
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -437,15 +446,19 @@ def drop_if_stale(file: Path, adapter: str | None) -> None:
         weights = sorted(Path(adapter).glob("adapter_model.*"))
         fingerprint = [[w.name, w.stat().st_size, w.stat().st_mtime_ns] for w in weights]
     stamp = file.with_suffix(".adapter.json")
-    if file.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != fingerprint):
+    if (file.exists() or parts_of(file)) and (not stamp.exists() or json.loads(stamp.read_text()) != fingerprint):
         print(f"{file}: the adapter {adapter} changed since these generations were written; generating them again")
-        file.unlink()
+        for written in [file, *parts_of(file)]:
+            written.unlink(missing_ok=True)
     file.parent.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(fingerprint))
 
 
-def run_evaluation(args: EvaluateArguments) -> dict[str, list[dict]]:
-    """Evaluate every arm of ``args.model_specs()``; write results.json / results.md / plots; return summaries."""
+def run_evaluation(args: EvaluateArguments, ranks: Ranks = Ranks()) -> dict[str, list[dict]]:
+    """Evaluate every arm of ``args.model_specs()``; write results.json / results.md / plots; return summaries.
+
+    Under a data-parallel launch (``ranks``) every process loads the models and generates its share of every arm's
+    batches; process 0 writes the manifest, the merged generations and the report, and alone returns summaries."""
     from lenvm_rl.loading import inference_device, load_tokenizer, resolve_model_path
     from lenvm_rl.precision import resolve_dtype
     from lenvm_rl.rollouts import eos_token_ids, generation_eos_ids, make_vllm_generate
@@ -489,16 +502,19 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, list[dict]]:
             path, num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
             eos_ids=generation_eos_ids(path, tokenizer), dtype=args.dtype,
             gpu_memory_utilization=args.vllm_gpu_memory_utilization, seed=args.seed, adapters=list(args.adapters),
-            tensor_parallel_size=args.vllm_tensor_parallel_size,
+            tensor_parallel_size=args.vllm_tensor_parallel_size, ranks=ranks,
         )
     if lenvm is not None:
         lenvm = lenvm.to(inference_device())
     # Written once the data and models load: a failed start leaves no manifest that would refuse the fixed rerun.
-    output_dir.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps(settings, indent=2))
+    def write_manifest() -> None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        manifest.write_text(json.dumps(settings, indent=2))
+
+    ranks.main_first(write_manifest)
     for label, adapter, decoding in args.model_specs():
         file = output_dir / "generations" / f"{generations_name(label)}.jsonl"
-        drop_if_stale(file, adapter)
+        ranks.main_first(lambda: drop_if_stale(file, adapter))
         backends[label] = "hf" if decoding == "guided" else backend
         if backends[label] == "vllm":
             sample = vllm_sampler(vllm_generate, args, adapter)
@@ -509,8 +525,11 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, list[dict]]:
             if decoding == "guided":
                 guidance = make_guidance(lenvm, args, eos_token_ids(tokenizer, loaded[adapter].generation_config))
             sample = hf_sampler(loaded[adapter], tokenizer, args, guidance)
-        records = generate_rows(sample, tokenizer, prompts, file, args, decoding == "truncation", desc=label)
-        results[label], costs[label] = summarize(records), ms_per_token(records)
+        records = generate_rows(sample, tokenizer, prompts, file, args, decoding == "truncation", label, ranks)
+        if ranks.is_main:
+            results[label], costs[label] = summarize(records), ms_per_token(records)
+    if not ranks.is_main:
+        return {}
     payload = {"settings": asdict(args), "generator": backends, "results": results, "ms_per_token": costs}
     (output_dir / "results.json").write_text(json.dumps(payload, indent=2))
     (output_dir / "results.md").write_text(markdown_table(results, costs, backends))
@@ -523,11 +542,13 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     from lenvm_rl.outputs import check_output_dir
 
     (args,) = parse_recipe((EvaluateArguments,), argv)
-    require_single_process("evaluate")
+    ranks = launched_ranks()
     inputs = {"model_name_or_path": args.model_name_or_path, "adapters": args.adapters,
               "lenvm_model_path": args.lenvm_model_path, "dataset_name": args.dataset_name}
-    check_output_dir(args.output_dir, inputs)
-    results = run_evaluation(args)
+    ranks.main_first(lambda: check_output_dir(args.output_dir, inputs))
+    results = run_evaluation(args, ranks)
+    if not ranks.is_main:
+        return results
     saved = json.loads((Path(args.output_dir) / "results.json").read_text())
     print(markdown_table(results, saved["ms_per_token"], saved["generator"]))
     print(f"wrote {args.output_dir}/results.json, results.md, length_score.png, pareto.png")

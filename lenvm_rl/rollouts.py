@@ -26,7 +26,8 @@ from datasets import Dataset, concatenate_datasets, load_from_disk
 from tqdm.auto import tqdm
 
 from lenvm_rl.data import DatasetArguments, load_prompts, source_fingerprint
-from lenvm_rl.errors import ConfigError, changed_setting, require_single_process, require_vllm
+from lenvm_rl.data_parallel import Ranks, launched_ranks, vllm_launch_settings
+from lenvm_rl.errors import ConfigError, changed_setting, require_vllm
 from lenvm_rl.loading import inference_device, load_causal_lm, load_tokenizer, resolve_model_path
 
 MANIFEST = "rollout_args.json"
@@ -135,17 +136,20 @@ def make_vllm_generate(
     seed: int = 0,
     adapters: list[str] = (),
     tensor_parallel_size: int = 1,
+    ranks: Ranks = Ranks(),
 ) -> Callable:
     """``generate(prompt_ids, seeds, max_tokens, adapter=None)``: per prompt, ``num_samples`` (ids, finished) pairs.
 
     One vLLM engine serves the base model and every LoRA adapter folder in ``adapters``, each applied per
-    request as a ``LoRARequest`` (no merge, no reload between models).
+    request as a ``LoRARequest`` (no merge, no reload between models). Under a data-parallel launch (``ranks``)
+    every process starts its own engine on its own GPU.
     """
     from vllm import LLM
 
     engine = dict(model=model_path, dtype=dtype or "auto", gpu_memory_utilization=gpu_memory_utilization, seed=seed)
     if tensor_parallel_size > 1:
         engine["tensor_parallel_size"] = tensor_parallel_size
+    engine.update(vllm_launch_settings(ranks, tensor_parallel_size))
     if adapters:
         rank = max(json.loads(Path(a, "adapter_config.json").read_text())["r"] for a in adapters)
         fits = [r for r in VLLM_LORA_RANKS if r >= rank]
@@ -222,21 +226,30 @@ def check_manifest(output_dir: Path, args: RolloutArguments, model_name: str, dt
         manifest.write_text(json.dumps(settings, indent=2))
 
 
-def run_rollouts(args: RolloutArguments, model_name_or_path: str, dtype: str | None = None) -> Path:
+def run_rollouts(
+    args: RolloutArguments, model_name_or_path: str, dtype: str | None = None, ranks: Ranks = Ranks()
+) -> Path:
+    """Sample the shards not yet in ``args.output_dir``; under a data-parallel launch each process samples every
+    ``world``-th of them (shard i is seeded by i alone, so the shards are those a single process writes)."""
     from lenvm_rl.precision import resolve_dtype
 
     output_dir = Path(args.output_dir)
     dtype = resolve_dtype(dtype, inference_device().type)  # the manifest records what "auto" became
     prompts = load_prompts(args)
-    check_manifest(output_dir, args, model_name_or_path, dtype)
     shard_dir = output_dir / "shards"
-    shard_dir.mkdir(exist_ok=True)
+
+    def prepare() -> None:
+        check_manifest(output_dir, args, model_name_or_path, dtype)
+        shard_dir.mkdir(exist_ok=True)
+        for stale in output_dir.glob(".staging-*"):  # a shard an interrupted run did not finish writing
+            shutil.rmtree(stale)
+
+    ranks.main_first(prepare)
     tokenizer = load_tokenizer(model_name_or_path)
-    for stale in output_dir.glob(".staging-*"):  # a shard an interrupted run did not finish writing
-        shutil.rmtree(stale)
     num_shards = -(-len(prompts) // args.shard_size)
-    todo = [i for i in range(num_shards) if not (shard_dir / f"shard-{i:05d}").exists()]
+    todo = ranks.share([i for i in range(num_shards) if not (shard_dir / f"shard-{i:05d}").exists()])
     if not todo:
+        ranks.barrier()
         return output_dir
 
     def shard_rows(shard: int) -> range:
@@ -247,13 +260,14 @@ def run_rollouts(args: RolloutArguments, model_name_or_path: str, dtype: str | N
             path, num_samples=args.num_samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
             eos_ids=generation_eos_ids(path, tokenizer), dtype=dtype,
             gpu_memory_utilization=args.vllm_gpu_memory_utilization, seed=args.seed,
-            tensor_parallel_size=args.vllm_tensor_parallel_size,
+            tensor_parallel_size=args.vllm_tensor_parallel_size, ranks=ranks,
         )
     else:
         model = load_causal_lm(model_name_or_path, dtype=dtype).to(inference_device()).eval()
     extra_columns = [c for c in prompts.column_names if c != "prompt"]
     remaining = sum(len(shard_rows(i)) for i in todo)
-    progress = tqdm(total=len(prompts), initial=len(prompts) - remaining, desc="rollouts", unit="prompt")
+    share = sum(len(shard_rows(i)) for i in ranks.share(range(num_shards)))
+    progress = tqdm(total=share, initial=share - remaining, desc="rollouts", unit="prompt", disable=not ranks.is_main)
     for shard in todo:
         torch.manual_seed(args.seed + shard)
         rows = prompts.select(shard_rows(shard))
@@ -288,6 +302,7 @@ def run_rollouts(args: RolloutArguments, model_name_or_path: str, dtype: str | N
         Dataset.from_list(records).save_to_disk(str(staging))
         staging.rename(shard_dir / f"shard-{shard:05d}")
     progress.close()
+    ranks.barrier()  # every shard is written before any process reads the folder
     return output_dir
 
 
@@ -320,10 +335,17 @@ def main(argv: list[str] | None = None) -> None:
     from lenvm_rl.outputs import check_output_dir
 
     args, model_args = parse_recipe((RolloutArguments, ModelConfig), argv)
-    require_single_process("rollout")
-    check_output_dir(args.output_dir, {"model_name_or_path": model_args.model_name_or_path, "dataset_name": args.dataset_name})
-    output_dir = run_rollouts(args, model_args.model_name_or_path or "smollm2-135m-instruct", model_args.dtype)
+    ranks = launched_ranks()
+    inputs = {"model_name_or_path": model_args.model_name_or_path, "dataset_name": args.dataset_name}
+    ranks.main_first(lambda: check_output_dir(args.output_dir, inputs))
+    output_dir = run_rollouts(args, model_args.model_name_or_path or "smollm2-135m-instruct", model_args.dtype, ranks)
+    if not ranks.is_main:
+        return
     rollouts = load_rollouts(output_dir)
     finished = sum(rollouts["finished"])
     mean_tokens = sum(rollouts["completion_tokens"]) / len(rollouts)
-    print(f"{len(rollouts)} rollouts in {output_dir}: {finished} finished, {len(rollouts) - finished} truncated, mean {mean_tokens:.1f} tokens")
+    processes = f" ({ranks.world} processes)" if ranks.world > 1 else ""
+    print(
+        f"{len(rollouts)} rollouts in {output_dir}{processes}: {finished} finished, {len(rollouts) - finished} "
+        f"truncated, mean {mean_tokens:.1f} tokens"
+    )
