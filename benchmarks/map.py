@@ -68,6 +68,7 @@ CELLS = [
     "plan_g2:frozen@whiten_length_advantage=false,max_steps=200",
     "plan_g8:seq@max_steps=200", f"plan_g8:frozen@{QUARTER},max_steps=200",
     "plan_g2:seq@max_steps=800", f"plan_g2:frozen@{QUARTER},max_steps=800",
+    f"plan_g2:frozen@{FIRST},length_advantage_coef=0.1,max_steps=800",
 ]
 SCORE_KEY, ACCURACY_KEY = "eval_length/mean_length_score", "eval_rewards/accuracy/mean"
 BEGIN, END = "<!-- map:begin (written by benchmarks/map.py) -->", "<!-- map:end -->"
