@@ -63,10 +63,12 @@ CELLS = [
     "g8:seq@eval_steps=5,max_steps=150",
     "g2:seq@reward_weights=1;2", "g2:seq@reward_weights=1;0.5", "g2:frozen@length_advantage_coef=0.5",
     "g2:frozen@length_advantage_coef=0.25", "g2:frozen@whiten_length_advantage=false,length_advantage_coef=6",
+    f"g2:frozen@{QUARTER}", f"g8:frozen@{QUARTER}",
     "plan_g2:seq@max_steps=200", f"plan_g2:frozen@{FIRST},max_steps=200", f"plan_g2:frozen@{QUARTER},max_steps=200",
     "plan_g2:frozen@whiten_length_advantage=false,max_steps=200",
     "plan_g8:seq@max_steps=200", f"plan_g8:frozen@{QUARTER},max_steps=200",
     "plan_g2:seq@max_steps=800", f"plan_g2:frozen@{QUARTER},max_steps=800",
+    f"plan_g2:frozen@{FIRST},length_advantage_coef=0.1,max_steps=800",
 ]
 SCORE_KEY, ACCURACY_KEY = "eval_length/mean_length_score", "eval_rewards/accuracy/mean"
 BEGIN, END = "<!-- map:begin (written by benchmarks/map.py) -->", "<!-- map:end -->"

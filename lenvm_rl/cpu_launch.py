@@ -14,8 +14,9 @@ transformers 5 and DeepSpeed 0.19 need on a CPU, and nothing else, is here:
   the launcher's FSDP_* environment variables, and ``distributed_type = FSDP`` on the accelerator state and on
   ``PartialState``'s shared state. torch's FSDP2 then shards, trains, clips and gathers over gloo as on GPUs.
 - DDP (``accelerate_configs/cpu_2proc.yaml``): ``use_cpu`` (MULTI_CPU, gloo), as the recipes of its tests set.
-- Every launch of a training stage (train-lenvm, grpo, ppo; the others run as one process): ``--bf16 false`` (the CPU configs' mixed_precision is 'no' too; DeepSpeed's CPU bf16 path is not
-  what the GPU runs).
+- Every launch of a training stage (train-lenvm, grpo, ppo; rollout and evaluate are data-parallel with
+  ``cpu_2proc.yaml`` and need no flag): ``--bf16 false`` (the CPU configs' mixed_precision is 'no' too;
+  DeepSpeed's CPU bf16 path is not what the GPU runs).
 
 These flags come right after the stage, so a flag the user gives after them still wins.
 The shared-memory all-reduce op of DeepSpeed's CPU accelerator is compiled on first use (about 2-3 minutes) into

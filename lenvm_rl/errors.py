@@ -7,19 +7,7 @@ from here inside ``lenvm_rl`` (docs/DESIGN.md §2.4).
 
 from rewards.errors import ConfigError
 
-__all__ = ["ConfigError", "check_training_counts", "require_launched_world", "require_single_process"]
-
-
-def require_single_process(stage: str) -> None:
-    """Refuse a multi-process launch of a stage that writes its output from one process."""
-    import os
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        raise ConfigError(
-            f"{stage}: runs as one process (launched as {world}); run `lenvm-rl {stage} ...` without accelerate "
-            f"launch (with use_vllm, vllm_tensor_parallel_size spreads one model over several GPUs)"
-        )
+__all__ = ["ConfigError", "check_training_counts", "require_launched_world"]
 
 
 def require_launched_world(world_size: int) -> None:

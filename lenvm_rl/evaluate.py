@@ -25,22 +25,20 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from datasets import Dataset, concatenate_datasets
-from tqdm.auto import tqdm
 
 from lenvm_rl.data import DatasetArguments, load_prompts, source_fingerprint
-from lenvm_rl.errors import ConfigError, require_single_process
+from lenvm_rl.data_parallel import Ranks, launched_ranks, parts_of
+from lenvm_rl.errors import ConfigError
 from lenvm_rl.generation import (
-    VLLMArguments, Sampler, hf_sampler, load_policy, make_guidance, require_vllm, tokenize_prompts, vllm_sampler,
+    VLLMArguments, generate_rows, hf_sampler, load_policy, make_guidance, require_vllm, vllm_sampler,
 )
 from lenvm_rl.outputs import changed_setting
-from lenvm_rl.reporting import markdown_table, ms_per_token, plot_results, read_records, score_record, summarize
+from lenvm_rl.reporting import markdown_table, ms_per_token, plot_results, summarize
 
 @dataclass
 class EvaluateArguments(DatasetArguments, VLLMArguments):
@@ -248,55 +246,6 @@ def budgeted_prompts(args: DatasetArguments) -> Dataset:
     ])
 
 
-def generate_rows(
-    sample: Sampler,
-    tokenizer,
-    prompts: Dataset,
-    path: Path,
-    args: EvaluateArguments,
-    hard_truncation: bool = False,
-    desc: str = "evaluate",
-) -> list[dict]:
-    """Generate for every row of ``prompts`` (num_samples each), appending records to the jsonl ``path``.
-
-    Records already in ``path`` are kept and their batches skipped (a torn last line is dropped).
-    A batch holds rows of one budget: with ``hard_truncation`` the limit is min(N, max_new_tokens).
-    Each record keeps its share of its batch's generation seconds (``seconds``) for the cost per token.
-    """
-    done = read_records(path)
-    records, start = list(done), len(done) // args.num_samples
-    if start and start * args.num_samples != len(done):
-        raise ConfigError(f"output_dir: {path} holds a partial prompt ({len(done)} records); delete the file to redo it")
-    batches, begin = [], 0
-    budgets = prompts["budget_tokens"]
-    for end in range(1, len(prompts) + 1):  # cut batches at batch_size and at every change of budget
-        if end == len(prompts) or end - begin == args.batch_size or budgets[end] != budgets[begin]:
-            batches.append(range(begin, end))
-            begin = end
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as sink, tqdm(total=len(prompts), initial=start, desc=desc, unit="prompt") as progress:
-        for index, rows in enumerate(batches):
-            if rows.stop <= start:
-                continue
-            batch = prompts.select(rows)
-            torch.manual_seed(args.seed + index)
-            limit = min(budgets[rows.start], args.max_new_tokens) if hard_truncation else args.max_new_tokens
-            prompt_ids = tokenize_prompts(tokenizer, batch["prompt"])
-            began = time.perf_counter()
-            samples = sample(batch, prompt_ids, rows, limit)
-            seconds = (time.perf_counter() - began) / (len(rows) * args.num_samples)
-            for row_index, row, group in zip(rows, batch, samples):
-                for sample_index, (ids, finished) in enumerate(group):
-                    text = tokenizer.decode(ids, skip_special_tokens=True)
-                    record = score_record(row, text, len(ids), finished, hard_truncation)
-                    records.append({"row": row_index, "sample_index": sample_index, "seconds": seconds, **record})
-                    sink.write(json.dumps(records[-1]) + "\n")
-            sink.flush()
-            os.fsync(sink.fileno())
-            progress.update(len(rows))
-    return records
-
-
 def drop_if_stale(file: Path, adapter: str | None) -> None:
     """Delete an arm's generations when its adapter's weights changed since they were written (a retrained run)."""
     fingerprint = None
@@ -304,15 +253,19 @@ def drop_if_stale(file: Path, adapter: str | None) -> None:
         weights = sorted(Path(adapter).glob("adapter_model.*"))
         fingerprint = [[w.name, w.stat().st_size, w.stat().st_mtime_ns] for w in weights]
     stamp = file.with_suffix(".adapter.json")
-    if file.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != fingerprint):
+    if (file.exists() or parts_of(file)) and (not stamp.exists() or json.loads(stamp.read_text()) != fingerprint):
         print(f"{file}: the adapter {adapter} changed since these generations were written; generating them again")
-        file.unlink()
+        for written in [file, *parts_of(file)]:
+            written.unlink(missing_ok=True)
     file.parent.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(fingerprint))
 
 
-def run_evaluation(args: EvaluateArguments) -> dict[str, list[dict]]:
-    """Evaluate every arm of ``args.model_specs()``; write results.json / results.md / plots; return summaries."""
+def run_evaluation(args: EvaluateArguments, ranks: Ranks = Ranks()) -> dict[str, list[dict]]:
+    """Evaluate every arm of ``args.model_specs()``; write results.json / results.md / plots; return summaries.
+
+    Under a data-parallel launch (``ranks``) every process loads the models and generates its share of every arm's
+    batches; process 0 writes the manifest, the merged generations and the report, and alone returns summaries."""
     from lenvm_rl.generation import eos_token_ids, vllm_engine
     from lenvm_rl.loading import inference_device, load_tokenizer
     from lenvm_rl.precision import resolve_dtype
@@ -351,15 +304,18 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, list[dict]]:
         check_lenvm_tokenizer(args.lenvm_model_path, tokenizer)
     vllm_generate = None
     if backend == "vllm":  # first: vLLM takes its share of the free GPU memory; the LenVM and HF policy use the rest
-        vllm_generate = vllm_engine(args.model_name_or_path, tokenizer, args, args.num_samples, args.dtype, args.adapters)
+        vllm_generate = vllm_engine(args.model_name_or_path, tokenizer, args, args.num_samples, args.dtype, args.adapters, ranks)
     if lenvm is not None:
         lenvm = lenvm.to(inference_device())
     # Written once the data and models load: a failed start leaves no manifest that would refuse the fixed rerun.
-    output_dir.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps(settings, indent=2))
+    def write_manifest() -> None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        manifest.write_text(json.dumps(settings, indent=2))
+
+    ranks.main_first(write_manifest)
     for label, adapter, decoding in args.model_specs():
         file = output_dir / "generations" / f"{generations_name(label)}.jsonl"
-        drop_if_stale(file, adapter)
+        ranks.main_first(lambda: drop_if_stale(file, adapter))
         backends[label] = "hf" if decoding == "guided" else backend
         if backends[label] == "vllm":
             sample = vllm_sampler(vllm_generate, args, adapter)
@@ -370,8 +326,11 @@ def run_evaluation(args: EvaluateArguments) -> dict[str, list[dict]]:
             if decoding == "guided":
                 guidance = make_guidance(lenvm, args, eos_token_ids(tokenizer, loaded[adapter].generation_config))
             sample = hf_sampler(loaded[adapter], tokenizer, args, guidance)
-        records = generate_rows(sample, tokenizer, prompts, file, args, decoding == "truncation", desc=label)
-        results[label], costs[label] = summarize(records), ms_per_token(records)
+        records = generate_rows(sample, tokenizer, prompts, file, args, decoding == "truncation", label, ranks)
+        if ranks.is_main:
+            results[label], costs[label] = summarize(records), ms_per_token(records)
+    if not ranks.is_main:
+        return {}
     payload = {"settings": asdict(args), "generator": backends, "results": results, "ms_per_token": costs}
     (output_dir / "results.json").write_text(json.dumps(payload, indent=2))
     (output_dir / "results.md").write_text(markdown_table(results, costs, backends))
@@ -384,11 +343,13 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     from lenvm_rl.outputs import check_output_dir
 
     (args,) = parse_recipe((EvaluateArguments,), argv)
-    require_single_process("evaluate")
+    ranks = launched_ranks()
     inputs = {"model_name_or_path": args.model_name_or_path, "adapters": args.adapters,
               "lenvm_model_path": args.lenvm_model_path, "dataset_name": args.dataset_name}
-    check_output_dir(args.output_dir, inputs)
-    results = run_evaluation(args)
+    ranks.main_first(lambda: check_output_dir(args.output_dir, inputs))
+    results = run_evaluation(args, ranks)
+    if not ranks.is_main:
+        return results
     saved = json.loads((Path(args.output_dir) / "results.json").read_text())
     print(markdown_table(results, saved["ms_per_token"], saved["generator"]))
     print(f"wrote {args.output_dir}/results.json, results.md, length_score.png, pareto.png")

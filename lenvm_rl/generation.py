@@ -9,13 +9,18 @@ TRL's trainers sample with the same settings (docs/DESIGN.md §2.1). vLLM is imp
 from __future__ import annotations
 
 import json
+import os
+import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from datasets import Dataset
+from tqdm.auto import tqdm
 
+from lenvm_rl.data_parallel import Ranks, merge_records, part_path, read_jsonl, vllm_launch_settings
 from lenvm_rl.errors import ConfigError
 
 
@@ -128,17 +133,20 @@ def make_vllm_generate(
     seed: int = 0,
     adapters: list[str] = (),
     tensor_parallel_size: int = 1,
+    ranks: Ranks = Ranks(),
 ) -> Callable:
     """``generate(prompt_ids, seeds, max_tokens, adapter=None)``: per prompt, ``num_samples`` (ids, finished) pairs.
 
     One vLLM engine serves the base model and every LoRA adapter folder in ``adapters``, each applied per
-    request as a ``LoRARequest`` (no merge, no reload between models).
+    request as a ``LoRARequest`` (no merge, no reload between models). Under a data-parallel launch (``ranks``)
+    every process starts its own engine on its own GPU.
     """
     from vllm import LLM
 
     engine = dict(model=model_path, dtype=dtype or "auto", gpu_memory_utilization=gpu_memory_utilization, seed=seed)
     if tensor_parallel_size > 1:
         engine["tensor_parallel_size"] = tensor_parallel_size
+    engine.update(vllm_launch_settings(ranks, tensor_parallel_size))
     if adapters:
         rank = max(json.loads(Path(a, "adapter_config.json").read_text())["r"] for a in adapters)
         fits = [r for r in VLLM_LORA_RANKS if r >= rank]
@@ -190,7 +198,9 @@ def generation_eos_ids(model_path: str, tokenizer) -> set[int]:
     return eos_token_ids(tokenizer, generation_config)
 
 
-def vllm_engine(model_name_or_path: str, tokenizer, args, num_samples: int, dtype: str | None, adapters=()) -> Callable:
+def vllm_engine(
+    model_name_or_path: str, tokenizer, args, num_samples: int, dtype: str | None, adapters=(), ranks: Ranks = Ranks()
+) -> Callable:
     """``make_vllm_generate`` for a stage's arguments (``temperature``, ``top_p``, ``seed`` and ``VLLMArguments``):
     the model's own EOS ids, its folder resolved (the embedded default is converted once)."""
     from lenvm_rl.loading import resolve_model_path
@@ -199,7 +209,7 @@ def vllm_engine(model_name_or_path: str, tokenizer, args, num_samples: int, dtyp
     return make_vllm_generate(
         path, num_samples=num_samples, temperature=args.temperature, top_p=args.top_p,
         eos_ids=generation_eos_ids(path, tokenizer), dtype=dtype, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-        seed=args.seed, adapters=list(adapters), tensor_parallel_size=args.vllm_tensor_parallel_size,
+        seed=args.seed, adapters=list(adapters), tensor_parallel_size=args.vllm_tensor_parallel_size, ranks=ranks,
     )
 
 
@@ -265,3 +275,64 @@ def make_guidance(lenvm, args, eos_ids: set[int]) -> Callable:
         )])
 
     return for_batch
+
+
+def generate_rows(
+    sample: Sampler,
+    tokenizer,
+    prompts: Dataset,
+    path: Path,
+    args,
+    hard_truncation: bool = False,
+    desc: str = "evaluate",
+    ranks: Ranks = Ranks(),
+) -> list[dict]:
+    """Generate for every row of ``prompts`` (num_samples each) into the jsonl ``path``; return its records.
+
+    Batches whose rows are all in ``path`` are skipped (a torn last line is dropped, a torn batch generated again),
+    and the file is rewritten in row order at the end. A batch holds rows of one budget: with ``hard_truncation``
+    the limit is min(N, max_new_tokens). Each record keeps its share of its batch's generation seconds
+    (``seconds``) for the cost per token. Under a data-parallel launch each process generates every ``world``-th
+    batch into its own part file, which process 0 merges into ``path`` (batch i is seeded by i alone); the others
+    return no records.
+    """
+    from lenvm_rl.reporting import score_record
+
+    key = lambda record: (record["row"], record["sample_index"])  # noqa: E731
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ranks.main_first(lambda: merge_records(path, key))  # what an interrupted run left, parts included
+    written = Counter(record["row"] for record in read_jsonl(path))
+    batches, begin = [], 0
+    budgets = prompts["budget_tokens"]
+    for end in range(1, len(prompts) + 1):  # cut batches at batch_size and at every change of budget
+        if end == len(prompts) or end - begin == args.batch_size or budgets[end] != budgets[begin]:
+            batches.append(range(begin, end))
+            begin = end
+    mine = ranks.share(list(enumerate(batches)))
+    todo = [(index, rows) for index, rows in mine if any(written[row] < args.num_samples for row in rows)]
+    share = sum(len(rows) for _, rows in mine)
+    sink_path = path if ranks.world == 1 else part_path(path, ranks.rank)
+    initial = share - sum(len(rows) for _, rows in todo)
+    with open(sink_path, "a") as sink, tqdm(
+        total=share, initial=initial, desc=desc, unit="prompt", disable=not ranks.is_main
+    ) as progress:
+        for index, rows in todo:
+            batch = prompts.select(rows)
+            torch.manual_seed(args.seed + index)
+            limit = min(budgets[rows.start], args.max_new_tokens) if hard_truncation else args.max_new_tokens
+            prompt_ids = tokenize_prompts(tokenizer, batch["prompt"])
+            began = time.perf_counter()
+            samples = sample(batch, prompt_ids, rows, limit)
+            seconds = (time.perf_counter() - began) / (len(rows) * args.num_samples)
+            lines = []
+            for row_index, row, group in zip(rows, batch, samples):
+                for sample_index, (ids, finished) in enumerate(group):
+                    text = tokenizer.decode(ids, skip_special_tokens=True)
+                    record = score_record(row, text, len(ids), finished, hard_truncation)
+                    lines.append(json.dumps({"row": row_index, "sample_index": sample_index, "seconds": seconds, **record}))
+            sink.write("".join(line + "\n" for line in lines))
+            sink.flush()
+            os.fsync(sink.fileno())
+            progress.update(len(rows))
+    ranks.barrier()  # every part is written before process 0 merges them
+    return ranks.main_first(lambda: merge_records(path, key)) or []

@@ -25,7 +25,8 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from lenvm_rl.data import DatasetArguments, load_prompts, source_fingerprint
-from lenvm_rl.errors import ConfigError, require_single_process
+from lenvm_rl.data_parallel import Ranks, launched_ranks
+from lenvm_rl.errors import ConfigError
 from lenvm_rl.generation import VLLMArguments, generate_hf, require_vllm, tokenize_prompts, vllm_engine, vllm_seeds
 from lenvm_rl.loading import inference_device, load_causal_lm, load_tokenizer
 from lenvm_rl.outputs import changed_setting
@@ -108,32 +109,42 @@ def check_manifest(output_dir: Path, args: RolloutArguments, model_name: str, dt
         manifest.write_text(json.dumps(settings, indent=2))
 
 
-def run_rollouts(args: RolloutArguments, model_name_or_path: str, dtype: str | None = None) -> Path:
+def run_rollouts(
+    args: RolloutArguments, model_name_or_path: str, dtype: str | None = None, ranks: Ranks = Ranks()
+) -> Path:
+    """Sample the shards not yet in ``args.output_dir``; under a data-parallel launch each process samples every
+    ``world``-th of them (shard i is seeded by i alone, so the shards are those a single process writes)."""
     from lenvm_rl.precision import resolve_dtype
 
     output_dir = Path(args.output_dir)
     dtype = resolve_dtype(dtype, inference_device().type)  # the manifest records what "auto" became
     prompts = load_prompts(args)
-    check_manifest(output_dir, args, model_name_or_path, dtype)
     shard_dir = output_dir / "shards"
-    shard_dir.mkdir(exist_ok=True)
+
+    def prepare() -> None:
+        check_manifest(output_dir, args, model_name_or_path, dtype)
+        shard_dir.mkdir(exist_ok=True)
+        for stale in output_dir.glob(".staging-*"):  # a shard an interrupted run did not finish writing
+            shutil.rmtree(stale)
+
+    ranks.main_first(prepare)
     tokenizer = load_tokenizer(model_name_or_path)
-    for stale in output_dir.glob(".staging-*"):  # a shard an interrupted run did not finish writing
-        shutil.rmtree(stale)
     num_shards = -(-len(prompts) // args.shard_size)
-    todo = [i for i in range(num_shards) if not (shard_dir / f"shard-{i:05d}").exists()]
+    todo = ranks.share([i for i in range(num_shards) if not (shard_dir / f"shard-{i:05d}").exists()])
     if not todo:
+        ranks.barrier()
         return output_dir
 
     def shard_rows(shard: int) -> range:
         return range(shard * args.shard_size, min((shard + 1) * args.shard_size, len(prompts)))
     if args.use_vllm:
-        generate_vllm = vllm_engine(model_name_or_path, tokenizer, args, args.num_samples_per_prompt, dtype)
+        generate_vllm = vllm_engine(model_name_or_path, tokenizer, args, args.num_samples_per_prompt, dtype, ranks=ranks)
     else:
         model = load_causal_lm(model_name_or_path, dtype=dtype).to(inference_device()).eval()
     extra_columns = [c for c in prompts.column_names if c != "prompt"]
     remaining = sum(len(shard_rows(i)) for i in todo)
-    progress = tqdm(total=len(prompts), initial=len(prompts) - remaining, desc="rollouts", unit="prompt")
+    share = sum(len(shard_rows(i)) for i in ranks.share(range(num_shards)))
+    progress = tqdm(total=share, initial=share - remaining, desc="rollouts", unit="prompt", disable=not ranks.is_main)
     for shard in todo:
         torch.manual_seed(args.seed + shard)
         rows = prompts.select(shard_rows(shard))
@@ -168,6 +179,7 @@ def run_rollouts(args: RolloutArguments, model_name_or_path: str, dtype: str | N
         Dataset.from_list(records).save_to_disk(str(staging))
         staging.rename(shard_dir / f"shard-{shard:05d}")
     progress.close()
+    ranks.barrier()  # every shard is written before any process reads the folder
     return output_dir
 
 
@@ -179,10 +191,17 @@ def main(argv: list[str] | None = None) -> None:
     from lenvm_rl.outputs import check_output_dir
 
     args, model_args = parse_recipe((RolloutArguments, ModelConfig), argv)
-    require_single_process("rollout")
-    check_output_dir(args.output_dir, {"model_name_or_path": model_args.model_name_or_path, "dataset_name": args.dataset_name})
-    output_dir = run_rollouts(args, model_args.model_name_or_path or "smollm2-135m-instruct", model_args.dtype)
+    ranks = launched_ranks()
+    inputs = {"model_name_or_path": model_args.model_name_or_path, "dataset_name": args.dataset_name}
+    ranks.main_first(lambda: check_output_dir(args.output_dir, inputs))
+    output_dir = run_rollouts(args, model_args.model_name_or_path or "smollm2-135m-instruct", model_args.dtype, ranks)
+    if not ranks.is_main:
+        return
     rollouts = load_rollouts(output_dir)
     finished = sum(rollouts["finished"])
     mean_tokens = sum(rollouts["completion_tokens"]) / len(rollouts)
-    print(f"{len(rollouts)} rollouts in {output_dir}: {finished} finished, {len(rollouts) - finished} truncated, mean {mean_tokens:.1f} tokens")
+    processes = f" ({ranks.world} processes)" if ranks.world > 1 else ""
+    print(
+        f"{len(rollouts)} rollouts in {output_dir}{processes}: {finished} finished, {len(rollouts) - finished} "
+        f"truncated, mean {mean_tokens:.1f} tokens"
+    )

@@ -15,10 +15,10 @@ from lenvm_rl.evaluate import (
     EvaluateArguments,
     budgeted_prompts,
     markdown_table,
-    read_records,
     run_evaluation,
     summarize,
 )
+from lenvm_rl.reporting import read_records
 from rewards.scores import budget_hit, lifebench_length_score
 
 

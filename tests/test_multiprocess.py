@@ -31,8 +31,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(args: list[str], processes: int, tmp_path: Path) -> None:
-    """`accelerate launch` with the 2-process CPU config (or plain python for one process); fail with the log."""
+def launch(args: list[str], processes: int, tmp_path: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """`accelerate launch` with the 2-process CPU config (or plain python for one process); fail with the log
+    unless ``check`` is false."""
     env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     if processes == 1:
         command = [sys.executable, *args]
@@ -40,7 +41,8 @@ def launch(args: list[str], processes: int, tmp_path: Path) -> None:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu_2proc.yaml"),
                    "--main_process_port", str(free_port()), *args]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0 or not check, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
 
 
 def first_logged_loss(output_dir: Path) -> float:
@@ -204,14 +206,3 @@ def test_lenvm_is_prepared_like_trls_reference_model(monkeypatch, tiny_model_pat
         make_trainer(tiny_model_path, tokenizer, dataset, tmp_path / backend, lenvm_model_path=str(lenvm))
         monkeypatch.setattr(grpo.GRPOTrainer, "__init__", original_init)
     assert calls == [("deepspeed", "LenVMModel"), ("fsdp", "LenVMModel")]
-
-
-@pytest.mark.parametrize("stage", ["rollout", "evaluate"])
-def test_single_process_stages_refuse_a_multi_process_launch(stage, monkeypatch, capsys):
-    from lenvm_rl.cli import main
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit) as exit_info:
-        main([stage, "--budgets", "8", "--output_dir", "unused"])
-    assert exit_info.value.code == 2
-    assert "runs as one process" in capsys.readouterr().err
