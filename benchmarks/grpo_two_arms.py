@@ -51,7 +51,16 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "bench_two_arms")
     options = parser.parse_args()
     options.output.mkdir(parents=True, exist_ok=True)
-    overrides = ["--max_steps", str(options.steps), "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"]
+    overrides = [
+        "--max_steps",
+        str(options.steps),
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+    ]
     if options.learning_rate is not None:
         overrides += ["--learning_rate", str(options.learning_rate)]
 
@@ -60,8 +69,19 @@ def main() -> None:
         for arm, recipe in ARMS.items():
             out = options.output / f"{arm}_seed{seed}"
             if not (out / "trainer_state.json").exists():
-                command = [sys.executable, "-m", "lenvm_rl", "grpo", "--config", str(recipe), "--seed", str(seed),
-                           "--output_dir", str(out), *overrides]
+                command = [
+                    sys.executable,
+                    "-m",
+                    "lenvm_rl",
+                    "grpo",
+                    "--config",
+                    str(recipe),
+                    "--seed",
+                    str(seed),
+                    "--output_dir",
+                    str(out),
+                    *overrides,
+                ]
                 wall[out.name] = run(command, options.output / f"{out.name}.log")
                 (out / "wall_time_s.txt").write_text(f"{wall[out.name]:.1f}\n")
                 print(f"{out.name}: {wall[out.name]:.0f} s", flush=True)
@@ -70,8 +90,21 @@ def main() -> None:
             labels.append(out.name)
 
     evaluation = options.output / "evaluate"
-    command = [sys.executable, "-m", "lenvm_rl", "evaluate", "--config", str(RECIPES / "evaluate" / "config_before_after.yaml"),
-               "--adapters", *adapters, "--labels", "base", *labels, "--output_dir", str(evaluation)]
+    command = [
+        sys.executable,
+        "-m",
+        "lenvm_rl",
+        "evaluate",
+        "--config",
+        str(RECIPES / "evaluate" / "config_before_after.yaml"),
+        "--adapters",
+        *adapters,
+        "--labels",
+        "base",
+        *labels,
+        "--output_dir",
+        str(evaluation),
+    ]
     eval_wall = run(command, options.output / "evaluate.log")
     results = json.loads((evaluation / "results.json").read_text())["results"]
 
@@ -85,7 +118,10 @@ def main() -> None:
             "hit_rate": [mean_over_budgets(s, "hit_rate") for s in per_seed.values()],
             "wall_s": [wall[f"{arm}_seed{seed}"] for seed in options.seeds],
         }
-    base = {name: mean_over_budgets(results["base"], name) for name in ("length_score", "accuracy", "mean_tokens", "hit_rate")}
+    base = {
+        name: mean_over_budgets(results["base"], name)
+        for name in ("length_score", "accuracy", "mean_tokens", "hit_rate")
+    }
 
     def cell(values, fmt=".3f"):
         spread = f" ± {statistics.stdev(values):{fmt}}" if len(values) > 1 else ""
@@ -106,7 +142,9 @@ def main() -> None:
         )
     lines.append(f"\nEvaluation of {len(adapters) + 1} models: {eval_wall:.0f} s.")
     (options.output / "summary.md").write_text("\n".join(lines) + "\n")
-    (options.output / "summary.json").write_text(json.dumps({"base": base, "arms": rows, "eval_wall_s": eval_wall}, indent=2))
+    (options.output / "summary.json").write_text(
+        json.dumps({"base": base, "arms": rows, "eval_wall_s": eval_wall}, indent=2)
+    )
     plot_training_curves(options.output, options.seeds)
     print("\n".join(lines))
 

@@ -47,7 +47,9 @@ def main() -> None:
     parser.add_argument("--guidance_min_p", type=float, default=0.3)
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "length_control")
     parser.add_argument(
-        "--reuse_base", type=Path, default=ROOT / "runs" / "bench_two_arms" / "evaluate" / "generations" / "base.jsonl",
+        "--reuse_base",
+        type=Path,
+        default=ROOT / "runs" / "bench_two_arms" / "evaluate" / "generations" / "base.jsonl",
         help="the base model's generations from an evaluation with the same recipe (grpo_two_arms.py's): evaluate "
         "resumes from them instead of sampling the same completions again",
     )
@@ -59,8 +61,14 @@ def main() -> None:
         shutil.copy(options.reuse_base, generations / "(a)_base.jsonl")
         shutil.copy(options.reuse_base.with_suffix(".adapter.json"), generations / "(a)_base.adapter.json")
     inference = evaluate(
-        options.output / "inference", adapters=[], labels=["(a) base"], hard_truncation=True, guided_decoding=True,
-        lenvm_model_path=options.lenvm, guidance_top_k=options.guidance_top_k, guidance_min_p=options.guidance_min_p,
+        options.output / "inference",
+        adapters=[],
+        labels=["(a) base"],
+        hard_truncation=True,
+        guided_decoding=True,
+        lenvm_model_path=options.lenvm,
+        guidance_top_k=options.guidance_top_k,
+        guidance_min_p=options.guidance_min_p,
     )
     arms = {
         "(a) base": "(a) base",
@@ -69,24 +77,40 @@ def main() -> None:
     }
     results = {name: inference["results"][key] for name, key in arms.items()}
     costs = {name: inference["ms_per_token"][key] for name, key in arms.items()}
-    grpo = {"(d) GRPO, sequence-level length score": "seq_length_score_seed0", "(e) GRPO, LenVM advantages": "lenvm_budget_seed0"}
-    present = {name: options.grpo_runs / run for name, run in grpo.items() if (options.grpo_runs / run / "adapter_config.json").exists()}
+    grpo = {
+        "(d) GRPO, sequence-level length score": "seq_length_score_seed0",
+        "(e) GRPO, LenVM advantages": "lenvm_budget_seed0",
+    }
+    present = {
+        name: options.grpo_runs / run
+        for name, run in grpo.items()
+        if (options.grpo_runs / run / "adapter_config.json").exists()
+    }
     previous = options.grpo_runs / "evaluate" / "results.json"  # grpo_two_arms.py scored these adapters already
     reused = json.loads(previous.read_text()) if previous.is_file() else {"results": {}, "ms_per_token": {}}
     if present and all(run in reused["results"] for run in map(lambda path: path.name, present.values())):
         results.update({name: reused["results"][path.name] for name, path in present.items()})
         costs.update({name: reused["ms_per_token"][path.name] for name, path in present.items()})
     elif present:
-        tuned = evaluate(options.output / "grpo", include_base=False, adapters=list(map(str, present.values())),
-                         labels=list(present))
+        tuned = evaluate(
+            options.output / "grpo", include_base=False, adapters=list(map(str, present.values())), labels=list(present)
+        )
         results.update(tuned["results"])
         costs.update(tuned["ms_per_token"])
 
-    lines = ["| arm | length score | accuracy | mean tokens | hit rate | ms per token |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| arm | length score | accuracy | mean tokens | hit rate | ms per token |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for name, summary in results.items():
-        mean = {k: sum(s[k] for s in summary) / len(summary) for k in ("length_score", "accuracy", "mean_tokens", "hit_rate")}
-        lines.append(f"| {name} | {mean['length_score']:.3f} | {mean['accuracy']:.3f} | {mean['mean_tokens']:.1f} | "
-                     f"{mean['hit_rate']:.3f} | {costs[name]:.1f} |")
+        mean = {
+            k: sum(s[k] for s in summary) / len(summary)
+            for k in ("length_score", "accuracy", "mean_tokens", "hit_rate")
+        }
+        lines.append(
+            f"| {name} | {mean['length_score']:.3f} | {mean['accuracy']:.3f} | {mean['mean_tokens']:.1f} | "
+            f"{mean['hit_rate']:.3f} | {costs[name]:.1f} |"
+        )
     lines += ["", "Per budget:", ""]
     from lenvm_rl.evaluate import markdown_table
 

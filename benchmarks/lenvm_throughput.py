@@ -35,8 +35,14 @@ def synthetic_rows(vocab_size, count, prompt_tokens=60, completion_tokens=60, se
     for _ in range(count):
         length = int(torch.randint(completion_tokens // 2, completion_tokens * 3 // 2, (1,), generator=generator))
         ids = torch.randint(3, vocab_size, (prompt_tokens + length,), generator=generator).tolist()
-        rows.append({"prompt_ids": ids[:prompt_tokens], "completion_ids": ids[prompt_tokens:],
-                     "completion_tokens": length, "finished": True})
+        rows.append(
+            {
+                "prompt_ids": ids[:prompt_tokens],
+                "completion_ids": ids[prompt_tokens:],
+                "completion_tokens": length,
+                "finished": True,
+            }
+        )
     return rows
 
 
@@ -105,11 +111,15 @@ def main():
     # Interleave the arms in two rounds so drift in machine load hits both alike.
     for arm, step in [("plain", plain_step), ("lenvm", lenvm_step), ("top", top_step)] * 2:
         timings = time_arm(step, batches(rows, args.batch_size, tokenizer.pad_token_id, count), args.warmup)
-        results.setdefault(arm, []).extend(t / n for t, n in zip(timings, tokens[args.warmup:]))
+        results.setdefault(arm, []).extend(t / n for t, n in zip(timings, tokens[args.warmup :]))
     plain_tps = 1 / statistics.median(results["plain"])
     lenvm_tps = 1 / statistics.median(results["lenvm"])
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"model {args.model}, batch {args.batch_size}, {len(results['plain'])} timed steps per arm, autocast {args.autocast}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    print(
+        f"model {args.model}, batch {args.batch_size}, {len(results['plain'])} timed steps per arm, autocast {args.autocast}"
+    )
     print(f"plain forward+backward: {plain_tps:,.0f} tokens/s (median)")
     print(f"LenVM training step:    {lenvm_tps:,.0f} tokens/s (median)")
     top_tps = 1 / statistics.median(results["top"])

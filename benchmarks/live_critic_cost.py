@@ -37,21 +37,45 @@ def fresh_lenvm(model_name_or_path: str, path: Path) -> Path:
 
 
 def run(recipe: str, lenvm: Path, update: str, args, output_dir: Path) -> dict:
-    overrides = {"lenvm_model_path": lenvm, "lenvm_update": update, "max_steps": args.steps, "logging_steps": 1,
-                 "save_strategy": "no", "eval_strategy": "no", "eval_on_start": "false", "disable_tqdm": "true",
-                 "output_dir": output_dir, **dict(item.split("=", 1) for item in args.override)}
-    command = [sys.executable, "-m", "lenvm_rl", "grpo", "--config", recipe,
-               *[part for key, value in overrides.items() for part in (f"--{key}", str(value))]]
+    overrides = {
+        "lenvm_model_path": lenvm,
+        "lenvm_update": update,
+        "max_steps": args.steps,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "eval_on_start": "false",
+        "disable_tqdm": "true",
+        "output_dir": output_dir,
+        **dict(item.split("=", 1) for item in args.override),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "lenvm_rl",
+        "grpo",
+        "--config",
+        recipe,
+        *[part for key, value in overrides.items() for part in (f"--{key}", str(value))],
+    ]
     log = output_dir.with_suffix(".log")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
-        if subprocess.run(command, cwd=ROOT, env={**os.environ, **ENV}, stdout=out, stderr=subprocess.STDOUT).returncode:
+        if subprocess.run(
+            command, cwd=ROOT, env={**os.environ, **ENV}, stdout=out, stderr=subprocess.STDOUT
+        ).returncode:
             sys.exit(f"live_critic_cost: {update} run failed; see {log}")
-    rows = [row for row in json.loads((output_dir / "trainer_state.json").read_text())["log_history"] if "step_time" in row]
+    rows = [
+        row for row in json.loads((output_dir / "trainer_state.json").read_text())["log_history"] if "step_time" in row
+    ]
     rows = rows[1:] if len(rows) > 2 else rows  # the first step also warms up allocators and caches
-    median = lambda key: statistics.median(row[key] for row in rows) if all(key in row for row in rows) else None  # noqa: E731
-    return {"step_time_s": median("step_time"), "scoring_time_s": median("length/scoring_time_s"),
-            "critic_update_time_s": median("length/critic_update_time_s"), "steps_measured": len(rows)}
+    median = lambda key: statistics.median(row[key] for row in rows) if all(key in row for row in rows) else None
+    return {
+        "step_time_s": median("step_time"),
+        "scoring_time_s": median("length/scoring_time_s"),
+        "critic_update_time_s": median("length/critic_update_time_s"),
+        "steps_measured": len(rows),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -57,17 +57,37 @@ FIRST, QUARTER = "length_advantage_scale=first", "length_advantage_scale=first,l
 # (published for seed 0 only; a fresh run makes all three seeds); the plan task at 200 steps, and one seed of its
 # best pair at 800.
 CELLS = [
-    "g2:seq", "g2:frozen", f"g2:frozen@{FIRST}", "g2:live", "g2:group", f"g2:expected@{FIRST}",
-    "g8:seq", "g8:frozen", f"g8:frozen@{FIRST}", "g8:live", "g8:expected", "g1:ppo", f"g1:ppo@{FIRST}",
-    "g2:seq@eval_steps=5,max_steps=150", f"g2:frozen@{FIRST},eval_steps=5,max_steps=150",
+    "g2:seq",
+    "g2:frozen",
+    f"g2:frozen@{FIRST}",
+    "g2:live",
+    "g2:group",
+    f"g2:expected@{FIRST}",
+    "g8:seq",
+    "g8:frozen",
+    f"g8:frozen@{FIRST}",
+    "g8:live",
+    "g8:expected",
+    "g1:ppo",
+    f"g1:ppo@{FIRST}",
+    "g2:seq@eval_steps=5,max_steps=150",
+    f"g2:frozen@{FIRST},eval_steps=5,max_steps=150",
     "g8:seq@eval_steps=5,max_steps=150",
-    "g2:seq@reward_weights=1;2", "g2:seq@reward_weights=1;0.5", "g2:frozen@length_advantage_coef=0.5",
-    "g2:frozen@length_advantage_coef=0.25", "g2:frozen@whiten_length_advantage=false,length_advantage_coef=6",
-    f"g2:frozen@{QUARTER}", f"g8:frozen@{QUARTER}",
-    "plan_g2:seq@max_steps=200", f"plan_g2:frozen@{FIRST},max_steps=200", f"plan_g2:frozen@{QUARTER},max_steps=200",
+    "g2:seq@reward_weights=1;2",
+    "g2:seq@reward_weights=1;0.5",
+    "g2:frozen@length_advantage_coef=0.5",
+    "g2:frozen@length_advantage_coef=0.25",
+    "g2:frozen@whiten_length_advantage=false,length_advantage_coef=6",
+    f"g2:frozen@{QUARTER}",
+    f"g8:frozen@{QUARTER}",
+    "plan_g2:seq@max_steps=200",
+    f"plan_g2:frozen@{FIRST},max_steps=200",
+    f"plan_g2:frozen@{QUARTER},max_steps=200",
     "plan_g2:frozen@whiten_length_advantage=false,max_steps=200",
-    "plan_g8:seq@max_steps=200", f"plan_g8:frozen@{QUARTER},max_steps=200",
-    "plan_g2:seq@max_steps=800", f"plan_g2:frozen@{QUARTER},max_steps=800",
+    "plan_g8:seq@max_steps=200",
+    f"plan_g8:frozen@{QUARTER},max_steps=200",
+    "plan_g2:seq@max_steps=800",
+    f"plan_g2:frozen@{QUARTER},max_steps=800",
     f"plan_g2:frozen@{FIRST},length_advantage_coef=0.1,max_steps=800",
 ]
 SCORE_KEY, ACCURACY_KEY = "eval_length/mean_length_score", "eval_rewards/accuracy/mean"
@@ -78,17 +98,21 @@ def parse_cell(cell: str) -> tuple[str, str, dict[str, str]]:
     """``regime:arm@field=value,field=value`` -> (regime, arm, {field: value})."""
     regime, _, rest = cell.partition(":")
     arm, _, extra = rest.partition("@")
-    overrides = {key: value.split(";") if ";" in value else value  # a list field: values joined by ";"
-                 for key, value in (item.split("=", 1) for item in extra.split(",") if "=" in item)}
+    overrides = {
+        key: value.split(";") if ";" in value else value  # a list field: values joined by ";"
+        for key, value in (item.split("=", 1) for item in extra.split(",") if "=" in item)
+    }
     if regime not in REGIMES or arm not in ARMS or extra.count("=") != len(overrides) or (extra and not overrides):
-        raise ValueError(f"--cells: {cell!r} is not regime:arm[@field=value,...] with regime in {list(REGIMES)} "
-                         f"and arm in {list(ARMS)}")
+        raise ValueError(
+            f"--cells: {cell!r} is not regime:arm[@field=value,...] with regime in {list(REGIMES)} "
+            f"and arm in {list(ARMS)}"
+        )
     return regime, arm, overrides
 
 
 def label(cell: str) -> str:
     _, arm, overrides = parse_cell(cell)
-    shown = lambda value: " / ".join(value) if isinstance(value, list) else value  # noqa: E731
+    shown = lambda value: " / ".join(value) if isinstance(value, list) else value
     return ARMS[arm][2] + "".join(f", {key} {shown(value)}" for key, value in overrides.items())
 
 
@@ -107,24 +131,46 @@ def train_command(runs: Path, cell: str, seed: int, args) -> list[str]:
     regime, arm, cell_overrides = parse_cell(cell)
     recipe, arm_overrides, _ = ARMS[arm]
     task = task_dir(runs, cell)
-    overrides = {**REGIMES[regime][2], **arm_overrides, "per_device_train_batch_size": COMPLETIONS_PER_STEP,
-                 "seed": seed, "max_steps": args.max_steps, "eval_steps": args.eval_steps, "logging_steps": 1,
-                 "model_name_or_path": task / "sft", "lenvm_model_path": task / "lenvm",
-                 "output_dir": run_dir(runs, cell, seed), **cell_overrides}  # a cell's own fields win
-    flags = [item for key, value in overrides.items()
-             for item in (f"--{key}", *(map(str, value) if isinstance(value, list) else [str(value)]))]
+    overrides = {
+        **REGIMES[regime][2],
+        **arm_overrides,
+        "per_device_train_batch_size": COMPLETIONS_PER_STEP,
+        "seed": seed,
+        "max_steps": args.max_steps,
+        "eval_steps": args.eval_steps,
+        "logging_steps": 1,
+        "model_name_or_path": task / "sft",
+        "lenvm_model_path": task / "lenvm",
+        "output_dir": run_dir(runs, cell, seed),
+        **cell_overrides,
+    }  # a cell's own fields win
+    flags = [
+        item
+        for key, value in overrides.items()
+        for item in (f"--{key}", *(map(str, value) if isinstance(value, list) else [str(value)]))
+    ]
     return [sys.executable, "-m", "lenvm_rl", recipe.split("/")[0], "--config", str(RECIPES / recipe), *flags]
 
 
 def run_cells(runs: Path, args) -> dict:
     """Every cell x seed not yet finished, ``args.jobs`` processes at a time; returns {(cell, seed): wall s}."""
-    todo = [(cell, seed) for cell in args.cells for seed in args.seeds
-            if not (run_dir(runs, cell, seed) / "trainer_state.json").exists()]
+    todo = [
+        (cell, seed)
+        for cell in args.cells
+        for seed in args.seeds
+        if not (run_dir(runs, cell, seed) / "trainer_state.json").exists()
+    ]
     for cell, seed in todo:
         shutil.rmtree(run_dir(runs, cell, seed), ignore_errors=True)  # an unfinished run of this map's own
-    jobs = [((cell, seed), train_command(runs, cell, seed, args),
-             runs / "logs" / "map" / f"{cell.replace(':', '_')}_seed{seed}.log") for cell, seed in todo]
-    record = lambda key, wall: (run_dir(runs, *key) / "wall_s.txt").write_text(f"{wall:.1f}\n")  # noqa: E731
+    jobs = [
+        (
+            (cell, seed),
+            train_command(runs, cell, seed, args),
+            runs / "logs" / "map" / f"{cell.replace(':', '_')}_seed{seed}.log",
+        )
+        for cell, seed in todo
+    ]
+    record = lambda key, wall: (run_dir(runs, *key) / "wall_s.txt").write_text(f"{wall:.1f}\n")
     return run_jobs(jobs, args.jobs, "map", done=record)
 
 
@@ -177,12 +223,16 @@ def summarise(runs_by_cell: dict, target: float) -> dict:
         seeds = list(runs.values())
         steps = [reach(run, target, "steps") for run in seeds]
         tokens = [reach(run, target, "tokens") for run in seeds]
-        mean = lambda values: statistics.fmean(values)  # noqa: E731
+        mean = lambda values: statistics.fmean(values)
         summary[cell] = {
-            "seeds": list(runs), "steps": steps, "tokens": tokens,
+            "seeds": list(runs),
+            "steps": steps,
+            "tokens": tokens,
             "interval": seeds[0]["steps"][1] - seeds[0]["steps"][0],  # evaluation interval: the resolution of reach
-            "median_steps": median_or_none(steps), "median_tokens": median_or_none(tokens),
-            "best": mean([max(run["score"]) for run in seeds]), "final": mean([run["score"][-1] for run in seeds]),
+            "median_steps": median_or_none(steps),
+            "median_tokens": median_or_none(tokens),
+            "best": mean([max(run["score"]) for run in seeds]),
+            "final": mean([run["score"][-1] for run in seeds]),
             "start": mean([run["score"][0] for run in seeds]),
             "accuracy_start": mean([run["accuracy"][0] for run in seeds]),
             "accuracy_final": mean([late_mean(run, "accuracy") for run in seeds]),
@@ -196,6 +246,7 @@ def summarise(runs_by_cell: dict, target: float) -> dict:
 def table(summary: dict, target: float) -> str:
     """One row per cell; the tokens ratio is against the best sequence-level cell (any group size) of the same task
     and evaluation interval (a coarser interval rounds steps to the target up further)."""
+
     def key(cell: str) -> tuple[str, int]:
         return REGIMES[cell.split(":")[0]][1], summary[cell]["interval"]
 
@@ -203,8 +254,7 @@ def table(summary: dict, target: float) -> str:
     for cell, s in summary.items():
         if parse_cell(cell)[1] == "seq" and s["median_tokens"]:
             best_seq[key(cell)] = min(best_seq.get(key(cell), float("inf")), s["median_tokens"])
-    shown = lambda values: ", ".join("–" if v is None else f"{v / 1000:.0f}k" if v > 999 else f"{v:g}"  # noqa: E731
-                                     for v in values)
+    shown = lambda values: ", ".join("–" if v is None else f"{v / 1000:.0f}k" if v > 999 else f"{v:g}" for v in values)
     lines = [
         f"| regime | arm | steps to LS ≥ {target} (per seed) "
         f"| generated tokens to LS ≥ {target} (per seed; median) "
@@ -241,8 +291,7 @@ def plot(runs_by_cell: dict, regime: str, path: Path, target: float) -> None:
         count = min(len(run["score"]) for run in seeds)
         tokens = [statistics.fmean(run["tokens"][i] for run in seeds) / 1000 for i in range(count)]
         score = [statistics.fmean(run["score"][i] for run in seeds) for i in range(count)]
-        axis.plot(tokens, score, color=f"C{index}", linewidth=2,
-                  label=f"{label(cell)} (mean of {len(seeds)})")
+        axis.plot(tokens, score, color=f"C{index}", linewidth=2, label=f"{label(cell)} (mean of {len(seeds)})")
     axis.axhline(target, color="grey", linestyle="--", linewidth=0.8)
     axis.set_xlabel("generated tokens (thousands)")
     axis.set_ylabel("held-out length score (LIFEBench, mean)")
@@ -284,15 +333,27 @@ def main(argv: list[str] | None = None) -> None:
 
     runs_by_cell = {}
     for cell in args.cells:
-        done = {seed: load_run(run_dir(runs, cell, seed)) for seed in args.seeds
-                if (run_dir(runs, cell, seed) / "trainer_state.json").exists()}
+        done = {
+            seed: load_run(run_dir(runs, cell, seed))
+            for seed in args.seeds
+            if (run_dir(runs, cell, seed) / "trainer_state.json").exists()
+        }
         if done:
             runs_by_cell[cell] = done
     summary = summarise(runs_by_cell, args.target)
-    (runs / "map" / "summary.json").write_text(json.dumps(
-        {"wall_s": wall, "cells": summary,
-         "curves": {cell: {seed: {k: v for k, v in run.items() if k != "train"} for seed, run in seeds.items()}
-                    for cell, seeds in runs_by_cell.items()}}, indent=2))
+    (runs / "map" / "summary.json").write_text(
+        json.dumps(
+            {
+                "wall_s": wall,
+                "cells": summary,
+                "curves": {
+                    cell: {seed: {k: v for k, v in run.items() if k != "train"} for seed, run in seeds.items()}
+                    for cell, seeds in runs_by_cell.items()
+                },
+            },
+            indent=2,
+        )
+    )
     result = table(summary, args.target)
     print(result)
     regimes = sorted({cell.split(":")[0] for cell in runs_by_cell}, key=list(REGIMES).index)
@@ -303,17 +364,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.docs:
         command = "python benchmarks/map.py " + " ".join(a for a in sys.argv[1:] if a != "--report-only")
         run_walls = [run["wall_s"] for seeds in runs_by_cell.values() for run in seeds.values() if run["wall_s"]]
-        section = "\n".join([
-            f"Command: `{command.strip()}`. Machine: {machine()}.",
-            f"Steps per run: {steps_per_run(runs_by_cell)}; {COMPLETIONS_PER_STEP} completions per step, held-out "
-            f"evaluation at the interval in the table (64 held-out problems × 2 samples). Seeds per cell: as listed. "
-            f"Sum of the runs' wall times: {sum(run_walls) / 60:.0f} min ({args.jobs} processes at a time, one thread each, on a "
-            f"machine shared with other work: per-run wall times are not comparable between cells).",
-            "",
-            result,
-            "",
-            *[f"![{REGIMES[r][0]}](figures/map_{r}.png)" for r in plotted],
-        ])
+        section = "\n".join(
+            [
+                f"Command: `{command.strip()}`. Machine: {machine()}.",
+                f"Steps per run: {steps_per_run(runs_by_cell)}; {COMPLETIONS_PER_STEP} completions per step, held-out "
+                f"evaluation at the interval in the table (64 held-out problems × 2 samples). Seeds per cell: as listed. "
+                f"Sum of the runs' wall times: {sum(run_walls) / 60:.0f} min ({args.jobs} processes at a time, one thread each, on a "
+                f"machine shared with other work: per-run wall times are not comparable between cells).",
+                "",
+                result,
+                "",
+                *[f"![{REGIMES[r][0]}](figures/map_{r}.png)" for r in plotted],
+            ]
+        )
         text = (ROOT / args.docs).read_text()
         if BEGIN not in text:
             (ROOT / args.docs).write_text(text.rstrip() + f"\n\n{BEGIN}\n{END}\n")
@@ -321,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def steps_per_run(runs_by_cell: dict) -> str:
-    """"300 (g8, g2), 200 (plan_g2)": the last evaluated step of the runs, by regime."""
+    """ "300 (g8, g2), 200 (plan_g2)": the last evaluated step of the runs, by regime."""
     by_steps = {}
     for cell, seeds in runs_by_cell.items():
         for run in seeds.values():
@@ -333,7 +396,7 @@ def steps_per_run(runs_by_cell: dict) -> str:
 
 def write_docs_block(docs: Path, section: str) -> None:
     text = docs.read_text()
-    docs.write_text(text[: text.index(BEGIN)] + f"{BEGIN}\n{section}\n{END}" + text[text.index(END) + len(END):])
+    docs.write_text(text[: text.index(BEGIN)] + f"{BEGIN}\n{section}\n{END}" + text[text.index(END) + len(END) :])
 
 
 if __name__ == "__main__":

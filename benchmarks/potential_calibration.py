@@ -30,28 +30,43 @@ def fresh_rollouts(runs: Path, path: Path, seed: int) -> None:
     if (path / "shards").exists():
         return
     recipe = ROOT / "recipes" / "testbed" / "rollout" / "config_testbed.yaml"
-    command = [sys.executable, "-m", "lenvm_rl", "rollout", "--config", str(recipe), "--model_name_or_path",
-               str(runs / "sft"), "--num_prompts", "256", "--dataset_seed", str(seed), "--seed", str(seed),
-               "--output_dir", str(path)]
+    command = [
+        sys.executable,
+        "-m",
+        "lenvm_rl",
+        "rollout",
+        "--config",
+        str(recipe),
+        "--model_name_or_path",
+        str(runs / "sft"),
+        "--num_prompts",
+        "256",
+        "--dataset_seed",
+        str(seed),
+        "--seed",
+        str(seed),
+        "--output_dir",
+        str(path),
+    ]
     subprocess.run(command, cwd=ROOT, check=True)
 
 
 def predictions(lenvm_path: Path, rollouts_path: Path, max_tokens: int) -> dict[str, torch.Tensor]:
     """One row per state s_j of a finished rollout: kind, both potentials' predictions of score and hit, outcomes."""
+    from lenvm_rl.advantages import expected_length_score
     from lenvm_rl.critic_metrics import score_rollouts
     from lenvm_rl.loading import load_tokenizer
     from lenvm_rl.modeling import load_lenvm
-    from lenvm_rl.advantages import expected_length_score
     from lenvm_rl.returns import remaining_from_value
-    from rewards.scores import budget_hit, budget_kind_codes, LENGTH_SCORES
     from lenvm_rl.rollout_data import load_rollouts
+    from rewards.scores import LENGTH_SCORES, budget_hit, budget_kind_codes
 
     model = load_lenvm(str(lenvm_path))
     gamma = model.config.gamma
     rows = load_rollouts(rollouts_path).filter(lambda row: row["finished"] and row["completion_tokens"] > 0)
     values = score_rollouts(model, rows, load_tokenizer(str(lenvm_path)).pad_token_id, batch_size=64)
     score = LENGTH_SCORES["lifebench"]
-    hit = lambda lengths, budgets, kinds: budget_hit(lengths, budgets, kinds).double()  # noqa: E731
+    hit = lambda lengths, budgets, kinds: budget_hit(lengths, budgets, kinds).double()
     out = {key: [] for key in ("kind", "point_score", "expected_score", "point_hit", "expected_hit", "score", "hit")}
     for row, value in zip(rows, values, strict=True):
         length = row["completion_tokens"]
@@ -74,10 +89,17 @@ def predictions(lenvm_path: Path, rollouts_path: Path, max_tokens: int) -> dict[
 
 def calibration(predicted: torch.Tensor, outcome: torch.Tensor) -> dict[str, float]:
     bins = (predicted * BINS).long().clamp(max=BINS - 1)
-    ece = sum((bins == b).double().mean() * (predicted[bins == b].mean() - outcome[bins == b].mean()).abs()
-              for b in range(BINS) if (bins == b).any())
-    return {"mean_predicted": predicted.mean().item(), "mean_outcome": outcome.mean().item(),
-            "mse": ((predicted - outcome) ** 2).mean().item(), "ece": float(ece)}
+    ece = sum(
+        (bins == b).double().mean() * (predicted[bins == b].mean() - outcome[bins == b].mean()).abs()
+        for b in range(BINS)
+        if (bins == b).any()
+    )
+    return {
+        "mean_predicted": predicted.mean().item(),
+        "mean_outcome": outcome.mean().item(),
+        "mse": ((predicted - outcome) ** 2).mean().item(),
+        "ece": float(ece),
+    }
 
 
 def reliability(predicted: torch.Tensor, outcome: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -102,10 +124,16 @@ def main(argv: list[str] | None = None) -> None:
         fresh_rollouts(runs, rollouts, args.seed)
     data = predictions(Path(args.lenvm) if args.lenvm else runs / "lenvm", rollouts, args.max_completion_tokens)
 
-    cases = [("exact", 0, "score", "mean length score"), ("at most", 1, "hit", "hit rate"),
-             ("at least", 2, "hit", "hit rate")]
-    lines = ["| budget kind | states | outcome | potential | states: mean predicted / realised | MSE | ECE "
-             "| prompt boundary: mean predicted / realised | ECE |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    cases = [
+        ("exact", 0, "score", "mean length score"),
+        ("at most", 1, "hit", "hit rate"),
+        ("at least", 2, "hit", "hit rate"),
+    ]
+    lines = [
+        "| budget kind | states | outcome | potential | states: mean predicted / realised | MSE | ECE "
+        "| prompt boundary: mean predicted / realised | ECE |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     results = {}
     import matplotlib
 
@@ -123,10 +151,16 @@ def main(argv: list[str] | None = None) -> None:
             lines.append(
                 f"| {name} | {int(chosen.sum())} | {label} | {potential} | {every['mean_predicted']:.3f} / "
                 f"{every['mean_outcome']:.3f} | {every['mse']:.4f} | {every['ece']:.3f} | "
-                f"{boundary['mean_predicted']:.3f} / {boundary['mean_outcome']:.3f} | {boundary['ece']:.3f} |")
+                f"{boundary['mean_predicted']:.3f} / {boundary['mean_outcome']:.3f} | {boundary['ece']:.3f} |"
+            )
             xs, ys = reliability(predicted, outcome)
-            axis.plot(xs, ys, "o-", color=f"C{index}", label=f"{potential}: S(E[L])" if potential == "point"
-                      else "expected: E[S(L)]")
+            axis.plot(
+                xs,
+                ys,
+                "o-",
+                color=f"C{index}",
+                label=f"{potential}: S(E[L])" if potential == "point" else "expected: E[S(L)]",
+            )
         axis.plot([0, 1], [0, 1], "--", color="grey", linewidth=0.8)
         axis.set_title(f"{name}: {label}", fontsize=9)
         axis.set_xlabel("predicted at s_j")
@@ -142,13 +176,15 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     if args.docs:
         command = "python benchmarks/potential_calibration.py " + " ".join(sys.argv[1:])
-        section = (f"Command: `{command.strip()}` (LenVM `{args.runs}/lenvm`, rollouts `{rollouts.relative_to(ROOT) if rollouts.is_relative_to(ROOT) else rollouts}`, "
-                   f"finished rows only).\n\n{table}\n\n![calibration]({Path(args.figure).relative_to('docs')})")
+        section = (
+            f"Command: `{command.strip()}` (LenVM `{args.runs}/lenvm`, rollouts `{rollouts.relative_to(ROOT) if rollouts.is_relative_to(ROOT) else rollouts}`, "
+            f"finished rows only).\n\n{table}\n\n![calibration]({Path(args.figure).relative_to('docs')})"
+        )
         docs = ROOT / args.docs
         text = docs.read_text()
         if BEGIN not in text:
             text = text.rstrip() + f"\n\n{BEGIN}\n{END}\n"
-        docs.write_text(text[: text.index(BEGIN)] + f"{BEGIN}\n{section}\n{END}" + text[text.index(END) + len(END):])
+        docs.write_text(text[: text.index(BEGIN)] + f"{BEGIN}\n{section}\n{END}" + text[text.index(END) + len(END) :])
 
 
 if __name__ == "__main__":

@@ -51,8 +51,16 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "bench_ppo_vs_grpo")
     options = parser.parse_args()
     options.output.mkdir(parents=True, exist_ok=True)
-    overrides = ["--max_steps", str(options.max_steps), "--save_strategy", "no", "--report_to", "none",
-                 "--disable_tqdm", "true"]
+    overrides = [
+        "--max_steps",
+        str(options.max_steps),
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+    ]
     if {completions for _, _, completions in ARMS.values()} != {16}:
         sys.exit("the arms must generate the same number of completions per step")
 
@@ -61,8 +69,19 @@ def main() -> None:
         for arm, (stage, recipe, completions) in ARMS.items():
             out = options.output / f"{arm}_seed{seed}"
             if not (out / "trainer_state.json").exists():
-                command = [sys.executable, "-m", "lenvm_rl", stage, "--config", str(recipe), "--seed", str(seed),
-                           "--output_dir", str(out), *overrides]
+                command = [
+                    sys.executable,
+                    "-m",
+                    "lenvm_rl",
+                    stage,
+                    "--config",
+                    str(recipe),
+                    "--seed",
+                    str(seed),
+                    "--output_dir",
+                    str(out),
+                    *overrides,
+                ]
                 seconds = run(command, options.output / f"{out.name}.log")
                 (out / "wall_time_s.txt").write_text(f"{seconds:.1f}\n")
             wall[out.name] = float((out / "wall_time_s.txt").read_text())
@@ -73,9 +92,23 @@ def main() -> None:
             labels.append(out.name)
 
     evaluation = options.output / "evaluate"
-    command = [sys.executable, "-m", "lenvm_rl", "evaluate", "--config", str(RECIPES / "evaluate" / "config_before_after.yaml"),
-               "--adapters", *adapters, "--labels", "base", *labels, "--num_prompts", str(options.eval_prompts),
-               "--output_dir", str(evaluation)]
+    command = [
+        sys.executable,
+        "-m",
+        "lenvm_rl",
+        "evaluate",
+        "--config",
+        str(RECIPES / "evaluate" / "config_before_after.yaml"),
+        "--adapters",
+        *adapters,
+        "--labels",
+        "base",
+        *labels,
+        "--num_prompts",
+        str(options.eval_prompts),
+        "--output_dir",
+        str(evaluation),
+    ]
     eval_wall = run(command, options.output / "evaluate.log")
     results = json.loads((evaluation / "results.json").read_text())["results"]
 
@@ -108,7 +141,9 @@ def main() -> None:
         )
     lines.append(f"\nEvaluation of {len(adapters) + 1} models: {eval_wall:.0f} s.")
     (options.output / "summary.md").write_text("\n".join(lines) + "\n")
-    (options.output / "summary.json").write_text(json.dumps({"base": base, "arms": rows, "eval_wall_s": eval_wall}, indent=2))
+    (options.output / "summary.json").write_text(
+        json.dumps({"base": base, "arms": rows, "eval_wall_s": eval_wall}, indent=2)
+    )
     plot_token_curves(options.output, options.seeds)
     print("\n".join(lines))
 
@@ -126,8 +161,14 @@ def plot_token_curves(output: Path, seeds: list[int]) -> None:
             history = json.loads((output / f"{arm}_seed{seed}" / "trainer_state.json").read_text())["log_history"]
             tokens, rows = token_curve(history, completions)
             for axis, key in zip(axes, ("length/mean_length_score", "rewards/accuracy/mean")):
-                axis.plot(tokens, [row[key] for row in rows], color=color, marker=".", alpha=0.7,
-                          label=arm if seed == seeds[0] else None)
+                axis.plot(
+                    tokens,
+                    [row[key] for row in rows],
+                    color=color,
+                    marker=".",
+                    alpha=0.7,
+                    label=arm if seed == seeds[0] else None,
+                )
                 axis.set(xlabel="generated tokens (cumulative)", ylabel=key)
     axes[0].legend()
     figure.suptitle("Training batches (16 completions per step)")

@@ -38,22 +38,35 @@ ARMS = {  # name -> (recipe under recipes/testbed, whose folder names the stage;
     "ppo_lenvm_lambda1": ("ppo/config_lenvm_lambda1.yaml", "(d) PPO task critic + LenVM budget advantages, λ = 1"),
 }
 DEFAULT_ARMS = ["accuracy", "length_score", "lenvm_lambda1", "lenvm_lambda095"]  # issue #8's study; (d) on request
-SCORE_KEY, ACCURACY_KEY, HIT_KEY = "eval_length/mean_length_score", "eval_rewards/accuracy/mean", "eval_length/budget_hit_rate"
+SCORE_KEY, ACCURACY_KEY, HIT_KEY = (
+    "eval_length/mean_length_score",
+    "eval_rewards/accuracy/mean",
+    "eval_length/budget_hit_rate",
+)
 BEGIN, END = "<!-- testbed:begin (written by benchmarks/testbed.py) -->", "<!-- testbed:end -->"
-THREADS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-               "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+THREADS_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_MODE": "offline",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+}
 
 
 def run_logged(command: list[str], log: Path) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, **THREADS_ENV}, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        command, cwd=ROOT, env={**os.environ, **THREADS_ENV}, stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
 
 
 def check(process: subprocess.Popen, log: Path) -> None:
     if process.wait() != 0:
         tail = log.read_text().strip().splitlines()[-5:]
-        sys.exit(f"testbed: {' '.join(process.args[:5])} ... failed (exit {process.returncode}); {log}:\n" + "\n".join(tail))
+        sys.exit(
+            f"testbed: {' '.join(process.args[:5])} ... failed (exit {process.returncode}); {log}:\n" + "\n".join(tail)
+        )
 
 
 # The second task (``--form plan``, lenvm_rl.testbed): its budgets and generation limit, for every stage after SFT.
@@ -65,15 +78,46 @@ def prepare(runs: Path, form: str = "tracker", sft_flags: tuple[str, ...] = ()) 
     times = {}
     plan = [part for key, values in PLAN_OVERRIDES.items() for part in (f"--{key}", *values)] if form == "plan" else []
     stages = [
-        ("sft", runs / "sft" / "config.json",
-         [sys.executable, "-m", "lenvm_rl.testbed", "--output_dir", str(runs / "sft"), "--form", form, *sft_flags]),
-        ("rollout", runs / "rollouts" / "shards",
-         [sys.executable, "-m", "lenvm_rl", "rollout", "--config", str(RECIPES / "rollout" / "config_testbed.yaml"),
-          "--model_name_or_path", str(runs / "sft"), "--output_dir", str(runs / "rollouts"), *plan]),
-        ("lenvm", runs / "lenvm" / "config.json",
-         [sys.executable, "-m", "lenvm_rl", "train-lenvm", "--config", str(RECIPES / "lenvm" / "config_full.yaml"),
-          "--model_name_or_path", str(runs / "sft"), "--rollouts_path", str(runs / "rollouts"),
-          "--output_dir", str(runs / "lenvm")]),
+        (
+            "sft",
+            runs / "sft" / "config.json",
+            [sys.executable, "-m", "lenvm_rl.testbed", "--output_dir", str(runs / "sft"), "--form", form, *sft_flags],
+        ),
+        (
+            "rollout",
+            runs / "rollouts" / "shards",
+            [
+                sys.executable,
+                "-m",
+                "lenvm_rl",
+                "rollout",
+                "--config",
+                str(RECIPES / "rollout" / "config_testbed.yaml"),
+                "--model_name_or_path",
+                str(runs / "sft"),
+                "--output_dir",
+                str(runs / "rollouts"),
+                *plan,
+            ],
+        ),
+        (
+            "lenvm",
+            runs / "lenvm" / "config.json",
+            [
+                sys.executable,
+                "-m",
+                "lenvm_rl",
+                "train-lenvm",
+                "--config",
+                str(RECIPES / "lenvm" / "config_full.yaml"),
+                "--model_name_or_path",
+                str(runs / "sft"),
+                "--rollouts_path",
+                str(runs / "rollouts"),
+                "--output_dir",
+                str(runs / "lenvm"),
+            ],
+        ),
     ]
     for name, done, command in stages:
         if done.exists():
@@ -89,10 +133,24 @@ def prepare(runs: Path, form: str = "tracker", sft_flags: tuple[str, ...] = ()) 
 def train_command(runs: Path, arm: str, seed: int, args) -> list[str]:
     recipe = RECIPES / ARMS[arm][0]
     return [
-        sys.executable, "-m", "lenvm_rl", recipe.parent.name, "--config", str(recipe),
-        "--model_name_or_path", str(runs / "sft"), "--lenvm_model_path", str(runs / "lenvm"),
-        "--output_dir", str(runs / "study" / arm / f"seed{seed}"), "--seed", str(seed),
-        "--max_steps", str(args.max_steps), "--eval_steps", str(args.eval_steps),
+        sys.executable,
+        "-m",
+        "lenvm_rl",
+        recipe.parent.name,
+        "--config",
+        str(recipe),
+        "--model_name_or_path",
+        str(runs / "sft"),
+        "--lenvm_model_path",
+        str(runs / "lenvm"),
+        "--output_dir",
+        str(runs / "study" / arm / f"seed{seed}"),
+        "--seed",
+        str(seed),
+        "--max_steps",
+        str(args.max_steps),
+        "--eval_steps",
+        str(args.eval_steps),
         *[part for item in args.override for part in ("--" + item.split("=", 1)[0], item.split("=", 1)[1])],
     ]
 
@@ -120,10 +178,16 @@ def run_jobs(jobs: list[tuple[tuple, list[str], Path]], at_once: int, name: str,
 
 def run_study(runs: Path, args) -> dict:
     """Stage 3: every arm x seed not yet finished, ``args.jobs`` processes at a time; returns wall times (s)."""
-    jobs = [((arm, seed), train_command(runs, arm, seed, args),
-             runs / "logs" / f"{ARMS[arm][0].split('/')[0]}_{arm}_seed{seed}.log")
-            for seed in args.seeds for arm in args.arms
-            if not (runs / "study" / arm / f"seed{seed}" / "trainer_state.json").exists()]
+    jobs = [
+        (
+            (arm, seed),
+            train_command(runs, arm, seed, args),
+            runs / "logs" / f"{ARMS[arm][0].split('/')[0]}_{arm}_seed{seed}.log",
+        )
+        for seed in args.seeds
+        for arm in args.arms
+        if not (runs / "study" / arm / f"seed{seed}" / "trainer_state.json").exists()
+    ]
     return run_jobs(jobs, args.jobs, "testbed")
 
 
@@ -189,7 +253,7 @@ def table(curves: dict, target: float, run_times: dict) -> str:
         if all(step is not None for step in reached):
             shown += f" (median {statistics.median(reached):g})"
         best = statistics.fmean(max(run["score"]) for run in runs)
-        mean = lambda key, i: statistics.fmean(run[key][i] for run in runs)  # noqa: E731
+        mean = lambda key, i: statistics.fmean(run[key][i] for run in runs)
         walls = [run_times[(arm, seed)] for seed in seeds if (arm, seed) in run_times]
         wall = f"{statistics.fmean(walls):.0f} s" if walls else "(earlier run)"
         lines.append(
@@ -203,7 +267,9 @@ def diagnostics(curves: dict, lenvm_metrics: dict, window: int = 25) -> str:
     """Where a length signal can be lost: the frozen LenVM's error on the starting policy's held-out rollouts, and
     its online error on each arm's training batches early and late (the policy drifts away from its rollouts)."""
     positions = " / ".join(f"{lenvm_metrics.get(f'eval_length_mae_p{q}', float('nan')):.1f}" for q in (0, 25, 50, 75))
-    relative = " / ".join(f"{lenvm_metrics.get(f'eval_length_rel_err_p{q}', float('nan')):.2f}" for q in (0, 25, 50, 75))
+    relative = " / ".join(
+        f"{lenvm_metrics.get(f'eval_length_rel_err_p{q}', float('nan')):.2f}" for q in (0, 25, 50, 75)
+    )
     lines = [
         f"LenVM on the starting policy's held-out rollouts: value MSE {lenvm_metrics.get('eval_value_mse', float('nan')):.4f}; "
         f"remaining-length MAE at 0 / 25 / 50 / 75 % of the completion {positions} tokens (relative {relative}); "
@@ -219,14 +285,16 @@ def diagnostics(curves: dict, lenvm_metrics: dict, window: int = 25) -> str:
         values = []
         for run in runs:
             rows = [row for row in run["train"] if key in row]
-            cut = rows[-max(1, window // 5):] if last else rows[: max(1, window // 5)]  # logging_steps = 5
+            cut = rows[-max(1, window // 5) :] if last else rows[: max(1, window // 5)]  # logging_steps = 5
             values += [row[key] for row in cut]
         return f"{statistics.fmean(values):.3f}" if values else "–"
 
     for arm, seeds in curves.items():
         runs = list(seeds.values())
-        cells = [f"{window_mean(runs, key, False)} → {window_mean(runs, key, True)}"
-                 for key in ("length/online_mre", "length/mean_abs_advantage", "length/mean_length_score")]
+        cells = [
+            f"{window_mean(runs, key, False)} → {window_mean(runs, key, True)}"
+            for key in ("length/online_mre", "length/mean_abs_advantage", "length/mean_length_score")
+        ]
         lines.append(f"| {ARMS[arm][1]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -237,19 +305,24 @@ def machine() -> str:
     import trl
 
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         cpu = platform.processor() or "unknown CPU"
-    return (f"{os.cpu_count()} CPU cores ({cpu}), no GPU; Python {platform.python_version()}, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, TRL {trl.__version__}")
+    return (
+        f"{os.cpu_count()} CPU cores ({cpu}), no GPU; Python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, TRL {trl.__version__}"
+    )
 
 
 def write_docs(docs: Path, section: str) -> None:
     text = docs.read_text()
     block = f"{BEGIN}\n{section}\n{END}"
     if BEGIN in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     docs.write_text(text)
@@ -265,9 +338,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="GRPO processes at a time (one thread each)")
     parser.add_argument("--target", type=float, default=0.8, help="held-out length score to reach")
     parser.add_argument("--figures", default="docs/figures", help="folder of the PNG curves")
-    parser.add_argument("--docs", default="docs/BENCHMARKS.md", help="file whose testbed block is (re)written; '' = none")
-    parser.add_argument("--override", nargs="*", default=[], metavar="FIELD=VALUE",
-                        help="a recipe field for every arm, e.g. whiten_length_advantage=false (the table below)")
+    parser.add_argument(
+        "--docs", default="docs/BENCHMARKS.md", help="file whose testbed block is (re)written; '' = none"
+    )
+    parser.add_argument(
+        "--override",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a recipe field for every arm, e.g. whiten_length_advantage=false (the table below)",
+    )
     args = parser.parse_args(argv)
     if any("=" not in item for item in args.override):
         parser.error("--override: write each as field=value")
@@ -283,36 +363,54 @@ def main(argv: list[str] | None = None) -> None:
     plot(curves, "score", "held-out length score (LIFEBench, mean)", figures / "testbed_length_score.png", args.target)
     plot(curves, "accuracy", "held-out accuracy", figures / "testbed_accuracy.png")
     result = table(curves, args.target, run_times)
-    step_times = [row["step_time"] for arm in curves.values() for run in arm.values() for row in run["train"]
-                  if "step_time" in row]
+    step_times = [
+        row["step_time"]
+        for arm in curves.values()
+        for run in arm.values()
+        for row in run["train"]
+        if "step_time" in row
+    ]
     lenvm_eval = runs / "lenvm" / "eval_results.json"
     lenvm_metrics = json.loads(lenvm_eval.read_text()) if lenvm_eval.exists() else {}
     summary = {
-        "wall_s": wall, "prepare_s": prepare_times, "median_step_time_s": statistics.median(step_times) if step_times else None,
-        "runs_s": {f"{arm}/seed{seed}": t for (arm, seed), t in run_times.items()}, "lenvm_eval": lenvm_metrics,
-        "curves": {arm: {seed: {k: v for k, v in run.items() if k != "train"} for seed, run in seeds.items()}
-                   for arm, seeds in curves.items()},
+        "wall_s": wall,
+        "prepare_s": prepare_times,
+        "median_step_time_s": statistics.median(step_times) if step_times else None,
+        "runs_s": {f"{arm}/seed{seed}": t for (arm, seed), t in run_times.items()},
+        "lenvm_eval": lenvm_metrics,
+        "curves": {
+            arm: {seed: {k: v for k, v in run.items() if k != "train"} for seed, run in seeds.items()}
+            for arm, seeds in curves.items()
+        },
     }
     (runs / "study_summary.json").write_text(json.dumps(summary, indent=2))
     print(result)
-    print(f"study wall time {wall / 60:.1f} min (this invocation); median GRPO step_time "
-          f"{summary['median_step_time_s']} s; summary in {runs / 'study_summary.json'}")
+    print(
+        f"study wall time {wall / 60:.1f} min (this invocation); median GRPO step_time "
+        f"{summary['median_step_time_s']} s; summary in {runs / 'study_summary.json'}"
+    )
     if args.docs:
-        command = "make testbed" if argv is None and sys.argv[1:] == [] else "python benchmarks/testbed.py " + " ".join(sys.argv[1:])
-        section = "\n".join([
-            f"Command: `{command}`. Machine: {machine()}.",
-            f"{len(args.seeds)} seeds × {args.max_steps} GRPO steps per arm, held-out evaluation every "
-            f"{args.eval_steps} steps (64 held-out problems × 2 samples at temperature 1.0). Wall time of this "
-            f"invocation: {wall / 60:.1f} min ({args.jobs} GRPO processes at a time, one thread each); median TRL "
-            f"`step_time` {summary['median_step_time_s']:.2f} s.",
-            "",
-            result,
-            "",
-            diagnostics(curves, lenvm_metrics),
-            "",
-            f"![held-out length score](figures/testbed_length_score.png)",
-            f"![held-out accuracy](figures/testbed_accuracy.png)",
-        ])
+        command = (
+            "make testbed"
+            if argv is None and sys.argv[1:] == []
+            else "python benchmarks/testbed.py " + " ".join(sys.argv[1:])
+        )
+        section = "\n".join(
+            [
+                f"Command: `{command}`. Machine: {machine()}.",
+                f"{len(args.seeds)} seeds × {args.max_steps} GRPO steps per arm, held-out evaluation every "
+                f"{args.eval_steps} steps (64 held-out problems × 2 samples at temperature 1.0). Wall time of this "
+                f"invocation: {wall / 60:.1f} min ({args.jobs} GRPO processes at a time, one thread each); median TRL "
+                f"`step_time` {summary['median_step_time_s']:.2f} s.",
+                "",
+                result,
+                "",
+                diagnostics(curves, lenvm_metrics),
+                "",
+                "![held-out length score](figures/testbed_length_score.png)",
+                "![held-out accuracy](figures/testbed_accuracy.png)",
+            ]
+        )
         write_docs(ROOT / args.docs, section)
 
 

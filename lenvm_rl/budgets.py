@@ -29,8 +29,9 @@ def check_budget_choices(budgets, budget_range, kinds, kinds_field: str = "kinds
     """Refuse budgets, a budget range or kinds the transform cannot draw from: the one check, run by ``add_budgets``
     and, before any model loads or file is written, by ``DatasetArguments`` (whose field is ``budget_kinds``)."""
     if budgets is not None and not (budgets and all(b == int(b) and b > 0 for b in budgets)):
-        raise ConfigError(f"budgets: need a non-empty list of positive integer token counts, e.g. [16, 32, 64]; "
-                          f"got {budgets}")
+        raise ConfigError(
+            f"budgets: need a non-empty list of positive integer token counts, e.g. [16, 32, 64]; got {budgets}"
+        )
     if budget_range is not None and not (len(budget_range) == 2 and 0 < budget_range[0] <= budget_range[1]):
         raise ConfigError(f"budget_range: need [low, high] with 0 < low <= high tokens, got {budget_range}")
     if not kinds:

@@ -14,7 +14,10 @@ from lenvm_rl.errors import ConfigError
 STAGES = {
     "rollout": ("lenvm_rl.rollout", "sample K completions per prompt into a rollout dataset"),
     "train-lenvm": ("lenvm_rl.train_lenvm", "train a Length Value Model on rollouts"),
-    "predict-length": ("lenvm_rl.predict_length", "compare the LenVM's prompt-boundary prediction with sampled lengths"),
+    "predict-length": (
+        "lenvm_rl.predict_length",
+        "compare the LenVM's prompt-boundary prediction with sampled lengths",
+    ),
     "grpo": ("lenvm_rl.grpo", "GRPO with per-token LenVM length advantages"),
     "ppo": ("lenvm_rl.ppo", "PPO with a learned task critic plus the LenVM's per-token length advantages"),
     "length-tokens": ("lenvm_rl.length_tokens", "the tokens whose LenVM TD residual most often passes ±threshold"),

@@ -37,7 +37,9 @@ def check_token_ids(rollouts, vocab_size: int, name: str, path: str) -> None:
 
     for column in ("prompt_ids", "completion_ids"):
         if column not in rollouts.column_names:
-            raise ConfigError(f"{name}: {path} is not a rollout dataset (no {column!r} column); make one with `lenvm-rl rollout`")
+            raise ConfigError(
+                f"{name}: {path} is not a rollout dataset (no {column!r} column); make one with `lenvm-rl rollout`"
+            )
         low, high = pc.min_max(pc.list_flatten(rollouts.data.column(column))).values()
         if high.as_py() is not None and (low.as_py() < 0 or high.as_py() >= vocab_size):
             bad = high.as_py() if high.as_py() >= vocab_size else low.as_py()
@@ -69,7 +71,8 @@ def check_lenvm_reads_rollouts(lenvm_path: str, model, rollouts, rollouts_path: 
     except ConfigError:  # moved or offline: the id check above is all that can be done
         print(
             f"lenvm-rl: warning: cannot load the policy {policy!r} that sampled {rollouts_path} ({manifest}) to compare "
-            f"its tokenizer with the LenVM's; only the token ids were checked", file=sys.stderr,
+            f"its tokenizer with the LenVM's; only the token ids were checked",
+            file=sys.stderr,
         )
         return
     check_lenvm_tokenizer(lenvm_path, policy_tokenizer)

@@ -96,8 +96,10 @@ def load_prompt_splits(args: DatasetArguments, num_eval_prompts: int) -> tuple[D
         try:
             dataset = datasets.load_dataset("json", data_files=name, split="train")
         except Exception as error:  # an empty file raises StopIteration, a bad line a DatasetGenerationError
-            raise ConfigError(f"dataset_name: cannot read {name!r} as JSON lines ({json_problem(name, error)}); it "
-                              f"must hold one JSON object per line, at least one") from None
+            raise ConfigError(
+                f"dataset_name: cannot read {name!r} as JSON lines ({json_problem(name, error)}); it "
+                f"must hold one JSON object per line, at least one"
+            ) from None
     elif Path(name, "dataset_info.json").is_file() or Path(name, "state.json").is_file():
         dataset = datasets.load_from_disk(name)
     else:
@@ -129,7 +131,9 @@ def load_prompt_splits(args: DatasetArguments, num_eval_prompts: int) -> tuple[D
         train_size = len(dataset) if args.num_prompts is None else min(args.num_prompts, len(dataset))
         seen.update(json.dumps(p, sort_keys=True) for p in dataset.select(range(train_size))[args.prompt_column])
         held_out = dataset.select(range(train_size, len(dataset)))
-        held_out = held_out.filter(lambda p: json.dumps(p, sort_keys=True) not in seen, input_columns=args.prompt_column)
+        held_out = held_out.filter(
+            lambda p: json.dumps(p, sort_keys=True) not in seen, input_columns=args.prompt_column
+        )
         if len(held_out) == 0:
             raise ConfigError(
                 f"eval_num_prompts: no prompt is left after the {train_size} training prompts; lower num_prompts "
@@ -187,7 +191,9 @@ def source_fingerprint(dataset_name: str) -> str | None:
 
     path = Path(dataset_name)
     # ``map`` on a save_to_disk dataset writes cache-*.arrow files into its folder: not the source.
-    inside = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("cache-")) if path.is_dir() else []
+    inside = (
+        sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("cache-")) if path.is_dir() else []
+    )
     files = [path] if path.is_file() else inside
     if not files:
         return None

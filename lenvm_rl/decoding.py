@@ -147,10 +147,14 @@ class LenVMGuidedLogitsProcessor(LogitsProcessor):
         after = steps + (~is_eos).double()  # tokens in the completion once the candidate is taken
         predicted_total = after + remaining_from_value(values, self.gamma).double()  # (R, K)
         target = value_from_remaining((budgets - after).clamp(min=0), self.gamma).double()  # v*
-        rank = torch.arange(candidates.size(1), device=candidates.device).double().expand_as(values)  # 0 = most probable
+        rank = (
+            torch.arange(candidates.size(1), device=candidates.device).double().expand_as(values)
+        )  # 0 = most probable
         exact = (values - target).abs()
         at_most = torch.where(predicted_total <= budgets, rank - 1e6, -values)  # fits: most probable; else argmax V
-        at_least = torch.where(predicted_total >= budgets, rank - 1e6, values)  # long enough: most probable; else argmin V
+        at_least = torch.where(
+            predicted_total >= budgets, rank - 1e6, values
+        )  # long enough: most probable; else argmin V
         cost = torch.where(kinds == 0, exact, torch.where(kinds == 1, at_most, at_least))
         chosen = candidates.gather(1, torch.where(keep, cost, math.inf).argmin(1, keepdim=True))  # (R, 1)
         return torch.full_like(scores, -math.inf).scatter(1, chosen, 0.0)

@@ -35,10 +35,17 @@ from lenvm_rl.data import DatasetArguments, load_prompts, source_fingerprint
 from lenvm_rl.data_parallel import Ranks, launched_ranks, parts_of
 from lenvm_rl.errors import ConfigError
 from lenvm_rl.generation import (
-    VLLMArguments, generate_rows, hf_sampler, load_policy, make_guidance, require_vllm, vllm_sampler,
+    VLLMArguments,
+    generate_rows,
+    hf_sampler,
+    load_policy,
+    make_guidance,
+    require_vllm,
+    vllm_sampler,
 )
 from lenvm_rl.outputs import changed_setting
 from lenvm_rl.reporting import markdown_table, ms_per_token, plot_results, summarize
+
 
 @dataclass
 class EvaluateArguments(DatasetArguments, VLLMArguments):
@@ -108,10 +115,12 @@ class EvaluateArguments(DatasetArguments, VLLMArguments):
     """
 
     model_name_or_path: str = field(
-        default="smollm2-135m-instruct", metadata={"help": "The base model: a Hub id, a local path, or the embedded default."}
+        default="smollm2-135m-instruct",
+        metadata={"help": "The base model: a Hub id, a local path, or the embedded default."},
     )
     adapters: list[str] = field(
-        default_factory=list, metadata={"help": "LoRA adapter folders (e.g. `lenvm-rl grpo` output) to evaluate on the base."}
+        default_factory=list,
+        metadata={"help": "LoRA adapter folders (e.g. `lenvm-rl grpo` output) to evaluate on the base."},
     )
     include_base: bool = field(default=True, metadata={"help": "Also evaluate the base model without an adapter."})
     labels: list[str] | None = field(
@@ -119,8 +128,10 @@ class EvaluateArguments(DatasetArguments, VLLMArguments):
     )
     plain_decoding: bool = field(
         default=True,
-        metadata={"help": "Evaluate each model with its own sampling; false keeps only the truncation / guided arms "
-                          "(e.g. to generate them in another process, into another output_dir)."},
+        metadata={
+            "help": "Evaluate each model with its own sampling; false keeps only the truncation / guided arms "
+            "(e.g. to generate them in another process, into another output_dir)."
+        },
     )
     hard_truncation: bool = field(
         default=False, metadata={"help": "Also evaluate each model with generation cut at the budget (cut = wrong)."}
@@ -129,7 +140,8 @@ class EvaluateArguments(DatasetArguments, VLLMArguments):
         default=None, metadata={"help": "A LenVM (`lenvm-rl train-lenvm` output) for guided_decoding."}
     )
     guided_decoding: bool = field(
-        default=False, metadata={"help": "Also evaluate each model with LenVM-guided decoding (needs lenvm_model_path)."}
+        default=False,
+        metadata={"help": "Also evaluate each model with LenVM-guided decoding (needs lenvm_model_path)."},
     )
     guidance_mode: str = field(default="select", metadata={"help": "select (by budget kind) or tilt (p·exp(βV))."})
     guidance_top_k: int = field(default=8, metadata={"help": "Candidates scored per step: the top k tokens ..."})
@@ -139,8 +151,12 @@ class EvaluateArguments(DatasetArguments, VLLMArguments):
         metadata={"help": "... and at least min_p times the top probability (0.3 kept SmolLM2's accuracy; 0 lost it)."},
     )
     guidance_beta: float = field(default=0.0, metadata={"help": "β of tilt mode: > 0 shorter, < 0 longer."})
-    output_dir: str = field(default="runs/evaluate", metadata={"help": "Where results, tables, plots and generations go."})
-    max_new_tokens: int = field(default=256, metadata={"help": "Generation limit; a completion without EOS is truncated."})
+    output_dir: str = field(
+        default="runs/evaluate", metadata={"help": "Where results, tables, plots and generations go."}
+    )
+    max_new_tokens: int = field(
+        default=256, metadata={"help": "Generation limit; a completion without EOS is truncated."}
+    )
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature; 0 decodes greedily."})
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling mass."})
     num_samples: int = field(default=1, metadata={"help": "Completions per prompt and budget."})
@@ -152,7 +168,9 @@ class EvaluateArguments(DatasetArguments, VLLMArguments):
     seed: int = field(default=0, metadata={"help": "Sampling seed; batch i uses seed + i (vLLM: one seed per row)."})
     use_vllm: bool | None = field(
         default=None,
-        metadata={"help": "Generate the plain and truncation arms with vLLM: unset = when vLLM is installed and a GPU is visible."},
+        metadata={
+            "help": "Generate the plain and truncation arms with vLLM: unset = when vLLM is installed and a GPU is visible."
+        },
     )
 
     def __post_init__(self):
@@ -169,24 +187,34 @@ class EvaluateArguments(DatasetArguments, VLLMArguments):
         if self.temperature < 0:
             raise ConfigError(f"temperature: must be >= 0 (0 = greedy), got {self.temperature}")
         if self.temperature == 0 and self.num_samples > 1:
-            raise ConfigError(f"num_samples: greedy decoding (temperature 0) gives one completion, got {self.num_samples}; set 1")
+            raise ConfigError(
+                f"num_samples: greedy decoding (temperature 0) gives one completion, got {self.num_samples}; set 1"
+            )
         if not (self.plain_decoding or self.hard_truncation or self.guided_decoding):
-            raise ConfigError("plain_decoding: false with neither hard_truncation nor guided_decoding leaves no arm; set one")
+            raise ConfigError(
+                "plain_decoding: false with neither hard_truncation nor guided_decoding leaves no arm; set one"
+            )
         if not self.include_base and not self.adapters:
             raise ConfigError("include_base: false leaves nothing to evaluate; list adapters or set include_base: true")
         if self.guided_decoding and self.lenvm_model_path is None:
-            raise ConfigError("lenvm_model_path: guided_decoding needs a LenVM; give the output_dir of `lenvm-rl train-lenvm`")
+            raise ConfigError(
+                "lenvm_model_path: guided_decoding needs a LenVM; give the output_dir of `lenvm-rl train-lenvm`"
+            )
         from lenvm_rl.decoding import GUIDANCE_MODES
 
         if self.guidance_mode not in GUIDANCE_MODES:
-            raise ConfigError(f"guidance_mode: {self.guidance_mode!r} is unknown; use one of {', '.join(GUIDANCE_MODES)}")
+            raise ConfigError(
+                f"guidance_mode: {self.guidance_mode!r} is unknown; use one of {', '.join(GUIDANCE_MODES)}"
+            )
         if self.guidance_top_k < 1 or not 0 < self.guidance_top_p <= 1 or not 0 <= self.guidance_min_p < 1:
             raise ConfigError(
                 f"guidance_top_k / guidance_top_p / guidance_min_p: need k >= 1, p in (0, 1], min_p in [0, 1); got "
                 f"{self.guidance_top_k}, {self.guidance_top_p}, {self.guidance_min_p}"
             )
         if self.labels is not None and len(self.labels) != len(self.models()):
-            raise ConfigError(f"labels: give one per evaluated model ({len(self.models())}: the base, then each adapter), got {len(self.labels)}")
+            raise ConfigError(
+                f"labels: give one per evaluated model ({len(self.models())}: the base, then each adapter), got {len(self.labels)}"
+            )
         twice = [a for a in dict.fromkeys(self.adapters) if self.adapters.count(a) > 1]
         if twice:
             raise ConfigError(f"adapters: {twice[0]!r} is listed twice; list each adapter once")
@@ -194,10 +222,12 @@ class EvaluateArguments(DatasetArguments, VLLMArguments):
         files = [generations_name(label) for label, _, _ in self.model_specs()]
         clash = next((f for f in files if files.count(f) > 1), None)
         if clash is not None:
-            raise ConfigError(f"labels: two evaluated models are both named {clash!r}; give distinct labels, one per model")
+            raise ConfigError(
+                f"labels: two evaluated models are both named {clash!r}; give distinct labels, one per model"
+            )
 
     def backend(self) -> str:
-        """"vllm" or "hf": the generator of the plain and truncation arms (guided arms are always "hf")."""
+        """ "vllm" or "hf": the generator of the plain and truncation arms (guided arms are always "hf")."""
         if self.use_vllm is None:
             return "vllm" if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available() else "hf"
         return "vllm" if self.use_vllm else "hf"
@@ -218,7 +248,7 @@ class EvaluateArguments(DatasetArguments, VLLMArguments):
 
 
 def default_labels(models: list[str | None]) -> list[str]:
-    """"base" and each adapter's folder name, lengthened to as many trailing path parts as it takes to tell them
+    """ "base" and each adapter's folder name, lengthened to as many trailing path parts as it takes to tell them
     apart (``runA/final`` and ``runB/final``, not ``final`` twice)."""
     parts = [("base",) if m is None else Path(m).resolve().parts for m in models]
     for depth in range(1, max(map(len, parts)) + 1):
@@ -241,9 +271,9 @@ def budgeted_prompts(args: DatasetArguments) -> Dataset:
 
     source = {f.name: getattr(args, f.name) for f in fields(DatasetArguments)}
     plain = load_prompts(DatasetArguments(**{**source, "budgets": None, "budget_range": None}))
-    return concatenate_datasets([
-        add_budgets(plain, budgets=[budget], kinds=[kind]) for kind in args.budget_kinds for budget in args.budgets
-    ])
+    return concatenate_datasets(
+        [add_budgets(plain, budgets=[budget], kinds=[kind]) for kind in args.budget_kinds for budget in args.budgets]
+    )
 
 
 def drop_if_stale(file: Path, adapter: str | None) -> None:
@@ -274,8 +304,17 @@ def run_evaluation(args: EvaluateArguments, ranks: Ranks = Ranks()) -> dict[str,
     output_dir = Path(args.output_dir)
     manifest = output_dir / "evaluate_args.json"
     backend = args.backend()
-    ignored = ("output_dir", "labels", "adapters", "include_base", "plain_decoding", "hard_truncation", "use_vllm", "vllm_gpu_memory_utilization",
-               "vllm_tensor_parallel_size")
+    ignored = (
+        "output_dir",
+        "labels",
+        "adapters",
+        "include_base",
+        "plain_decoding",
+        "hard_truncation",
+        "use_vllm",
+        "vllm_gpu_memory_utilization",
+        "vllm_tensor_parallel_size",
+    )
     settings = {k: v for k, v in asdict(args).items() if k not in ignored}
     settings["dataset_sha256"] = source_fingerprint(args.dataset_name)  # an edited file keeps its name
     if backend == "vllm":  # samples differ from generate's: a resume must not mix the two
@@ -292,7 +331,9 @@ def run_evaluation(args: EvaluateArguments, ranks: Ranks = Ranks()) -> dict[str,
         )
     missing = [adapter for adapter in args.adapters if not Path(adapter, "adapter_config.json").is_file()]
     if missing:  # before the base model is evaluated, not after
-        raise ConfigError(f"adapters: {missing[0]!r} holds no adapter_config.json; give a LoRA output_dir of `lenvm-rl grpo`")
+        raise ConfigError(
+            f"adapters: {missing[0]!r} holds no adapter_config.json; give a LoRA output_dir of `lenvm-rl grpo`"
+        )
     prompts = budgeted_prompts(args)
     tokenizer = load_tokenizer(args.model_name_or_path)
     results, costs, backends, loaded = {}, {}, {}, {}
@@ -304,9 +345,12 @@ def run_evaluation(args: EvaluateArguments, ranks: Ranks = Ranks()) -> dict[str,
         check_lenvm_tokenizer(args.lenvm_model_path, tokenizer)
     vllm_generate = None
     if backend == "vllm":  # first: vLLM takes its share of the free GPU memory; the LenVM and HF policy use the rest
-        vllm_generate = vllm_engine(args.model_name_or_path, tokenizer, args, args.num_samples, args.dtype, args.adapters, ranks)
+        vllm_generate = vllm_engine(
+            args.model_name_or_path, tokenizer, args, args.num_samples, args.dtype, args.adapters, ranks
+        )
     if lenvm is not None:
         lenvm = lenvm.to(inference_device())
+
     # Written once the data and models load: a failed start leaves no manifest that would refuse the fixed rerun.
     def write_manifest() -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -315,7 +359,7 @@ def run_evaluation(args: EvaluateArguments, ranks: Ranks = Ranks()) -> dict[str,
     ranks.main_first(write_manifest)
     for label, adapter, decoding in args.model_specs():
         file = output_dir / "generations" / f"{generations_name(label)}.jsonl"
-        ranks.main_first(lambda: drop_if_stale(file, adapter))
+        ranks.main_first(lambda: drop_if_stale(file, adapter))  # noqa: B023 (called at once)
         backends[label] = "hf" if decoding == "guided" else backend
         if backends[label] == "vllm":
             sample = vllm_sampler(vllm_generate, args, adapter)
@@ -339,13 +383,17 @@ def run_evaluation(args: EvaluateArguments, ranks: Ranks = Ranks()) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
-    from lenvm_rl.recipe import parse_recipe
     from lenvm_rl.outputs import check_output_dir
+    from lenvm_rl.recipe import parse_recipe
 
     (args,) = parse_recipe((EvaluateArguments,), argv)
     ranks = launched_ranks()
-    inputs = {"model_name_or_path": args.model_name_or_path, "adapters": args.adapters,
-              "lenvm_model_path": args.lenvm_model_path, "dataset_name": args.dataset_name}
+    inputs = {
+        "model_name_or_path": args.model_name_or_path,
+        "adapters": args.adapters,
+        "lenvm_model_path": args.lenvm_model_path,
+        "dataset_name": args.dataset_name,
+    }
     ranks.main_first(lambda: check_output_dir(args.output_dir, inputs))
     results = run_evaluation(args, ranks)
     if not ranks.is_main:

@@ -53,7 +53,9 @@ def require_vllm(use_vllm: bool | None) -> None:
     import importlib.util
 
     if use_vllm and importlib.util.find_spec("vllm") is None:
-        raise ConfigError("use_vllm: vLLM is not installed; `pip install 'lenvm-rl[vllm]'` on a GPU machine, or set use_vllm: false")
+        raise ConfigError(
+            "use_vllm: vLLM is not installed; `pip install 'lenvm-rl[vllm]'` on a GPU machine, or set use_vllm: false"
+        )
 
 
 def eos_token_ids(tokenizer, generation_config=None) -> set[int]:
@@ -151,7 +153,9 @@ def make_vllm_generate(
         rank = max(json.loads(Path(a, "adapter_config.json").read_text())["r"] for a in adapters)
         fits = [r for r in VLLM_LORA_RANKS if r >= rank]
         if not fits:
-            raise ConfigError(f"adapters: LoRA rank {rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]}); set use_vllm: false")
+            raise ConfigError(
+                f"adapters: LoRA rank {rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]}); set use_vllm: false"
+            )
         engine.update(enable_lora=True, max_lora_rank=fits[0], max_loras=1)
     llm = LLM(**engine)
     lora_ids = {adapter: index for index, adapter in enumerate(adapters, start=1)}
@@ -168,7 +172,9 @@ def make_vllm_generate(
         if adapter is not None:
             from vllm.lora.request import LoRARequest
 
-            lora = LoRARequest(f"{lora_ids[adapter]}-{Path(adapter).name}", lora_ids[adapter], str(adapter))  # unique names
+            lora = LoRARequest(
+                f"{lora_ids[adapter]}-{Path(adapter).name}", lora_ids[adapter], str(adapter)
+            )  # unique names
         outputs = llm.generate(
             [{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False, lora_request=lora
         )
@@ -207,9 +213,17 @@ def vllm_engine(
 
     path = resolve_model_path(model_name_or_path)
     return make_vllm_generate(
-        path, num_samples=num_samples, temperature=args.temperature, top_p=args.top_p,
-        eos_ids=generation_eos_ids(path, tokenizer), dtype=dtype, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-        seed=args.seed, adapters=list(adapters), tensor_parallel_size=args.vllm_tensor_parallel_size, ranks=ranks,
+        path,
+        num_samples=num_samples,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        eos_ids=generation_eos_ids(path, tokenizer),
+        dtype=dtype,
+        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+        seed=args.seed,
+        adapters=list(adapters),
+        tensor_parallel_size=args.vllm_tensor_parallel_size,
+        ranks=ranks,
     )
 
 
@@ -226,7 +240,14 @@ def hf_sampler(model, tokenizer, args, logits_processor_for: Callable | None = N
     def sample(batch, prompt_ids, rows, limit):
         processors = logits_processor_for(batch, prompt_ids) if logits_processor_for else None
         return generate_hf(
-            model, tokenizer, prompt_ids, args.num_samples, limit, args.temperature, args.top_p, logits_processor=processors
+            model,
+            tokenizer,
+            prompt_ids,
+            args.num_samples,
+            limit,
+            args.temperature,
+            args.top_p,
+            logits_processor=processors,
         )
 
     return sample
@@ -251,7 +272,9 @@ def load_policy(model_name_or_path: str, adapter: str | None, dtype: str):
         from peft import PeftModel
 
         if not Path(adapter, "adapter_config.json").is_file():
-            raise ConfigError(f"adapters: {adapter!r} holds no adapter_config.json; give a LoRA output_dir of `lenvm-rl grpo`")
+            raise ConfigError(
+                f"adapters: {adapter!r} holds no adapter_config.json; give a LoRA output_dir of `lenvm-rl grpo`"
+            )
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     return model.to(inference_device()).eval()
 
@@ -265,14 +288,22 @@ def make_guidance(lenvm, args, eos_ids: set[int]) -> Callable:
 
     def for_batch(batch, prompt_ids: list[list[int]]) -> LogitsProcessorList:
         repeat = args.num_samples  # generate returns the samples of a prompt next to each other
-        return LogitsProcessorList([LenVMGuidedLogitsProcessor(
-            lenvm,
-            budgets=[b for b in batch["budget_tokens"] for _ in range(repeat)],
-            kinds=[k for k in batch["budget_kind"] for _ in range(repeat)],
-            prompt_lengths=[len(p) for p in prompt_ids for _ in range(repeat)],
-            eos_token_ids=eos_ids, mode=args.guidance_mode, top_k=args.guidance_top_k, top_p=args.guidance_top_p,
-            min_p=args.guidance_min_p, beta=args.guidance_beta,
-        )])
+        return LogitsProcessorList(
+            [
+                LenVMGuidedLogitsProcessor(
+                    lenvm,
+                    budgets=[b for b in batch["budget_tokens"] for _ in range(repeat)],
+                    kinds=[k for k in batch["budget_kind"] for _ in range(repeat)],
+                    prompt_lengths=[len(p) for p in prompt_ids for _ in range(repeat)],
+                    eos_token_ids=eos_ids,
+                    mode=args.guidance_mode,
+                    top_k=args.guidance_top_k,
+                    top_p=args.guidance_top_p,
+                    min_p=args.guidance_min_p,
+                    beta=args.guidance_beta,
+                )
+            ]
+        )
 
     return for_batch
 
@@ -298,7 +329,7 @@ def generate_rows(
     """
     from lenvm_rl.reporting import score_record
 
-    key = lambda record: (record["row"], record["sample_index"])  # noqa: E731
+    key = lambda record: (record["row"], record["sample_index"])
     path.parent.mkdir(parents=True, exist_ok=True)
     ranks.main_first(lambda: merge_records(path, key))  # what an interrupted run left, parts included
     written = Counter(record["row"] for record in read_jsonl(path))
@@ -313,9 +344,10 @@ def generate_rows(
     share = sum(len(rows) for _, rows in mine)
     sink_path = path if ranks.world == 1 else part_path(path, ranks.rank)
     initial = share - sum(len(rows) for _, rows in todo)
-    with open(sink_path, "a") as sink, tqdm(
-        total=share, initial=initial, desc=desc, unit="prompt", disable=not ranks.is_main
-    ) as progress:
+    with (
+        open(sink_path, "a") as sink,
+        tqdm(total=share, initial=initial, desc=desc, unit="prompt", disable=not ranks.is_main) as progress,
+    ):
         for index, rows in todo:
             batch = prompts.select(rows)
             torch.manual_seed(args.seed + index)
@@ -329,7 +361,9 @@ def generate_rows(
                 for sample_index, (ids, finished) in enumerate(group):
                     text = tokenizer.decode(ids, skip_special_tokens=True)
                     record = score_record(row, text, len(ids), finished, hard_truncation)
-                    lines.append(json.dumps({"row": row_index, "sample_index": sample_index, "seconds": seconds, **record}))
+                    lines.append(
+                        json.dumps({"row": row_index, "sample_index": sample_index, "seconds": seconds, **record})
+                    )
             sink.write("".join(line + "\n" for line in lines))
             sink.flush()
             os.fsync(sink.fileno())

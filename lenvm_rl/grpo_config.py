@@ -110,41 +110,52 @@ class LenVMGRPOConfig(GRPOConfig):
     length_score: str = field(default="lifebench", metadata={"help": "Budget score S: lifebench or l1."})
     whiten_length_advantage: bool = field(
         default=True,
-        metadata={"help": "Normalise A_len over the valid tokens of all ranks to the scale of A_task "
-                          "(length_advantage_scale says how)."},
+        metadata={
+            "help": "Normalise A_len over the valid tokens of all ranks to the scale of A_task "
+            "(length_advantage_scale says how)."
+        },
     )
     length_advantage_scale: str = field(
         default="batch",
-        metadata={"help": "With whiten_length_advantage: batch (mean 0, std 1 in every batch) or first (divided by "
-                          "the std of the first training batch's A_len, kept for the run and in checkpoints, not "
-                          "centred: A_len shrinks as budgets are met instead of the critic's leftover error being "
-                          "scaled back up to std 1)."},
+        metadata={
+            "help": "With whiten_length_advantage: batch (mean 0, std 1 in every batch) or first (divided by "
+            "the std of the first training batch's A_len, kept for the run and in checkpoints, not "
+            "centred: A_len shrinks as budgets are met instead of the critic's leftover error being "
+            "scaled back up to std 1)."
+        },
     )
     length_baseline: str = field(
         default="lenvm",
-        metadata={"help": "Budget baseline at the prompt boundary: lenvm (Φ(s_0)) or group (the group's mean realised "
-                          "score; unwhitened, divided by its std when scale_rewards is group); needs >= 2 generations."},
+        metadata={
+            "help": "Budget baseline at the prompt boundary: lenvm (Φ(s_0)) or group (the group's mean realised "
+            "score; unwhitened, divided by its std when scale_rewards is group); needs >= 2 generations."
+        },
     )
     length_potential: str = field(
         default="point",
-        metadata={"help": "Budget potential: point (S of the LenVM's expected length) or expected (E[S(L)] under a "
-                          "constant stop hazard matched to the LenVM's value)."},
+        metadata={
+            "help": "Budget potential: point (S of the LenVM's expected length) or expected (E[S(L)] under a "
+            "constant stop hazard matched to the LenVM's value)."
+        },
     )
     eos_credit: bool = field(
         default=False, metadata={"help": "The EOS action carries the length advantage of stopping (V(s_L) kept)."}
     )
     lenvm_update: str = field(
         default="frozen",
-        metadata={"help": "frozen, or live: the LenVM keeps learning from every training batch (saved to "
-                          "<output_dir>/lenvm)."},
+        metadata={
+            "help": "frozen, or live: the LenVM keeps learning from every training batch (saved to <output_dir>/lenvm)."
+        },
     )
     lenvm_learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate of the live LenVM."})
     lenvm_epochs: int = field(default=1, metadata={"help": "Passes of the live LenVM over each generation batch."})
     lenvm_batch_size: int = field(default=8, metadata={"help": "Sequences per LenVM forward pass (and update)."})
     bf16: str = field(
         default="auto",
-        metadata={"help": "bf16 autocast: true, false, or auto (bf16 where the device computes it natively, float32 "
-                          "elsewhere; lenvm_rl.precision). Resolved to true / false before training."},
+        metadata={
+            "help": "bf16 autocast: true, false, or auto (bf16 where the device computes it natively, float32 "
+            "elsewhere; lenvm_rl.precision). Resolved to true / false before training."
+        },
     )
 
     def __post_init__(self):
@@ -196,8 +207,12 @@ class LenVMGRPOConfig(GRPOConfig):
             raise ConfigError(f"length_score: {self.length_score!r} is unknown; use one of {', '.join(LENGTH_SCORES)}")
         if self.lenvm_batch_size < 1:
             raise ConfigError(f"lenvm_batch_size: must be a positive number of sequences, got {self.lenvm_batch_size}")
-        choices = {"length_baseline": LENGTH_BASELINES, "length_potential": LENGTH_POTENTIALS,
-                   "lenvm_update": LENVM_UPDATES, "length_advantage_scale": LENGTH_ADVANTAGE_SCALES}
+        choices = {
+            "length_baseline": LENGTH_BASELINES,
+            "length_potential": LENGTH_POTENTIALS,
+            "lenvm_update": LENVM_UPDATES,
+            "length_advantage_scale": LENGTH_ADVANTAGE_SCALES,
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: {getattr(self, name)!r} is unknown; use one of {', '.join(allowed)}")

@@ -24,10 +24,15 @@ from trl.models import prepare_deepspeed, prepare_fsdp
 
 from lenvm_rl.advantages import group_stats, length_advantages, lenvm_state_values
 from lenvm_rl.errors import ConfigError
-from lenvm_rl.grpo_config import BUDGET_COLUMNS, LENGTH_SCALE_FILE, LIVE_LENVM_DIR, LIVE_LENVM_OPTIMIZER
-from lenvm_rl.grpo_config import LenVMGRPOConfig
+from lenvm_rl.grpo_config import (
+    BUDGET_COLUMNS,
+    LENGTH_SCALE_FILE,
+    LIVE_LENVM_DIR,
+    LIVE_LENVM_OPTIMIZER,
+    LenVMGRPOConfig,
+)
 from lenvm_rl.returns import remaining_from_value, value_targets
-from rewards.scores import budget_hit, budget_kind_codes, BUDGET_KINDS, LENGTH_SCORES
+from rewards.scores import BUDGET_KINDS, LENGTH_SCORES, budget_hit, budget_kind_codes
 
 logger = logging.get_logger(__name__)
 
@@ -152,10 +157,20 @@ class LenVMGRPOTrainer(GRPOTrainer):
             elif not args.whiten_length_advantage and self.scale_rewards == "batch":
                 scale = batch["all_scores"].std().expand_as(anchors)
         length = length_advantages(
-            values, completion_mask, batch["finished"], self.length_gamma, args.length_lambda, args.length_objective,
-            budgets=batch["budgets"], kinds=batch["kinds"], score=args.length_score, discount=args.length_discount,
-            eos_credit=args.eos_credit, potential=args.length_potential,
-            max_completion_tokens=args.max_completion_length, anchors=anchors,
+            values,
+            completion_mask,
+            batch["finished"],
+            self.length_gamma,
+            args.length_lambda,
+            args.length_objective,
+            budgets=batch["budgets"],
+            kinds=batch["kinds"],
+            score=args.length_score,
+            discount=args.length_discount,
+            eos_credit=args.eos_credit,
+            potential=args.length_potential,
+            max_completion_tokens=args.max_completion_length,
+            anchors=anchors,
         )  # (B, T)
         if scale is not None:
             length = length / (scale[:, None] + 1e-4)  # TRL's group scaling of its own advantage
@@ -178,15 +193,17 @@ class LenVMGRPOTrainer(GRPOTrainer):
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P + T)
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding: the first real token is 0
         size = self.args.lenvm_batch_size
-        return torch.cat([
-            self.lenvm(
-                input_ids=input_ids[i : i + size],
-                attention_mask=attention_mask[i : i + size],
-                position_ids=position_ids[i : i + size],
-                use_cache=False,
-            ).length_values
-            for i in range(0, input_ids.size(0), size)
-        ])
+        return torch.cat(
+            [
+                self.lenvm(
+                    input_ids=input_ids[i : i + size],
+                    attention_mask=attention_mask[i : i + size],
+                    position_ids=position_ids[i : i + size],
+                    use_cache=False,
+                ).length_values
+                for i in range(0, input_ids.size(0), size)
+            ]
+        )
 
     def ranks_sum(self, *totals: torch.Tensor) -> list[float]:
         """Each 0-d tensor summed over all ranks, in one collective: every cross-rank metric and moment uses it."""
@@ -228,8 +245,13 @@ class LenVMGRPOTrainer(GRPOTrainer):
         lengths = torch.where(finished, masked_tokens - 1, (completion_ids != self._tokenizer.pad_token_id).sum(1))
         rows = lengths.size(0)
         batch = {
-            "finished": finished, "lengths": lengths, "all_finished": gather(finished),
-            "all_lengths": gather(lengths).float(), "budgets": None, "kinds": None, "all_scores": None,
+            "finished": finished,
+            "lengths": lengths,
+            "all_finished": gather(finished),
+            "all_lengths": gather(lengths).float(),
+            "budgets": None,
+            "kinds": None,
+            "all_scores": None,
             "local_rows": slice(self.accelerator.process_index * rows, (self.accelerator.process_index + 1) * rows),
             "values_full": None,
         }
@@ -327,13 +349,23 @@ class LenVMGRPOTrainer(GRPOTrainer):
         for _ in range(args.lenvm_epochs):
             for i in range(0, input_ids.size(0), args.lenvm_batch_size):
                 rows = slice(i, i + args.lenvm_batch_size)
-                count = ((torch.arange(states.numel(), device=lengths.device) <= lengths[rows, None])
-                         & labelled[rows, None]).sum().float()
+                count = (
+                    (
+                        (torch.arange(states.numel(), device=lengths.device) <= lengths[rows, None])
+                        & labelled[rows, None]
+                    )
+                    .sum()
+                    .float()
+                )
                 count = self.accelerator.reduce(count, reduction="sum") / self.accelerator.num_processes
                 loss = lenvm(
-                    input_ids=input_ids[rows], attention_mask=attention_mask[rows], position_ids=position_ids[rows],
-                    state_positions=state_positions[rows], completion_tokens=lengths[rows],
-                    finished=batch["finished"][rows], num_items_in_batch=count.clamp(min=1.0),
+                    input_ids=input_ids[rows],
+                    attention_mask=attention_mask[rows],
+                    position_ids=position_ids[rows],
+                    state_positions=state_positions[rows],
+                    completion_tokens=lengths[rows],
+                    finished=batch["finished"][rows],
+                    num_items_in_batch=count.clamp(min=1.0),
                 ).loss
                 # Not accelerator.backward: it divides by the policy's accumulation steps and applies its loss scaler.
                 loss.backward()
@@ -389,8 +421,11 @@ class LenVMGRPOTrainer(GRPOTrainer):
                 with open(path) as handle:
                     self.length_scale = float(json.load(handle)["length_advantage_scale"])
             else:
-                logger.warning("%s has no %s: the length advantage's scale is measured again on the next batch",
-                               checkpoint, LENGTH_SCALE_FILE)
+                logger.warning(
+                    "%s has no %s: the length advantage's scale is measured again on the next batch",
+                    checkpoint,
+                    LENGTH_SCALE_FILE,
+                )
         if self.lenvm_optimizer is not None and checkpoint is not None:
             state = torch.load(os.path.join(checkpoint, LIVE_LENVM_OPTIMIZER), map_location=self.accelerator.device)
             self.lenvm_optimizer.load_state_dict(state)

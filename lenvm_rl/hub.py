@@ -36,8 +36,17 @@ from lenvm_rl.errors import ConfigError
 
 RUN_RECORD = "lenvm_rl_run.json"
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
-    "chat_template.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
 )
 WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")
 UPLOADED = {
@@ -198,24 +207,39 @@ def model_card(folder: str | Path, repo_id: str | None = None, saved_as: str | P
 
     lines += ["", "## Reproduce", ""]
     if record:
-        lines += ["```bash", record["command"], "```", "",
-                  f"Every resolved recipe field is in `{RUN_RECORD}` beside the weights."]
+        lines += [
+            "```bash",
+            record["command"],
+            "```",
+            "",
+            f"Every resolved recipe field is in `{RUN_RECORD}` beside the weights.",
+        ]
     else:
         lines.append(f"Not recorded (the folder has no `{RUN_RECORD}`).")
 
     load_id = repo_id or str(saved_as)
     lines += ["", "## Use", "", "```python"]
     if kind == "adapter":
-        lines += ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
-                  f'model = AutoPeftModelForCausalLM.from_pretrained("{load_id}")',
-                  f'tokenizer = AutoTokenizer.from_pretrained("{load_id}")']
+        lines += [
+            "from peft import AutoPeftModelForCausalLM",
+            "from transformers import AutoTokenizer",
+            "",
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{load_id}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{load_id}")',
+        ]
     elif kind == "lenvm":
-        lines += ["from lenvm_rl.modeling import load_lenvm  # pip install lenvm-rl", "",
-                  f'lenvm = load_lenvm("{load_id}")  # .length_values (B, S) in (-1, 0)']
+        lines += [
+            "from lenvm_rl.modeling import load_lenvm  # pip install lenvm-rl",
+            "",
+            f'lenvm = load_lenvm("{load_id}")  # .length_values (B, S) in (-1, 0)',
+        ]
     else:
-        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                  f'model = AutoModelForCausalLM.from_pretrained("{load_id}")',
-                  f'tokenizer = AutoTokenizer.from_pretrained("{load_id}")']
+        lines += [
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'model = AutoModelForCausalLM.from_pretrained("{load_id}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{load_id}")',
+        ]
     lines += ["```", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
@@ -239,8 +263,10 @@ def training_rows(
         truncated = "bootstrapped" if config.get("bootstrap_truncated") else "dropped"
         return summary, rows + [
             ("LenVM", "this model"),
-            ("Length objective", f"value regression ({config.get('value_loss')} loss), γ = {gamma}, "
-                                 f"truncated rollouts {truncated}"),
+            (
+                "Length objective",
+                f"value regression ({config.get('value_loss')} loss), γ = {gamma}, truncated rollouts {truncated}",
+            ),
             ("Rollouts", f"`{rollouts}`{policy}" if rollouts else "not recorded"),
             ("Budgets", budget_text(sampled)),
             ("Reward functions", "none (value regression on sampled lengths)"),
@@ -252,8 +278,9 @@ def training_rows(
     )
     objective = recipe.get("length_objective", "not recorded")
     if objective not in ("none", "not recorded"):
-        objective += (f" (c = {recipe['length_advantage_coef']}, score {recipe['length_score']}, "
-                      f"λ = {recipe['length_lambda']})")
+        objective += (
+            f" (c = {recipe['length_advantage_coef']}, score {recipe['length_score']}, λ = {recipe['length_lambda']})"
+        )
     lenvm = recipe.get("lenvm_model_path")
     rows += [
         ("LenVM", f"`{lenvm}`" if lenvm else "none"),
@@ -278,8 +305,9 @@ def budget_text(fields: dict) -> str:
     return "none"
 
 
-def push_folder(path: str | Path, repo_id: str, private: bool | None = None, revision: str | None = None,
-                token: str | None = None) -> str:
+def push_folder(
+    path: str | Path, repo_id: str, private: bool | None = None, revision: str | None = None, token: str | None = None
+) -> str:
     """Upload a saved run's model files and its card to ``repo_id`` in one commit; returns the commit URL."""
     folder = Path(path)
     check_repo_id(repo_id)
@@ -312,5 +340,7 @@ def hub_failure(error: Exception, folder: Path, repo_id: str) -> str:
         reason = f"the Hub refused the upload to {repo_id} (HTTP {status}: {message})"
     else:
         reason = f"could not reach the Hub ({type(error).__name__}: {detail})"
-    return (f"push: {reason}; the local files in {folder} are intact; "
-            f"retry with `lenvm-rl push {folder} --hub_model_id {repo_id}`")
+    return (
+        f"push: {reason}; the local files in {folder} are intact; "
+        f"retry with `lenvm-rl push {folder} --hub_model_id {repo_id}`"
+    )

@@ -38,7 +38,9 @@ class LengthTokenArguments:
             raise ConfigError(f"min_count / top: must be >= 1, got {self.min_count} / {self.top}")
 
 
-def token_residual_stats(values: list[torch.Tensor], rows, tokenizer, gamma: float, threshold: float) -> dict[str, dict]:
+def token_residual_stats(
+    values: list[torch.Tensor], rows, tokenizer, gamma: float, threshold: float
+) -> dict[str, dict]:
     """Per token text: count, up (s_t > threshold), down (s_t < -threshold), mean residual.
 
     ``values[i]`` holds V(s_0) .. V(s_L) of the finished rollout ``rows[i]``.
@@ -58,8 +60,14 @@ def token_residual_stats(values: list[torch.Tensor], rows, tokenizer, gamma: flo
             entry["down"] += residual < -threshold
             entry["sum"] += residual
     return {
-        text: {"count": e["count"], "up": e["up"], "down": e["down"], "up_rate": e["up"] / e["count"],
-               "down_rate": e["down"] / e["count"], "mean_residual": e["sum"] / e["count"]}
+        text: {
+            "count": e["count"],
+            "up": e["up"],
+            "down": e["down"],
+            "up_rate": e["up"] / e["count"],
+            "down_rate": e["down"] / e["count"],
+            "mean_residual": e["sum"] / e["count"],
+        }
         for text, e in stats.items()
     }
 
@@ -77,11 +85,11 @@ def ranked(stats: dict[str, dict], direction: str, min_count: int, top: int) -> 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from lenvm_rl.recipe import parse_recipe
     from lenvm_rl.critic_metrics import check_lenvm_reads_rollouts, score_rollouts
     from lenvm_rl.loading import inference_device, load_tokenizer
     from lenvm_rl.modeling import load_lenvm
     from lenvm_rl.outputs import check_output_dir
+    from lenvm_rl.recipe import parse_recipe
     from lenvm_rl.rollout_data import load_rollouts
 
     (args,) = parse_recipe((LengthTokenArguments,), argv)
@@ -99,8 +107,16 @@ def main(argv: list[str] | None = None) -> dict:
     lists = {direction: ranked(stats, direction, args.min_count, args.top) for direction in ("up", "down")}
 
     lines = [f"TD residuals of {len(rows)} finished rollouts, γ = {gamma:.4f}, threshold ±{args.threshold}", ""]
-    for direction, meaning in (("up", "shorten the rest (s_t > +threshold)"), ("down", "lengthen the rest (s_t < -threshold)")):
-        lines += [f"Tokens that most often {meaning}:", "", "| token | seen | passes | rate | mean s_t |", "|---|---:|---:|---:|---:|"]
+    for direction, meaning in (
+        ("up", "shorten the rest (s_t > +threshold)"),
+        ("down", "lengthen the rest (s_t < -threshold)"),
+    ):
+        lines += [
+            f"Tokens that most often {meaning}:",
+            "",
+            "| token | seen | passes | rate | mean s_t |",
+            "|---|---:|---:|---:|---:|",
+        ]
         lines += [
             f"| {shown(text, escape_bars=True)} | {s['count']} | {s[direction]} | {s[direction + '_rate']:.2f} | "
             f"{s['mean_residual']:+.4f} |"
@@ -126,9 +142,13 @@ def plot(lists: dict[str, list[tuple[str, dict]]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for axis, (direction, title) in zip(axes, (("up", "shortening tokens (s_t > +thr)"), ("down", "lengthening tokens (s_t < -thr)"))):
+    for axis, (direction, title) in zip(
+        axes, (("up", "shortening tokens (s_t > +thr)"), ("down", "lengthening tokens (s_t < -thr)"))
+    ):
         items = lists[direction]
-        axis.bar(range(len(items)), [s[direction] for _, s in items], color="tab:green" if direction == "up" else "tab:red")
+        axis.bar(
+            range(len(items)), [s[direction] for _, s in items], color="tab:green" if direction == "up" else "tab:red"
+        )
         axis.set_xticks(range(len(items)), [shown(text) for text, _ in items], rotation=60, ha="right", fontsize=8)
         axis.set(title=title, ylabel="passes")
     figure.tight_layout()

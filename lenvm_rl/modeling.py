@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
-from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.configuration_utils import SubConfigSpec
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import ModelOutput
 
 from lenvm_rl.errors import ConfigError
@@ -145,7 +145,7 @@ class LenVMModel(PreTrainedModel):
             super()._init_weights(module)
 
     @classmethod
-    def from_backbone(cls, backbone: PreTrainedModel, gamma: float, **config_kwargs) -> "LenVMModel":
+    def from_backbone(cls, backbone: PreTrainedModel, gamma: float, **config_kwargs) -> LenVMModel:
         """Wrap a loaded causal LM (its base model is kept, its LM head dropped) with a fresh head."""
         base = backbone.get_decoder() if hasattr(backbone, "get_decoder") else backbone
         config = LenVMConfig(backbone_config=backbone.config.to_dict(), gamma=gamma, **config_kwargs)
@@ -225,7 +225,9 @@ def load_lenvm(path: str, dtype: torch.dtype | None = None) -> LenVMModel:
     try:
         return LenVMModel.from_pretrained(path, dtype=dtype or torch.float32)
     except SafetensorError as error:
-        raise ConfigError(corrupt_weights("lenvm_model_path", path, error) + " (`lenvm-rl train-lenvm` writes it)") from None
+        raise ConfigError(
+            corrupt_weights("lenvm_model_path", path, error) + " (`lenvm-rl train-lenvm` writes it)"
+        ) from None
 
 
 def check_lenvm_tokenizer(path: str, policy_tokenizer) -> None:

@@ -28,10 +28,26 @@ STAGING = ".final-save"
 WRITTEN = ".lenvm_rl_written.json"
 # The top-level names a final save of grpo / ppo / train-lenvm may write (model, tokenizer, card, records).
 SAVED_NAMES = (
-    "README.md", "config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
-    "adapter_config.json", "adapter_model.safetensors", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
-    "chat_template.*", "vocab.*", "merges.txt", "spiece.model", "trainer_state.json", "training_args.bin",
-    "eval_results.json", "lenvm_rl_run.json", "task_value_head", "lenvm",
+    "README.md",
+    "config.json",
+    "generation_config.json",
+    "model*.safetensors",
+    "model.safetensors.index.json",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.*",
+    "vocab.*",
+    "merges.txt",
+    "spiece.model",
+    "trainer_state.json",
+    "training_args.bin",
+    "eval_results.json",
+    "lenvm_rl_run.json",
+    "task_value_head",
+    "lenvm",
 )
 
 
@@ -43,14 +59,24 @@ def check_output_dir(output_dir: str, inputs: dict[str, str | list[str] | None],
     """
     out = Path(output_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir: {output_dir!r} is a file, not a folder; give a folder path (it is created if missing)")
+        raise ConfigError(
+            f"output_dir: {output_dir!r} is a file, not a folder; give a folder path (it is created if missing)"
+        )
     for name, paths in inputs.items():
         for path in [paths] if isinstance(paths, str) else paths or []:
             source = Path(path).expanduser()
             if not source.exists():
                 continue
             source = source.resolve()
-            relation = "is" if out == source else "lies inside" if source in out.parents else "contains" if out in source.parents else None
+            relation = (
+                "is"
+                if out == source
+                else "lies inside"
+                if source in out.parents
+                else "contains"
+                if out in source.parents
+                else None
+            )
             if relation:
                 raise ConfigError(
                     f"output_dir: {output_dir!r} {relation} the {name} {path!r}; writing there would overwrite an "
@@ -78,7 +104,8 @@ def foreign_files(output_dir: Path, entries: list[Path]) -> list[Path]:
     """The entries among ``entries`` whose names a final save writes but that lenvm-rl did not put there."""
     written = json.loads((output_dir / WRITTEN).read_text()) if (output_dir / WRITTEN).is_file() else {}
     return [
-        p for p in entries
+        p
+        for p in entries
         if any(fnmatch(p.name, pattern) for pattern in SAVED_NAMES) and written.get(p.name) != fingerprint(p)
     ]
 

@@ -37,12 +37,12 @@ from trl.trainer.utils import (
     use_adapter,
 )
 
+from lenvm_rl.advantages import clipped_value_loss, task_advantages
 from lenvm_rl.errors import ConfigError
-from lenvm_rl.modeling import ValueHead, head_dtype
 from lenvm_rl.grpo_config import LenVMGRPOConfig
 from lenvm_rl.grpo_trainer import LenVMGRPOTrainer
+from lenvm_rl.modeling import ValueHead, head_dtype
 from lenvm_rl.train_policy import train_policy
-from lenvm_rl.advantages import clipped_value_loss, task_advantages
 
 # In a subfolder: vLLM loads every *.safetensors at a model folder's top level (without an index file), and the
 # head's weights beside a full fine-tune's model.safetensors would be read as the policy's.
@@ -100,8 +100,10 @@ class LenVMPPOConfig(LenVMGRPOConfig):
     task_gamma: float = field(default=1.0, metadata={"help": "Discount γ_task of the task GAE, in (0, 1]."})
     task_lambda: float = field(
         default=1.0,
-        metadata={"help": "λ_task of the actor's GAE, in [0, 1]. < 1 with a critic that has not learned yet favours "
-                          "short completions (docs/DESIGN.md §10.1): lower it once the critic explains the returns."},
+        metadata={
+            "help": "λ_task of the actor's GAE, in [0, 1]. < 1 with a critic that has not learned yet favours "
+            "short completions (docs/DESIGN.md §10.1): lower it once the critic explains the returns."
+        },
     )
     task_value_lambda: float = field(
         default=1.0, metadata={"help": "λ of the critic's GAE returns (its targets), in [0, 1]; 1 = Monte Carlo."}
@@ -120,7 +122,9 @@ class LenVMPPOConfig(LenVMGRPOConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.vf_coef <= 0:
-            raise ConfigError(f"vf_coef: must be > 0 (the task critic learns only from the value loss), got {self.vf_coef}")
+            raise ConfigError(
+                f"vf_coef: must be > 0 (the task critic learns only from the value loss), got {self.vf_coef}"
+            )
         if self.cliprange_value <= 0:
             raise ConfigError(f"cliprange_value: must be > 0 (in reward units), got {self.cliprange_value}")
         if not 0.0 < self.task_gamma <= 1.0:
@@ -160,7 +164,9 @@ class LenVMPPOTrainer(LenVMGRPOTrainer):
         if args.kl_coef > 0 and self.ref_model is None and not is_peft_model(self.model):
             # TRL builds its reference model only when beta != 0; the reward's KL penalty needs one as well.
             reference = create_model_from_path(
-                get_config_model_id(causal_lm.config), dtype=causal_lm.dtype, device_map=None,
+                get_config_model_id(causal_lm.config),
+                dtype=causal_lm.dtype,
+                device_map=None,
                 attn_implementation=causal_lm.config._attn_implementation,
             )
             add_fused_lm_head(reference, temperature=self.temperature)
@@ -239,7 +245,13 @@ class LenVMPPOTrainer(LenVMGRPOTrainer):
             ref_logps = output.get("ref_per_token_logps")  # TRL's, when beta != 0
             kl = logps - (ref_logps if ref_logps is not None else self.reference_logps(output, batch_size))  # (B, T)
         advantages, returns = task_advantages(
-            scores, old_values, mask, args.task_gamma, args.task_lambda, kl=kl, kl_coef=args.kl_coef,
+            scores,
+            old_values,
+            mask,
+            args.task_gamma,
+            args.task_lambda,
+            kl=kl,
+            kl_coef=args.kl_coef,
             value_lam=args.task_value_lambda,
         )  # (B, T), (B, T)
         returns = torch.where(scorable[:, None] & mask, returns, old_values * mask)
@@ -248,8 +260,12 @@ class LenVMPPOTrainer(LenVMGRPOTrainer):
         # Explained variance of the old values, over the valid tokens of all ranks: 1 - Var(R - V) / Var(R).
         residual = returns - old_values
         count, sum_r, sum_r2, sum_d, sum_d2, sum_v, *kl_stats = self.ranks_sum(
-            task_mask.sum().float(), (returns * task_mask).sum(), (returns.square() * task_mask).sum(),
-            (residual * task_mask).sum(), (residual.square() * task_mask).sum(), (old_values * task_mask).sum(),
+            task_mask.sum().float(),
+            (returns * task_mask).sum(),
+            (returns.square() * task_mask).sum(),
+            (residual * task_mask).sum(),
+            (residual.square() * task_mask).sum(),
+            (old_values * task_mask).sum(),
             *(((kl * mask).sum(), mask.sum().float()) if kl is not None else ()),
         )
         count = max(count, 1.0)
@@ -275,7 +291,9 @@ class LenVMPPOTrainer(LenVMGRPOTrainer):
         start, num_tokens = inputs["prompt_ids"].size(1) - 1, inputs["completion_ids"].size(1)
         values = values_full[:, start : start + num_tokens]  # (B, T) V(s_j)
         mask = inputs["completion_mask"].to(values.dtype)  # (B, T)
-        per_token, clipped = clipped_value_loss(values, inputs["old_values"], inputs["returns"], self.args.cliprange_value)
+        per_token, clipped = clipped_value_loss(
+            values, inputs["old_values"], inputs["returns"], self.args.cliprange_value
+        )
         mode = "train" if self.model.training else "eval"
         # Token mean over the accumulation window, as TRL normalises its dapo loss.
         normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
@@ -307,14 +325,19 @@ class LenVMPPOTrainer(LenVMGRPOTrainer):
     def _save(self, output_dir=None, state_dict=None):
         # Under DeepSpeed the consolidated state dict holds the gathered head; otherwise read the module. Read it
         # first: a full fine-tune's save_pretrained deletes the head's keys from that dict (_keys_to_ignore_on_save).
-        head = {k[len(VALUE_HEAD_PREFIX) :]: v for k, v in (state_dict or {}).items() if k.startswith(VALUE_HEAD_PREFIX)}
+        head = {
+            k[len(VALUE_HEAD_PREFIX) :]: v for k, v in (state_dict or {}).items() if k.startswith(VALUE_HEAD_PREFIX)
+        }
         head = head or self.task_value_head.state_dict()
         super()._save(output_dir, state_dict)
         if not self.args.should_save:
             return
         output_dir = output_dir or self.args.output_dir
         os.makedirs(os.path.join(output_dir, os.path.dirname(VALUE_HEAD_FILE)), exist_ok=True)
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in head.items()}, os.path.join(output_dir, VALUE_HEAD_FILE))
+        save_file(
+            {k: v.detach().float().cpu().contiguous() for k, v in head.items()},
+            os.path.join(output_dir, VALUE_HEAD_FILE),
+        )
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)

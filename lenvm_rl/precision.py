@@ -103,12 +103,17 @@ def auto_precision(device: str) -> Precision:
         choice = Precision(forced, device, f"forced by {PRECISION_ENV}")
     elif device == "cuda":
         supported = torch.cuda.is_bf16_supported()
-        choice = Precision("bfloat16" if supported else "float32", device,
-                           "the GPU supports bf16" if supported else "the GPU has no bf16")
+        choice = Precision(
+            "bfloat16" if supported else "float32",
+            device,
+            "the GPU supports bf16" if supported else "the GPU has no bf16",
+        )
     else:
         dtype, reason = cpu_precision(cpu_flags())
         choice = Precision(dtype, device, reason)
-    print(f"lenvm-rl precision: auto = {choice.dtype} on {device} ({choice.reason})", flush=True)  # stdout: stderr is for errors
+    print(
+        f"lenvm-rl precision: auto = {choice.dtype} on {device} ({choice.reason})", flush=True
+    )  # stdout: stderr is for errors
     return choice
 
 
@@ -129,7 +134,9 @@ def resolve_bf16(value: bool | str, use_cpu: bool, fp16: bool = False) -> bool:
     if text in ("false", "no", "0"):
         return False
     if text != "auto":
-        raise ConfigError(f"bf16: {value!r} is not true, false or auto; auto = bf16 where the device computes it natively")
+        raise ConfigError(
+            f"bf16: {value!r} is not true, false or auto; auto = bf16 where the device computes it natively"
+        )
     if fp16 or (not use_cpu and not torch.cuda.is_available()):
         return False
     return auto_precision(training_device(use_cpu)).bf16

@@ -50,11 +50,11 @@ def plot_value_trace(values: torch.Tensor, length: int, gamma: float, path: Path
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from lenvm_rl.recipe import parse_recipe
     from lenvm_rl.critic_metrics import check_lenvm_reads_rollouts, constant_baselines, length_metrics, score_rollouts
     from lenvm_rl.loading import inference_device, load_tokenizer
     from lenvm_rl.modeling import load_lenvm
     from lenvm_rl.outputs import check_output_dir
+    from lenvm_rl.recipe import parse_recipe
     from lenvm_rl.returns import prompt_boundary_ground_truth, remaining_from_value
     from lenvm_rl.rollout_data import load_rollouts
 
@@ -77,17 +77,25 @@ def main(argv: list[str] | None = None) -> dict:
 
     per_prompt: dict[int, dict] = {}
     for row, v in zip(rows, values):
-        entry = per_prompt.setdefault(row["prompt_id"], {"prompt_id": row["prompt_id"], "value_s0": float(v[0]), "lengths": []})
+        entry = per_prompt.setdefault(
+            row["prompt_id"], {"prompt_id": row["prompt_id"], "value_s0": float(v[0]), "lengths": []}
+        )
         entry["lengths"].append(row["completion_tokens"])
     for entry in per_prompt.values():
-        entry["predicted_tokens"] = float(remaining_from_value(torch.tensor(entry["value_s0"], dtype=torch.float64), gamma))
-        entry["ground_truth_tokens"] = float(prompt_boundary_ground_truth([torch.tensor(entry["lengths"], dtype=torch.float64)], gamma)[0])
+        entry["predicted_tokens"] = float(
+            remaining_from_value(torch.tensor(entry["value_s0"], dtype=torch.float64), gamma)
+        )
+        entry["ground_truth_tokens"] = float(
+            prompt_boundary_ground_truth([torch.tensor(entry["lengths"], dtype=torch.float64)], gamma)[0]
+        )
     metrics = length_metrics(rows, values, gamma, constant_baselines(model.config))
 
     print(f"{'prompt':>6}  {'predicted':>9}  {'L_GT':>7}  {'rel.err':>7}  sampled lengths")
     for e in per_prompt.values():
         rel = abs(e["predicted_tokens"] - e["ground_truth_tokens"]) / max(e["ground_truth_tokens"], 1e-9)
-        print(f"{e['prompt_id']:>6}  {e['predicted_tokens']:>9.1f}  {e['ground_truth_tokens']:>7.1f}  {rel:>7.1%}  {sorted(e['lengths'])}")
+        print(
+            f"{e['prompt_id']:>6}  {e['predicted_tokens']:>9.1f}  {e['ground_truth_tokens']:>7.1f}  {rel:>7.1%}  {sorted(e['lengths'])}"
+        )
     print(f"prompt-boundary MRE: LenVM {metrics['boundary_mre']:.3f}")
     config = model.config
     for name, constant, label in [

@@ -24,8 +24,12 @@ def parse_recipe(dataclass_types: tuple, argv: list[str] | None):
     parser.error = _flag_error  # argparse would print the whole usage and exit; one line instead
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[-1:] == ["--config"]:
-        raise ConfigError("config: --config needs a recipe path, e.g. --config recipes/<Model>/<stage>/config_<variant>.yaml")
-    recipes = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"] + [a[9:] for a in argv if a.startswith("--config=")]
+        raise ConfigError(
+            "config: --config needs a recipe path, e.g. --config recipes/<Model>/<stage>/config_<variant>.yaml"
+        )
+    recipes = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"] + [
+        a[9:] for a in argv if a.startswith("--config=")
+    ]
     if len(recipes) > 1:
         raise ConfigError(
             f"config: --config given {len(recipes)} times ({', '.join(recipes)}); give one recipe and override its "

@@ -25,8 +25,12 @@ def score_record(row: dict, text: str, tokens: int, finished: bool, hard_truncat
     if row.get("answer") is not None:
         correct = is_correct(text, row["answer"]) and (finished or not hard_truncation)
     return {
-        "budget_tokens": row["budget_tokens"], "budget_kind": row["budget_kind"], "tokens": tokens,
-        "finished": finished, "correct": correct, "completion": text,
+        "budget_tokens": row["budget_tokens"],
+        "budget_kind": row["budget_kind"],
+        "tokens": tokens,
+        "finished": finished,
+        "correct": correct,
+        "completion": text,
     }
 
 
@@ -53,18 +57,20 @@ def summarize(records: list[dict]) -> list[dict]:
         kinds = budget_kind_codes([kind] * len(group))
         deviation = (lengths - budgets) / budgets
         graded = [r["correct"] for r in group if r["correct"] is not None]
-        summary.append({
-            "budget_kind": kind,
-            "budget_tokens": budget,
-            "n": len(group),
-            "accuracy": sum(graded) / len(graded) if graded else None,
-            "mean_tokens": lengths.mean().item(),
-            "length_deviation": deviation.mean().item(),
-            "abs_length_deviation": deviation.abs().mean().item(),
-            "length_score": lifebench_length_score(lengths, budgets, kinds).mean().item(),
-            "hit_rate": budget_hit(lengths, budgets, kinds).float().mean().item(),
-            "finished_rate": sum(r["finished"] for r in group) / len(group),
-        })
+        summary.append(
+            {
+                "budget_kind": kind,
+                "budget_tokens": budget,
+                "n": len(group),
+                "accuracy": sum(graded) / len(graded) if graded else None,
+                "mean_tokens": lengths.mean().item(),
+                "length_deviation": deviation.mean().item(),
+                "abs_length_deviation": deviation.abs().mean().item(),
+                "length_score": lifebench_length_score(lengths, budgets, kinds).mean().item(),
+                "hit_rate": budget_hit(lengths, budgets, kinds).float().mean().item(),
+                "finished_rate": sum(r["finished"] for r in group) / len(group),
+            }
+        )
     return summary
 
 
@@ -134,7 +140,9 @@ def plot_results(results: dict[str, list[dict]], output_dir: Path) -> list[Path]
             axis.plot(*zip(*sorted(points)), marker="o", label=label)
             for s in summary:
                 if s["accuracy"] is not None:
-                    axis.annotate(f"{s['budget_kind'][:5]} {s['budget_tokens']}", (s["mean_tokens"], s["accuracy"]), fontsize=7)
+                    axis.annotate(
+                        f"{s['budget_kind'][:5]} {s['budget_tokens']}", (s["mean_tokens"], s["accuracy"]), fontsize=7
+                    )
     axis.set(xlabel="mean completion tokens", ylabel="accuracy", ylim=(-0.02, 1.02))
     axis.set_title("Accuracy against length")
     axis.legend(fontsize=8)

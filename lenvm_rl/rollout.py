@@ -137,8 +137,11 @@ def run_rollouts(
 
     def shard_rows(shard: int) -> range:
         return range(shard * args.shard_size, min((shard + 1) * args.shard_size, len(prompts)))
+
     if args.use_vllm:
-        generate_vllm = vllm_engine(model_name_or_path, tokenizer, args, args.num_samples_per_prompt, dtype, ranks=ranks)
+        generate_vllm = vllm_engine(
+            model_name_or_path, tokenizer, args, args.num_samples_per_prompt, dtype, ranks=ranks
+        )
     else:
         model = load_causal_lm(model_name_or_path, dtype=dtype).to(inference_device()).eval()
     extra_columns = [c for c in prompts.column_names if c != "prompt"]
@@ -154,26 +157,35 @@ def run_rollouts(
             prompt_ids = tokenize_prompts(tokenizer, batch["prompt"])
             first_prompt_id = args.skip_prompts + shard_rows(shard)[start]
             if args.use_vllm:
-                seeds = vllm_seeds(args.seed, range(first_prompt_id, first_prompt_id + len(prompt_ids)), args.num_samples_per_prompt)
+                seeds = vllm_seeds(
+                    args.seed, range(first_prompt_id, first_prompt_id + len(prompt_ids)), args.num_samples_per_prompt
+                )
                 samples = generate_vllm(prompt_ids, seeds, args.max_completion_tokens)
             else:
                 samples = generate_hf(
-                    model, tokenizer, prompt_ids, args.num_samples_per_prompt, args.max_completion_tokens,
-                    args.temperature, args.top_p,
+                    model,
+                    tokenizer,
+                    prompt_ids,
+                    args.num_samples_per_prompt,
+                    args.max_completion_tokens,
+                    args.temperature,
+                    args.top_p,
                 )
             for offset, (row, ids, group) in enumerate(zip(batch, prompt_ids, samples)):
                 for sample_index, (completion_ids, finished) in enumerate(group):
-                    records.append({
-                        "prompt_id": first_prompt_id + offset,
-                        "sample_index": sample_index,
-                        "prompt": row["prompt"],
-                        "prompt_ids": ids,
-                        "completion_ids": completion_ids,
-                        "completion": tokenizer.decode(completion_ids, skip_special_tokens=True),
-                        "completion_tokens": len(completion_ids),
-                        "finished": finished,
-                        **{c: row[c] for c in extra_columns},
-                    })
+                    records.append(
+                        {
+                            "prompt_id": first_prompt_id + offset,
+                            "sample_index": sample_index,
+                            "prompt": row["prompt"],
+                            "prompt_ids": ids,
+                            "completion_ids": completion_ids,
+                            "completion": tokenizer.decode(completion_ids, skip_special_tokens=True),
+                            "completion_tokens": len(completion_ids),
+                            "finished": finished,
+                            **{c: row[c] for c in extra_columns},
+                        }
+                    )
             progress.update(len(batch))
         staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=".staging-"))
         Dataset.from_list(records).save_to_disk(str(staging))
@@ -187,8 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     """`lenvm-rl rollout --config recipes/<Model>/rollout/config_<variant>.yaml`"""
     from trl import ModelConfig
 
-    from lenvm_rl.recipe import parse_recipe
     from lenvm_rl.outputs import check_output_dir
+    from lenvm_rl.recipe import parse_recipe
 
     args, model_args = parse_recipe((RolloutArguments, ModelConfig), argv)
     ranks = launched_ranks()

@@ -93,10 +93,12 @@ def make_testbed_dataset(num_prompts: int, seed: int = 0) -> Dataset:
         raise ConfigError(f"num_prompts: must be positive, got {num_prompts}")
     rng = random.Random(seed)
     problems = [draw_problem(rng) for _ in range(num_prompts)]
-    return Dataset.from_dict({
-        "prompt": [[{"role": "user", "content": QUESTION.format(a=a, b=b)}] for a, b in problems],
-        "answer": [str(a + b) for a, b in problems],
-    })
+    return Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": QUESTION.format(a=a, b=b)}] for a, b in problems],
+            "answer": [str(a + b) for a, b in problems],
+        }
+    )
 
 
 def write_solution(a: int, b: int, solution_tokens: int, budget_tokens: int) -> str:
@@ -107,7 +109,9 @@ def write_solution(a: int, b: int, solution_tokens: int, budget_tokens: int) -> 
     ('2 1 0 -1 #### 7', '#### 7')
     """
     if solution_tokens < MIN_SOLUTION_TOKENS:
-        raise ConfigError(f"solution_tokens: a solution has at least {MIN_SOLUTION_TOKENS} tokens, got {solution_tokens}")
+        raise ConfigError(
+            f"solution_tokens: a solution has at least {MIN_SOLUTION_TOKENS} tokens, got {solution_tokens}"
+        )
     steps = [budget_tokens - (i + MIN_SOLUTION_TOKENS) for i in range(1, solution_tokens - MIN_SOLUTION_TOKENS + 1)]
     return " ".join([*map(str, steps), ANSWER_MARKER, str(a + b)])
 
@@ -207,7 +211,9 @@ def make_sft_dataset(
     from lenvm_rl.generation import tokenize_prompts
 
     rng = random.Random(f"{seed}-lengths")  # not random.Random(seed): that would replay the operands' draws
-    prompts = add_budgets(make_testbed_dataset(num_examples, seed=seed), budgets=list(budgets), kinds=list(kinds), seed=seed)
+    prompts = add_budgets(
+        make_testbed_dataset(num_examples, seed=seed), budgets=list(budgets), kinds=list(kinds), seed=seed
+    )
     prompt_ids = tokenize_prompts(tokenizer, prompts["prompt"])
     rows = {"input_ids": [], "labels": []}
     for ids, row in zip(prompt_ids, prompts, strict=True):
@@ -225,7 +231,7 @@ def make_sft_dataset(
 def collate_sft(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad ``input_ids`` (B, T) with pad, ``labels`` (B, T) with -100; ``attention_mask`` (B, T)."""
     width = max(len(row["input_ids"]) for row in rows)
-    pad = lambda values, fill: [*values, *[fill] * (width - len(values))]  # noqa: E731
+    pad = lambda values, fill: [*values, *[fill] * (width - len(values))]
     return {
         "input_ids": torch.tensor([pad(r["input_ids"], pad_token_id) for r in rows]),
         "labels": torch.tensor([pad(r["labels"], -100) for r in rows]),
@@ -252,8 +258,12 @@ def sample_accuracy(
     from lenvm_rl.generation import generate_hf, tokenize_prompts
     from rewards.correctness import is_correct
 
-    prompts = add_budgets(make_testbed_dataset(num_prompts, seed=seed), budgets=list(form_budgets(form)),
-                          kinds=["exact", "at_most", "at_least"], seed=seed)
+    prompts = add_budgets(
+        make_testbed_dataset(num_prompts, seed=seed),
+        budgets=list(form_budgets(form)),
+        kinds=["exact", "at_most", "at_least"],
+        seed=seed,
+    )
     correct, lengths, finished = 0, [], 0
     torch.manual_seed(seed)
     for start in range(0, num_prompts, 64):
@@ -264,12 +274,18 @@ def sample_accuracy(
             correct += is_correct(tokenizer.decode(ids, skip_special_tokens=True), row["answer"])
             lengths.append(len(ids))
             finished += done
-    return {"accuracy": correct / num_prompts, "mean_tokens": sum(lengths) / num_prompts, "finished": finished / num_prompts}
+    return {
+        "accuracy": correct / num_prompts,
+        "mean_tokens": sum(lengths) / num_prompts,
+        "finished": finished / num_prompts,
+    }
 
 
 @dataclass
 class TestbedSFTArguments:
-    output_dir: str = field(default="runs/testbed/sft", metadata={"help": "Folder of the trained policy and tokenizer."})
+    output_dir: str = field(
+        default="runs/testbed/sft", metadata={"help": "Folder of the trained policy and tokenizer."}
+    )
     form: str = field(default="tracker", metadata={"help": "The task: tracker (the first) or plan (the second)."})
     num_examples: int = field(default=40_000, metadata={"help": "SFT rows (problem, budget, solution length drawn)."})
     hidden_size: int = field(default=64, metadata={"help": "Llama hidden size (intermediate = 3x)."})
@@ -288,8 +304,9 @@ def train_sft(args: TestbedSFTArguments) -> dict:
     start = time.perf_counter()
     tokenizer = make_tokenizer(args.form)
     positions = 128 if args.form == "tracker" else 160  # prompt (<= 16 tokens) + the longest solution + EOS
-    model = make_model(tokenizer, hidden_size=args.hidden_size, num_layers=args.num_layers, seed=args.seed,
-                       max_positions=positions)
+    model = make_model(
+        tokenizer, hidden_size=args.hidden_size, num_layers=args.num_layers, seed=args.seed, max_positions=positions
+    )
     train_rows = make_sft_dataset(tokenizer, args.num_examples, seed=args.seed + 1, form=args.form)
     training_args = TrainingArguments(
         output_dir=args.output_dir,

@@ -19,10 +19,10 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
+from lenvm_rl.critic_metrics import collate_states, constant_baselines, length_metrics, score_rollouts
 from lenvm_rl.errors import ConfigError, check_training_counts
 from lenvm_rl.hub import defer_push, model_card, push_folder, record_run
 from lenvm_rl.precision import resolve_bf16, resolve_dtype, training_device
-from lenvm_rl.critic_metrics import collate_states, constant_baselines, length_metrics, score_rollouts
 from lenvm_rl.returns import prompt_boundary_ground_truth, resolve_gamma
 
 
@@ -95,8 +95,10 @@ class LenVMTrainingConfig(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator reads raw rows."})
     bf16: str = field(
         default="auto",
-        metadata={"help": "bf16 autocast: true, false, or auto (bf16 where the device computes it natively, float32 "
-                          "elsewhere; lenvm_rl.precision). Resolved to true / false before training."},
+        metadata={
+            "help": "bf16 autocast: true, false, or auto (bf16 where the device computes it natively, float32 "
+            "elsewhere; lenvm_rl.precision). Resolved to true / false before training."
+        },
     )
 
     def __post_init__(self):
@@ -122,7 +124,9 @@ class LenVMTrainingConfig(TrainingArguments):
 class LenVMTrainer(Trainer):
     """``Trainer`` with the token-count normalisation and length evaluation described above."""
 
-    def __init__(self, model, args: LenVMTrainingConfig, train_dataset, eval_dataset=None, processing_class=None, **kwargs):
+    def __init__(
+        self, model, args: LenVMTrainingConfig, train_dataset, eval_dataset=None, processing_class=None, **kwargs
+    ):
         pad = processing_class.pad_token_id
         super().__init__(
             model=model,
@@ -151,7 +155,9 @@ class LenVMTrainer(Trainer):
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         model = self.accelerator.unwrap_model(self.model)
         with self.accelerator.autocast():  # the training precision (bf16 autocast when `bf16` is set)
-            values = score_rollouts(model, dataset, self.processing_class.pad_token_id, self.args.per_device_eval_batch_size)
+            values = score_rollouts(
+                model, dataset, self.processing_class.pad_token_id, self.args.per_device_eval_batch_size
+            )
         metrics = length_metrics(dataset, values, model.config.gamma, constant_baselines(model.config))
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
         self.log(metrics)
@@ -194,7 +200,7 @@ def check_rollout_tokenizer(rollouts_path: str, backbone: str, tokenizer) -> Non
     except ConfigError:  # the policy folder moved or was deleted since the rollouts were sampled
         raise ConfigError(
             f"rollouts_path: {rollouts_path} was sampled from the policy {policy!r} ({manifest}), which cannot be "
-            f"loaded now; if it moved, set \"model_name_or_path\" in {manifest} to its new path"
+            f'loaded now; if it moved, set "model_name_or_path" in {manifest} to its new path'
         ) from None
     if policy_vocab != tokenizer.get_vocab():
         raise ConfigError(
@@ -260,7 +266,9 @@ def build_lenvm(model_args, config: LenVMTrainingConfig, gamma: float, train_len
         try:
             model = get_peft_model(model, lora)
         except ValueError as error:
-            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.backbone.named_modules() if isinstance(m, torch.nn.Linear)})
+            names = sorted(
+                {n.rsplit(".", 1)[-1] for n, m in model.backbone.named_modules() if isinstance(m, torch.nn.Linear)}
+            )
             raise ConfigError(
                 f"lora_target_modules: {model_args.lora_target_modules} not found in the backbone ({str(error).splitlines()[0][:120]}); "
                 f"use some of: {', '.join(names)}"
@@ -272,18 +280,21 @@ def main(argv: list[str] | None = None) -> None:
     """`lenvm-rl train-lenvm --config recipes/<Model>/lenvm/config_<variant>.yaml`"""
     from trl import ModelConfig
 
-    from lenvm_rl.recipe import parse_recipe
+    from lenvm_rl.critic_metrics import check_token_ids
     from lenvm_rl.errors import require_launched_world
     from lenvm_rl.faults import SaveOnSigterm, resume_checkpoint, train
-    from lenvm_rl.critic_metrics import check_token_ids
     from lenvm_rl.loading import load_tokenizer, model_vocab_size
     from lenvm_rl.outputs import check_output_dir, final_save
+    from lenvm_rl.recipe import parse_recipe
     from lenvm_rl.returns import auto_gamma
     from lenvm_rl.rollout_data import load_rollouts
 
     script_args, config, model_args = parse_recipe((LenVMScriptArguments, LenVMTrainingConfig, ModelConfig), argv)
-    inputs = {"model_name_or_path": model_args.model_name_or_path, "rollouts_path": script_args.rollouts_path,
-              "eval_rollouts_path": script_args.eval_rollouts_path}
+    inputs = {
+        "model_name_or_path": model_args.model_name_or_path,
+        "rollouts_path": script_args.rollouts_path,
+        "eval_rollouts_path": script_args.eval_rollouts_path,
+    }
     check_output_dir(config.output_dir, inputs, final_save=True)  # before any model loads, as are the checks below
     require_launched_world(config.world_size)
     resume_from = resume_checkpoint(config.resume_from_checkpoint, config.output_dir)
@@ -361,5 +372,7 @@ def main(argv: list[str] | None = None) -> None:
 
     ################ Push (config, weights, tokenizer and the card: hub.push_folder)
     if hub_model_id and trainer.is_world_process_zero():
-        url = push_folder(config.output_dir, hub_model_id, config.hub_private_repo, config.hub_revision, config.hub_token)
+        url = push_folder(
+            config.output_dir, hub_model_id, config.hub_private_repo, config.hub_revision, config.hub_token
+        )
         print(f"pushed {config.output_dir} to {hub_model_id}: {url}")

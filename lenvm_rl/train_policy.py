@@ -29,24 +29,26 @@ class GRPOScriptArguments(DatasetArguments):
     )
 
 
-
 def train_policy(argv: list[str] | None, stage: str, config_class: type, trainer_class: type) -> None:
     """The `grpo` and `ppo` entry points: parse the recipe into ``config_class``, train with ``trainer_class``."""
     from transformers import set_seed
     from trl import ModelConfig, get_peft_config
 
-    from lenvm_rl.recipe import parse_recipe
     from lenvm_rl.data import load_prompt_splits
     from lenvm_rl.faults import SaveOnSigterm, resume_checkpoint, train
+    from lenvm_rl.generation import eos_token_ids
     from lenvm_rl.loading import load_causal_lm, load_tokenizer
     from lenvm_rl.outputs import check_output_dir, final_save
-    from lenvm_rl.generation import eos_token_ids
+    from lenvm_rl.recipe import parse_recipe
     from rewards import REWARDS, get_reward
     from rewards.base import TokenLengthReward
 
     script_args, config, model_args = parse_recipe((GRPOScriptArguments, config_class, ModelConfig), argv)
-    inputs = {"model_name_or_path": model_args.model_name_or_path, "lenvm_model_path": config.lenvm_model_path,
-              "dataset_name": script_args.dataset_name}
+    inputs = {
+        "model_name_or_path": model_args.model_name_or_path,
+        "lenvm_model_path": config.lenvm_model_path,
+        "dataset_name": script_args.dataset_name,
+    }
     check_output_dir(config.output_dir, inputs, final_save=True)  # before any model loads, as are the checks below
     require_launched_world(config.world_size)
     resume_from = resume_checkpoint(config.resume_from_checkpoint, config.output_dir)
@@ -125,5 +127,7 @@ def train_policy(argv: list[str] | None, stage: str, config_class: type, trainer
 
     ################ Push (the model files and the card, not checkpoints: hub.push_folder)
     if hub_model_id and trainer.is_world_process_zero():
-        url = push_folder(config.output_dir, hub_model_id, config.hub_private_repo, config.hub_revision, config.hub_token)
+        url = push_folder(
+            config.output_dir, hub_model_id, config.hub_private_repo, config.hub_revision, config.hub_token
+        )
         print(f"pushed {config.output_dir} to {hub_model_id}: {url}")

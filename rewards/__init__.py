@@ -12,8 +12,8 @@ from __future__ import annotations
 import importlib
 import inspect
 
-from rewards.errors import ConfigError
 from rewards.correctness import Accuracy, extract_final_answer, is_correct
+from rewards.errors import ConfigError
 from rewards.format import AnswerFormat
 from rewards.length import CosineLength, L1Exact, L1Max, LengthScore, SoftOverlong
 

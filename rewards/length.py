@@ -11,10 +11,10 @@ from collections.abc import Sequence
 import torch
 from trl.rewards import get_soft_overlong_punishment
 
-from rewards.errors import ConfigError
-from rewards.scores import budget_kind_codes, BUDGET_KINDS, l1_length_score, lifebench_length_score
 from rewards.base import TokenLengthReward, budget_tokens, column, completion_text
 from rewards.correctness import is_correct
+from rewards.errors import ConfigError
+from rewards.scores import BUDGET_KINDS, budget_kind_codes, l1_length_score, lifebench_length_score
 
 
 class LengthScore(TokenLengthReward):

@@ -36,52 +36,188 @@ LM = [sys.executable, "-m", "lenvm_rl"]
 HELD_OUT = ["--num_prompts", "16", "--skip_prompts", "100"]  # 16 held-out prompts x exact {16, 32, 64}
 # The before/after recipe without its GRPO adapter (a list field cannot be emptied by a flag): written by main().
 EVALUATE_RECIPE = RUNS / "smollm2" / "config_base_model.yaml"
-EVALUATE = [*LM, "evaluate", "--config", str(EVALUATE_RECIPE), *HELD_OUT,
-            "--max_new_tokens", "96", "--lenvm_model_path", str(RUNS / "smollm2" / "lenvm")]
+EVALUATE = [
+    *LM,
+    "evaluate",
+    "--config",
+    str(EVALUATE_RECIPE),
+    *HELD_OUT,
+    "--max_new_tokens",
+    "96",
+    "--lenvm_model_path",
+    str(RUNS / "smollm2" / "lenvm"),
+]
 # name: (command, file that marks it done, stages it needs)
 STAGES = {
-    "smollm2 rollouts": ([*LM, "rollout", "--config", str(SMOL / "rollout" / "config_arithmetic.yaml"),
-                          "--num_prompts", "32", "--num_samples_per_prompt", "4", "--max_completion_tokens", "96",
-                          "--prompts_per_batch", "16", "--shard_size", "16", "--output_dir", str(RUNS / "smollm2" / "rollouts")],
-                         RUNS / "smollm2" / "rollouts" / "shards" / "shard-00001", []),
-    "smollm2 held-out rollouts": ([*LM, "rollout", "--config", str(SMOL / "rollout" / "config_arithmetic_eval.yaml"),
-                                   "--num_prompts", "16", "--max_completion_tokens", "96", "--shard_size", "8",
-                                   "--output_dir", str(RUNS / "smollm2" / "rollouts_eval")],
-                                  RUNS / "smollm2" / "rollouts_eval" / "shards" / "shard-00001", []),
-    "smollm2 LenVM": ([*LM, "train-lenvm", "--config", str(SMOL / "lenvm" / "config_top_layers.yaml"),
-                       "--rollouts_path", str(RUNS / "smollm2" / "rollouts"),
-                       "--eval_rollouts_path", str(RUNS / "smollm2" / "rollouts_eval"),
-                       "--output_dir", str(RUNS / "smollm2" / "lenvm")],
-                      RUNS / "smollm2" / "lenvm" / "eval_results.json", ["smollm2 rollouts", "smollm2 held-out rollouts"]),
-    "smollm2 guided decoding": ([*EVALUATE, "--plain_decoding", "false", "--guided_decoding", "true",
-                                 "--output_dir", str(RUNS / "smollm2" / "guided")],
-                                RUNS / "smollm2" / "guided" / "results.json", ["smollm2 LenVM"]),
-    "smollm2 prediction": ([*LM, "predict-length", "--lenvm_model_path", str(RUNS / "smollm2" / "lenvm"),
-                            "--rollouts_path", str(RUNS / "smollm2" / "rollouts_eval"),
-                            "--output_dir", str(RUNS / "smollm2" / "predict")],
-                           RUNS / "smollm2" / "predict" / "predictions.json", ["smollm2 LenVM"]),
-    "testbed policy": ([sys.executable, "-m", "lenvm_rl.testbed", "--output_dir", str(RUNS / "testbed" / "sft"),
-                        "--num_examples", "30000", "--epochs", "2"],
-                       RUNS / "testbed" / "sft" / "config.json", []),
-    "testbed rollouts": ([*LM, "rollout", "--config", str(TESTBED / "rollout" / "config_testbed.yaml"),
-                          "--model_name_or_path", str(RUNS / "testbed" / "sft"), "--num_prompts", "128",
-                          "--output_dir", str(RUNS / "testbed" / "rollouts")],
-                         RUNS / "testbed" / "rollouts" / "shards" / "shard-00000", ["testbed policy"]),
-    "testbed LenVM": ([*LM, "train-lenvm", "--config", str(TESTBED / "lenvm" / "config_full.yaml"),
-                       "--model_name_or_path", str(RUNS / "testbed" / "sft"),
-                       "--rollouts_path", str(RUNS / "testbed" / "rollouts"), "--output_dir", str(RUNS / "testbed" / "lenvm")],
-                      RUNS / "testbed" / "lenvm" / "eval_results.json", ["testbed rollouts"]),
-    "testbed GRPO": ([*LM, "grpo", "--config", str(TESTBED / "grpo" / "config_lenvm_lambda095.yaml"),
-                      "--length_advantage_scale", "first",  # the model recipes' default arm
-                      "--model_name_or_path", str(RUNS / "testbed" / "sft"),
-                      "--lenvm_model_path", str(RUNS / "testbed" / "lenvm"), "--output_dir", str(RUNS / "testbed" / "grpo"),
-                      "--max_steps", "150", "--eval_steps", "25", "--eval_num_prompts", "128"],
-                     RUNS / "testbed" / "grpo" / "trainer_state.json", ["testbed LenVM"]),
-    "smollm2 base and truncation": ([*EVALUATE, "--hard_truncation", "true", "--output_dir", str(RUNS / "smollm2" / "plain")],
-                                    RUNS / "smollm2" / "plain" / "results.json", []),
+    "smollm2 rollouts": (
+        [
+            *LM,
+            "rollout",
+            "--config",
+            str(SMOL / "rollout" / "config_arithmetic.yaml"),
+            "--num_prompts",
+            "32",
+            "--num_samples_per_prompt",
+            "4",
+            "--max_completion_tokens",
+            "96",
+            "--prompts_per_batch",
+            "16",
+            "--shard_size",
+            "16",
+            "--output_dir",
+            str(RUNS / "smollm2" / "rollouts"),
+        ],
+        RUNS / "smollm2" / "rollouts" / "shards" / "shard-00001",
+        [],
+    ),
+    "smollm2 held-out rollouts": (
+        [
+            *LM,
+            "rollout",
+            "--config",
+            str(SMOL / "rollout" / "config_arithmetic_eval.yaml"),
+            "--num_prompts",
+            "16",
+            "--max_completion_tokens",
+            "96",
+            "--shard_size",
+            "8",
+            "--output_dir",
+            str(RUNS / "smollm2" / "rollouts_eval"),
+        ],
+        RUNS / "smollm2" / "rollouts_eval" / "shards" / "shard-00001",
+        [],
+    ),
+    "smollm2 LenVM": (
+        [
+            *LM,
+            "train-lenvm",
+            "--config",
+            str(SMOL / "lenvm" / "config_top_layers.yaml"),
+            "--rollouts_path",
+            str(RUNS / "smollm2" / "rollouts"),
+            "--eval_rollouts_path",
+            str(RUNS / "smollm2" / "rollouts_eval"),
+            "--output_dir",
+            str(RUNS / "smollm2" / "lenvm"),
+        ],
+        RUNS / "smollm2" / "lenvm" / "eval_results.json",
+        ["smollm2 rollouts", "smollm2 held-out rollouts"],
+    ),
+    "smollm2 guided decoding": (
+        [
+            *EVALUATE,
+            "--plain_decoding",
+            "false",
+            "--guided_decoding",
+            "true",
+            "--output_dir",
+            str(RUNS / "smollm2" / "guided"),
+        ],
+        RUNS / "smollm2" / "guided" / "results.json",
+        ["smollm2 LenVM"],
+    ),
+    "smollm2 prediction": (
+        [
+            *LM,
+            "predict-length",
+            "--lenvm_model_path",
+            str(RUNS / "smollm2" / "lenvm"),
+            "--rollouts_path",
+            str(RUNS / "smollm2" / "rollouts_eval"),
+            "--output_dir",
+            str(RUNS / "smollm2" / "predict"),
+        ],
+        RUNS / "smollm2" / "predict" / "predictions.json",
+        ["smollm2 LenVM"],
+    ),
+    "testbed policy": (
+        [
+            sys.executable,
+            "-m",
+            "lenvm_rl.testbed",
+            "--output_dir",
+            str(RUNS / "testbed" / "sft"),
+            "--num_examples",
+            "30000",
+            "--epochs",
+            "2",
+        ],
+        RUNS / "testbed" / "sft" / "config.json",
+        [],
+    ),
+    "testbed rollouts": (
+        [
+            *LM,
+            "rollout",
+            "--config",
+            str(TESTBED / "rollout" / "config_testbed.yaml"),
+            "--model_name_or_path",
+            str(RUNS / "testbed" / "sft"),
+            "--num_prompts",
+            "128",
+            "--output_dir",
+            str(RUNS / "testbed" / "rollouts"),
+        ],
+        RUNS / "testbed" / "rollouts" / "shards" / "shard-00000",
+        ["testbed policy"],
+    ),
+    "testbed LenVM": (
+        [
+            *LM,
+            "train-lenvm",
+            "--config",
+            str(TESTBED / "lenvm" / "config_full.yaml"),
+            "--model_name_or_path",
+            str(RUNS / "testbed" / "sft"),
+            "--rollouts_path",
+            str(RUNS / "testbed" / "rollouts"),
+            "--output_dir",
+            str(RUNS / "testbed" / "lenvm"),
+        ],
+        RUNS / "testbed" / "lenvm" / "eval_results.json",
+        ["testbed rollouts"],
+    ),
+    "testbed GRPO": (
+        [
+            *LM,
+            "grpo",
+            "--config",
+            str(TESTBED / "grpo" / "config_lenvm_lambda095.yaml"),
+            "--length_advantage_scale",
+            "first",  # the model recipes' default arm
+            "--model_name_or_path",
+            str(RUNS / "testbed" / "sft"),
+            "--lenvm_model_path",
+            str(RUNS / "testbed" / "lenvm"),
+            "--output_dir",
+            str(RUNS / "testbed" / "grpo"),
+            "--max_steps",
+            "150",
+            "--eval_steps",
+            "25",
+            "--eval_num_prompts",
+            "128",
+        ],
+        RUNS / "testbed" / "grpo" / "trainer_state.json",
+        ["testbed LenVM"],
+    ),
+    "smollm2 base and truncation": (
+        [*EVALUATE, "--hard_truncation", "true", "--output_dir", str(RUNS / "smollm2" / "plain")],
+        RUNS / "smollm2" / "plain" / "results.json",
+        [],
+    ),
 }
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-       "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_MODE": "offline",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+}
 PROGRESS = re.compile(r"([^\r\n|]*?)\s*\d+%\|[^|\r\n]*\| (\d+)/(\d+) \[([\d:]+)<([\d:?]+)")
 # Bars of loading and saving, not of the stage's work: a stage's progress is its last other bar.
 SIDE_BARS = ("Loading", "Writing", "Saving", "Map", "Filter", "Converting", "Generating", "Fetching")
@@ -107,7 +243,9 @@ def run_stages(jobs: int = 2) -> dict[str, float]:
             if len(running) < jobs and not any(n in todo or n in running for n in needs):
                 log = RUNS / "logs" / f"{name.replace(' ', '_')}.log"
                 log.parent.mkdir(parents=True, exist_ok=True)
-                process = subprocess.Popen(STAGES[name][0], cwd=ROOT, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT)
+                process = subprocess.Popen(
+                    STAGES[name][0], cwd=ROOT, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT
+                )
                 running[name] = (process, log, time.perf_counter())
                 todo.remove(name)
                 print(f"demo: {name} ... (log: {log.relative_to(ROOT)})", flush=True)
@@ -125,7 +263,10 @@ def run_stages(jobs: int = 2) -> dict[str, float]:
             print(f"demo: {name} done in {times[name]:.0f} s", flush=True)
         if running and time.perf_counter() - last_report > 20:
             last_report = time.perf_counter()
-            print("demo: running: " + "; ".join(f"{n} ({progress(log)})" for n, (_, log, _) in running.items()), flush=True)
+            print(
+                "demo: running: " + "; ".join(f"{n} ({progress(log)})" for n, (_, log, _) in running.items()),
+                flush=True,
+            )
     return times
 
 
@@ -149,8 +290,10 @@ def length_control_table() -> str:
     for label, summary in results.items():
         mean = mean_row(summary)
         per_budget = " / ".join(f"{s['mean_tokens']:.1f}" for s in summary)
-        lines.append(f"| {label} | {mean['length_score']:.3f} | {mean['accuracy']:.3f} | {mean['mean_tokens']:.1f} "
-                     f"({per_budget}) | {mean['hit_rate']:.3f} |")
+        lines.append(
+            f"| {label} | {mean['length_score']:.3f} | {mean['accuracy']:.3f} | {mean['mean_tokens']:.1f} "
+            f"({per_budget}) | {mean['hit_rate']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -162,17 +305,28 @@ def testbed_table_and_curve() -> str:
 
     history = json.loads((RUNS / "testbed" / "grpo" / "trainer_state.json").read_text())["log_history"]
     evals = [row for row in history if "eval_length/mean_length_score" in row]
-    keys = [("held-out length score", "eval_length/mean_length_score"), ("accuracy", "eval_rewards/accuracy/mean"),
-            ("budget hit rate", "eval_length/budget_hit_rate"), ("mean tokens", "eval_completions/mean_length")]
+    keys = [
+        ("held-out length score", "eval_length/mean_length_score"),
+        ("accuracy", "eval_rewards/accuracy/mean"),
+        ("budget hit rate", "eval_length/budget_hit_rate"),
+        ("mean tokens", "eval_completions/mean_length"),
+    ]
     lines = [f"| testbed policy | {' | '.join(name for name, _ in keys)} |", "|---|" + "---:|" * len(keys)]
-    for label, row in ((f"before (step {evals[0]['step']})", evals[0]), (f"after GRPO-LenVM (step {evals[-1]['step']})", evals[-1])):
+    for label, row in (
+        (f"before (step {evals[0]['step']})", evals[0]),
+        (f"after GRPO-LenVM (step {evals[-1]['step']})", evals[-1]),
+    ):
         lines.append(f"| {label} | " + " | ".join(f"{row.get(key, float('nan')):.3f}" for _, key in keys) + " |")
     figure, axis = plt.subplots(figsize=(6.5, 4))
     steps = [row["step"] for row in evals]
     for name, key in keys[:3]:
         axis.plot(steps, [row.get(key, float("nan")) for row in evals], marker="o", label=name)
-    axis.set(xlabel="GRPO step (32 completions each)", ylabel="held-out score", ylim=(0, 1.02),
-             title="Testbed: LenVM-shaped GRPO learns budgets")
+    axis.set(
+        xlabel="GRPO step (32 completions each)",
+        ylabel="held-out score",
+        ylim=(0, 1.02),
+        title="Testbed: LenVM-shaped GRPO learns budgets",
+    )
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
@@ -195,16 +349,20 @@ def main() -> None:
     write_evaluate_recipe()
     times = run_stages()
     precision = json.loads((RUNS / "smollm2" / "rollouts" / "rollout_args.json").read_text())["dtype"]
-    report = "\n\n".join([
-        f"SmolLM2-135M-Instruct ({precision}): LenVM prompt-boundary prediction on 16 held-out prompts x 8 samples "
-        f"(runs/demo/smollm2/predict)", prediction_table(),
-        "SmolLM2 on 16 held-out prompts x exactly 16 / 32 / 64 tokens (means over the budgets; per budget in "
-        "runs/demo/smollm2/{plain,guided}/results.md)", length_control_table(),
-        "Learning testbed: 128 held-out problems x 2 samples (curve: runs/demo/testbed/learning_curve.png)",
-        testbed_table_and_curve(),
-        f"Wall time of this invocation: {(time.perf_counter() - start) / 60:.1f} min; stages (s): "
-        + ", ".join(f"{name} {seconds:.0f}" for name, seconds in times.items()),
-    ])
+    report = "\n\n".join(
+        [
+            f"SmolLM2-135M-Instruct ({precision}): LenVM prompt-boundary prediction on 16 held-out prompts x 8 samples "
+            f"(runs/demo/smollm2/predict)",
+            prediction_table(),
+            "SmolLM2 on 16 held-out prompts x exactly 16 / 32 / 64 tokens (means over the budgets; per budget in "
+            "runs/demo/smollm2/{plain,guided}/results.md)",
+            length_control_table(),
+            "Learning testbed: 128 held-out problems x 2 samples (curve: runs/demo/testbed/learning_curve.png)",
+            testbed_table_and_curve(),
+            f"Wall time of this invocation: {(time.perf_counter() - start) / 60:.1f} min; stages (s): "
+            + ", ".join(f"{name} {seconds:.0f}" for name, seconds in times.items()),
+        ]
+    )
     (RUNS / "summary.md").write_text(report + "\n")
     print("\n" + report + f"\n\nwrote {RUNS.relative_to(ROOT)}/summary.md")
 

@@ -25,7 +25,12 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<assistant>{% endif %}"
 )
 EOS_PROBABILITY = 0.15
-OFFLINE_ENV = {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+OFFLINE_ENV = {
+    "WANDB_MODE": "offline",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -52,8 +57,14 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 
 def tiny_llama_config(vocab_size: int, **overrides) -> LlamaConfig:
     settings = dict(
-        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=512, tie_word_embeddings=False,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
     )
     return LlamaConfig(**{**settings, **overrides})
 
@@ -98,8 +109,15 @@ def rollout_args(output_dir, **overrides):
     from lenvm_rl.rollout import RolloutArguments
 
     settings = dict(
-        output_dir=str(output_dir), dataset_name="arithmetic", num_prompts=6, shard_size=2, num_samples_per_prompt=2,
-        max_completion_tokens=8, prompts_per_batch=2, temperature=1.0, seed=0,
+        output_dir=str(output_dir),
+        dataset_name="arithmetic",
+        num_prompts=6,
+        shard_size=2,
+        num_samples_per_prompt=2,
+        max_completion_tokens=8,
+        prompts_per_batch=2,
+        temperature=1.0,
+        seed=0,
     )
     return RolloutArguments(**{**settings, **overrides})
 
@@ -156,19 +174,25 @@ def stand_in_vllm(monkeypatch, tokenizer):
         def generate(self, prompts, params, use_tqdm, lora_request=None):
             lora = lora_request.lora_int_id if lora_request else 0
             outputs = []
-            for prompt, p in zip(prompts, params):
+            for _prompt, p in zip(prompts, params):
                 calls["requests"].append((p.seed, p.max_tokens, lora_request and lora_request.lora_path, p.temperature))
                 samples = []
                 for k in range(p.n):
                     want = 1 + (p.seed + k + 3 * lora) % 7
                     if want < p.max_tokens:
-                        samples.append(types.SimpleNamespace(token_ids=[5] * want + [tokenizer.eos_token_id], finish_reason="stop"))
+                        samples.append(
+                            types.SimpleNamespace(token_ids=[5] * want + [tokenizer.eos_token_id], finish_reason="stop")
+                        )
                     else:
                         samples.append(types.SimpleNamespace(token_ids=[5] * p.max_tokens, finish_reason="length"))
                 outputs.append(types.SimpleNamespace(outputs=samples))
             return outputs
 
-    modules = {"vllm": dict(LLM=LLM, SamplingParams=SamplingParams), "vllm.lora": {}, "vllm.lora.request": dict(LoRARequest=LoRARequest)}
+    modules = {
+        "vllm": dict(LLM=LLM, SamplingParams=SamplingParams),
+        "vllm.lora": {},
+        "vllm.lora.request": dict(LoRARequest=LoRARequest),
+    }
     for name, attributes in modules.items():
         module = types.ModuleType(name)
         module.__spec__ = importlib.machinery.ModuleSpec(name, None)
@@ -200,8 +224,9 @@ def dataset():
     return load_prompts(DatasetArguments(num_prompts=16, budgets=[3, 6], budget_kinds=["exact", "at_most", "at_least"]))
 
 
-def make_trainer(model_path, tokenizer, dataset, output_dir, peft_config=None, trainer_class=None, config_class=None,
-                 **overrides):
+def make_trainer(
+    model_path, tokenizer, dataset, output_dir, peft_config=None, trainer_class=None, config_class=None, **overrides
+):
     """A 2-step policy trainer on the tiny model (``LenVMGRPOTrainer`` and its config unless given). The length
     score varies with length on a random model; accuracy alone would give constant returns."""
     from transformers import AutoModelForCausalLM
@@ -210,9 +235,21 @@ def make_trainer(model_path, tokenizer, dataset, output_dir, peft_config=None, t
     from rewards import Accuracy, LengthScore
 
     settings = dict(
-        output_dir=str(output_dir), max_steps=2, per_device_train_batch_size=8, num_generations=4,
-        max_completion_length=8, learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, bf16=False,
-        activation_checkpointing=False, logging_steps=1, seed=0, disable_tqdm=True, lenvm_batch_size=3,
+        output_dir=str(output_dir),
+        max_steps=2,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=8,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        logging_steps=1,
+        seed=0,
+        disable_tqdm=True,
+        lenvm_batch_size=3,
     )
     config = (config_class or LenVMGRPOConfig)(**{**settings, **overrides})
     rewards = [Accuracy(), LengthScore(eos_token_id=tokenizer.eos_token_id)]

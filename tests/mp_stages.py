@@ -61,8 +61,11 @@ def train(self, *args, **kwargs):
     if lenvm is not None:  # the LenVM's z on fixed tokens, through its wrapper (ZeRO-3 gathers, FSDP unshards)
         computed = facts["head_compute_dtypes"] = {}
         hooks = [
-            m.register_forward_hook(lambda module, args, output, k=n.rsplit(".")[-1]: computed.update({k: str(output.dtype)}))
-            for n, m in lenvm.named_modules() if n.endswith(HEAD_LAYERS)
+            m.register_forward_hook(
+                lambda module, args, output, k=n.rsplit(".")[-1]: computed.update({k: str(output.dtype)})
+            )
+            for n, m in lenvm.named_modules()
+            if n.endswith(HEAD_LAYERS)
         ]
         with torch.no_grad():
             logits = lenvm(input_ids=PROBE_IDS.to(self.accelerator.device)).logits

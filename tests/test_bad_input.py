@@ -13,8 +13,8 @@ import pytest
 import torch
 import transformers
 import yaml
-
 from conftest import make_tiny_llama, make_tokenizer, write_rollout_shard
+
 from lenvm_rl.cli import main
 from lenvm_rl.modeling import LenVMModel
 
@@ -22,14 +22,40 @@ TINY = dict(use_cpu=True, bf16=False, activation_checkpointing=False, report_to=
 
 # stage -> a recipe that runs; {placeholders} name the folders that the `world` fixture makes.
 GOOD = {
-    "rollout": dict(model_name_or_path="{model}", dataset_name="arithmetic", num_prompts=2, num_samples_per_prompt=2,
-                    max_completion_tokens=4, prompts_per_batch=2, shard_size=2, output_dir="{out}"),
-    "train-lenvm": dict(model_name_or_path="{model}", rollouts_path="{rollouts}", eval_prompt_fraction=0.34,
-                        max_steps=1, per_device_train_batch_size=4, save_strategy="no", output_dir="{out}",
-                        **{k: v for k, v in TINY.items() if k != "activation_checkpointing"}),
-    "grpo": dict(model_name_or_path="{model}", lenvm_model_path="{lenvm}", num_prompts=4, budgets=[3, 6],
-                 reward_funcs=["accuracy"], num_generations=2, per_device_train_batch_size=4,
-                 max_completion_length=4, max_steps=1, save_strategy="no", output_dir="{out}", **TINY),
+    "rollout": dict(
+        model_name_or_path="{model}",
+        dataset_name="arithmetic",
+        num_prompts=2,
+        num_samples_per_prompt=2,
+        max_completion_tokens=4,
+        prompts_per_batch=2,
+        shard_size=2,
+        output_dir="{out}",
+    ),
+    "train-lenvm": dict(
+        model_name_or_path="{model}",
+        rollouts_path="{rollouts}",
+        eval_prompt_fraction=0.34,
+        max_steps=1,
+        per_device_train_batch_size=4,
+        save_strategy="no",
+        output_dir="{out}",
+        **{k: v for k, v in TINY.items() if k != "activation_checkpointing"},
+    ),
+    "grpo": dict(
+        model_name_or_path="{model}",
+        lenvm_model_path="{lenvm}",
+        num_prompts=4,
+        budgets=[3, 6],
+        reward_funcs=["accuracy"],
+        num_generations=2,
+        per_device_train_batch_size=4,
+        max_completion_length=4,
+        max_steps=1,
+        save_strategy="no",
+        output_dir="{out}",
+        **TINY,
+    ),
     "predict-length": dict(lenvm_model_path="{lenvm}", rollouts_path="{rollouts}", output_dir="{out}"),
     "length-tokens": dict(lenvm_model_path="{lenvm}", rollouts_path="{rollouts}", output_dir="{out}"),
     "evaluate": dict(model_name_or_path="{model}", num_prompts=2, budgets=[4], max_new_tokens=4, output_dir="{out}"),
@@ -42,7 +68,12 @@ CASES = {
     "config-without-path": ("predict-length", None, ["--config"], "config: --config needs a recipe path"),
     "config-not-yaml": ("rollout", None, ["--config", "{notyaml}"], "config: the recipe is not valid YAML"),
     "config-not-a-mapping": ("grpo", None, ["--config", "{yamllist}"], "config: the recipe must be a YAML mapping"),
-    "unknown-recipe-field": ("rollout", {"num_samples_per_promt": 2}, [], "recipe: unknown field(s) num_samples_per_promt"),
+    "unknown-recipe-field": (
+        "rollout",
+        {"num_samples_per_promt": 2},
+        [],
+        "recipe: unknown field(s) num_samples_per_promt",
+    ),
     "unknown-flag": ("train-lenvm", {}, ["--learning_rte", "0.1"], "--learning_rte: unknown flag"),
     "wrong-type-in-recipe": ("rollout", {"num_prompts": "many"}, [], "num_prompts:"),
     "wrong-type-flag": ("evaluate", {}, ["--max_new_tokens", "lots"], "max_new_tokens:"),
@@ -50,13 +81,23 @@ CASES = {
     "budget-zero": ("grpo", {"budgets": [0]}, [], "budgets:"),
     "budget-negative-evaluate": ("evaluate", {"budgets": [-4]}, [], "budgets:"),
     "unknown-budget-kind": ("grpo", {"budget_kinds": ["sometimes"]}, [], "budget_kinds:"),
-    "missing-prompt-column": ("rollout", {"dataset_name": "{jsonl}"}, [], "prompt_column: the dataset has no column 'prompt'"),
+    "missing-prompt-column": (
+        "rollout",
+        {"dataset_name": "{jsonl}"},
+        [],
+        "prompt_column: the dataset has no column 'prompt'",
+    ),
     "empty-jsonl": ("grpo", {"dataset_name": "{empty}", "prompt_column": "question"}, [], "dataset_name:"),
     "missing-dataset-file": ("evaluate", {"dataset_name": "{tmp}/missing.jsonl"}, [], "dataset_name: no file"),
     "lenvm-path-is-a-plain-model": ("grpo", {"lenvm_model_path": "{model}"}, [], "lenvm_model_path:"),
     "lenvm-path-missing": ("predict-length", {"lenvm_model_path": "{tmp}/no-lenvm"}, [], "lenvm_model_path:"),
     "lenvm-other-tokenizer": ("grpo", {"lenvm_model_path": "{lenvm_other}"}, [], "lenvm_model_path:"),
-    "lenvm-backbone-other-tokenizer": ("train-lenvm", {"model_name_or_path": "{model_other}"}, [], "model_name_or_path:"),
+    "lenvm-backbone-other-tokenizer": (
+        "train-lenvm",
+        {"model_name_or_path": "{model_other}"},
+        [],
+        "model_name_or_path:",
+    ),
     "num-generations-not-dividing-batch": ("grpo", {"num_generations": 3}, [], "num_generations:"),
     "unreachable-model-id": ("grpo", {"model_name_or_path": "nobody/does-not-exist"}, [], "model_name_or_path:"),
     "unknown-reward": ("grpo", {"reward_funcs": ["correctness_v2"]}, [], "reward_funcs: unknown reward"),
@@ -71,25 +112,100 @@ CASES = {
     "evaluate-missing-adapter": ("evaluate", {"adapters": ["{tmp}/no-adapter"]}, [], "adapters:"),
     "guided-without-lenvm": ("evaluate", {"guided_decoding": True}, [], "lenvm_model_path:"),
     # Issue 13. Data loss: an output_dir that is, contains or lies inside an input; unwritable; a user's file.
-    "output-dir-is-the-policy": ("train-lenvm", {"output_dir": "{model}"}, [], "output_dir: '{model}' is the model_name_or_path"),
+    "output-dir-is-the-policy": (
+        "train-lenvm",
+        {"output_dir": "{model}"},
+        [],
+        "output_dir: '{model}' is the model_name_or_path",
+    ),
     "output-dir-is-the-lenvm": ("grpo", {"output_dir": "{lenvm}"}, [], "output_dir: '{lenvm}' is the lenvm_model_path"),
-    "output-dir-inside-rollouts": ("train-lenvm", {"output_dir": "{rollouts}/lenvm"}, [], "output_dir: '{rollouts}/lenvm' lies inside the rollouts_path"),
-    "output-dir-contains-dataset": ("rollout", {"dataset_name": "{jsonl}", "prompt_column": "question", "output_dir": "{tmp}"}, [], "output_dir: '{tmp}' contains the dataset_name"),
-    "output-dir-is-an-adapter": ("evaluate", {"adapters": ["{lenvm}"], "output_dir": "{lenvm}"}, [], "output_dir: '{lenvm}' is the adapters"),
-    "output-dir-read-only-grpo": ("grpo", {"output_dir": "/sys/lenvm-rl-out"}, [], "output_dir: cannot write in '/sys'"),
-    "output-dir-read-only-rollout": ("rollout", {"output_dir": "/sys/lenvm-rl-out"}, [], "output_dir: cannot write in '/sys'"),
-    "output-dir-holds-users-readme": ("grpo", {"output_dir": "{userdir}"}, [], "output_dir: '{userdir}' holds README.md, which lenvm-rl did not write"),
+    "output-dir-inside-rollouts": (
+        "train-lenvm",
+        {"output_dir": "{rollouts}/lenvm"},
+        [],
+        "output_dir: '{rollouts}/lenvm' lies inside the rollouts_path",
+    ),
+    "output-dir-contains-dataset": (
+        "rollout",
+        {"dataset_name": "{jsonl}", "prompt_column": "question", "output_dir": "{tmp}"},
+        [],
+        "output_dir: '{tmp}' contains the dataset_name",
+    ),
+    "output-dir-is-an-adapter": (
+        "evaluate",
+        {"adapters": ["{lenvm}"], "output_dir": "{lenvm}"},
+        [],
+        "output_dir: '{lenvm}' is the adapters",
+    ),
+    "output-dir-read-only-grpo": (
+        "grpo",
+        {"output_dir": "/sys/lenvm-rl-out"},
+        [],
+        "output_dir: cannot write in '/sys'",
+    ),
+    "output-dir-read-only-rollout": (
+        "rollout",
+        {"output_dir": "/sys/lenvm-rl-out"},
+        [],
+        "output_dir: cannot write in '/sys'",
+    ),
+    "output-dir-holds-users-readme": (
+        "grpo",
+        {"output_dir": "{userdir}"},
+        [],
+        "output_dir: '{userdir}' holds README.md, which lenvm-rl did not write",
+    ),
     "output-dir-is-a-file": ("predict-length", {"output_dir": "{jsonl}"}, [], "output_dir: '{jsonl}' is a file"),
-    "output-dir-under-a-file": ("length-tokens", {"output_dir": "{jsonl}/out"}, [], "output_dir: '{jsonl}/out' lies under the file"),
+    "output-dir-under-a-file": (
+        "length-tokens",
+        {"output_dir": "{jsonl}/out"},
+        [],
+        "output_dir: '{jsonl}/out' lies under the file",
+    ),
     # Silent wrong results.
-    "evaluate-two-arms-one-name": ("evaluate", {"adapters": ["{lenvm}"], "labels": ["x", "x"]}, [], "labels: two evaluated models are both named 'x'"),
-    "evaluate-adapter-twice": ("evaluate", {"adapters": ["{lenvm}", "{lenvm}"]}, [], "adapters: '{lenvm}' is listed twice"),
-    "fewer-prompts-than-a-batch": ("grpo", {"num_prompts": 1}, [], "num_prompts: 1 prompt(s) is fewer than one generation batch of 2"),
+    "evaluate-two-arms-one-name": (
+        "evaluate",
+        {"adapters": ["{lenvm}"], "labels": ["x", "x"]},
+        [],
+        "labels: two evaluated models are both named 'x'",
+    ),
+    "evaluate-adapter-twice": (
+        "evaluate",
+        {"adapters": ["{lenvm}", "{lenvm}"]},
+        [],
+        "adapters: '{lenvm}' is listed twice",
+    ),
+    "fewer-prompts-than-a-batch": (
+        "grpo",
+        {"num_prompts": 1},
+        [],
+        "num_prompts: 1 prompt(s) is fewer than one generation batch of 2",
+    ),
     "max-steps-zero": ("grpo", {}, ["--max_steps", "0"], "max_steps: must be positive"),
-    "eval-prompt-fraction-negative": ("train-lenvm", {"eval_prompt_fraction": -0.5}, [], "eval_prompt_fraction: must lie in (0, 1)"),
-    "num-prompts-above-dataset": ("grpo", {"dataset_name": "{jsonl}", "prompt_column": "question", "num_prompts": 50}, [], "num_prompts: 50 asked for, but"),
-    "empty-prompt-string": ("rollout", {"dataset_name": "{emptyprompt}", "prompt_column": "question"}, [], "prompt_column: row 1 of '{emptyprompt}' holds an empty prompt"),
-    "predict-lenvm-other-tokenizer": ("predict-length", {"lenvm_model_path": "{lenvm_other}"}, [], "lenvm_model_path: the LenVM at '{lenvm_other}' has a"),
+    "eval-prompt-fraction-negative": (
+        "train-lenvm",
+        {"eval_prompt_fraction": -0.5},
+        [],
+        "eval_prompt_fraction: must lie in (0, 1)",
+    ),
+    "num-prompts-above-dataset": (
+        "grpo",
+        {"dataset_name": "{jsonl}", "prompt_column": "question", "num_prompts": 50},
+        [],
+        "num_prompts: 50 asked for, but",
+    ),
+    "empty-prompt-string": (
+        "rollout",
+        {"dataset_name": "{emptyprompt}", "prompt_column": "question"},
+        [],
+        "prompt_column: row 1 of '{emptyprompt}' holds an empty prompt",
+    ),
+    "predict-lenvm-other-tokenizer": (
+        "predict-length",
+        {"lenvm_model_path": "{lenvm_other}"},
+        [],
+        "lenvm_model_path: the LenVM at '{lenvm_other}' has a",
+    ),
     # Tracebacks that are one line now.
     "config-is-a-folder": ("rollout", None, ["--config", "{tmp}"], "config: '{tmp}' is a folder"),
     "config-given-twice": ("rollout", {}, ["--config", "{notyaml}"], "config: --config given 2 times"),
@@ -98,18 +214,68 @@ CASES = {
     "budgets-nested": ("evaluate", {"budgets": [[16, 32]]}, [], "budgets: need a flat list"),
     "num-generations-zero": ("grpo", {"num_generations": 0}, [], "num_generations: must be positive"),
     "max-completion-length-zero": ("grpo", {"max_completion_length": 0}, [], "max_completion_length: must be positive"),
-    "batch-size-zero": ("train-lenvm", {"per_device_train_batch_size": 0}, [], "per_device_train_batch_size: must be positive"),
+    "batch-size-zero": (
+        "train-lenvm",
+        {"per_device_train_batch_size": 0},
+        [],
+        "per_device_train_batch_size: must be positive",
+    ),
     "negative-learning-rate": ("grpo", {"learning_rate": -0.001}, [], "learning_rate: must be >= 0"),
-    "prompt-ints": ("rollout", {"dataset_name": "{ints}", "prompt_column": "question"}, [], "prompt_column: row 0 of '{ints}' holds int 7"),
-    "prompt-nulls": ("grpo", {"dataset_name": "{nulls}", "prompt_column": "question", "num_prompts": None}, [], "prompt_column: row 1 of '{nulls}' holds NoneType None"),
-    "token-ids-outside-vocab": ("train-lenvm", {"rollouts_path": "{bad_ids}"}, [], "rollouts_path: {bad_ids} holds token id 5000 in completion_ids"),
-    "token-ids-outside-lenvm-vocab": ("length-tokens", {"rollouts_path": "{bad_ids}"}, [], "rollouts_path: {bad_ids} holds token id 5000"),
-    "truncated-lenvm-weights": ("predict-length", {"lenvm_model_path": "{lenvm_cut}"}, [], "lenvm_model_path: the weights in '{lenvm_cut}' are cut off"),
+    "prompt-ints": (
+        "rollout",
+        {"dataset_name": "{ints}", "prompt_column": "question"},
+        [],
+        "prompt_column: row 0 of '{ints}' holds int 7",
+    ),
+    "prompt-nulls": (
+        "grpo",
+        {"dataset_name": "{nulls}", "prompt_column": "question", "num_prompts": None},
+        [],
+        "prompt_column: row 1 of '{nulls}' holds NoneType None",
+    ),
+    "token-ids-outside-vocab": (
+        "train-lenvm",
+        {"rollouts_path": "{bad_ids}"},
+        [],
+        "rollouts_path: {bad_ids} holds token id 5000 in completion_ids",
+    ),
+    "token-ids-outside-lenvm-vocab": (
+        "length-tokens",
+        {"rollouts_path": "{bad_ids}"},
+        [],
+        "rollouts_path: {bad_ids} holds token id 5000",
+    ),
+    "truncated-lenvm-weights": (
+        "predict-length",
+        {"lenvm_model_path": "{lenvm_cut}"},
+        [],
+        "lenvm_model_path: the weights in '{lenvm_cut}' are cut off",
+    ),
     "gamma-auto-all-empty": ("train-lenvm", {"rollouts_path": "{empty_completions}"}, [], "gamma: 'auto' needs"),
-    "corrupt-rollout-shard": ("train-lenvm", {"rollouts_path": "{corrupt}"}, [], "rollouts_path: the shard {corrupt}/shards/shard-00000 is corrupt"),
-    "malformed-jsonl-line": ("rollout", {"dataset_name": "{badjson}", "prompt_column": "question"}, [], "dataset_name: cannot read '{badjson}' as JSON lines (line 2 is not valid JSON"),
-    "missing-answer-column": ("grpo", {"dataset_name": "{noanswer}", "prompt_column": "question", "num_prompts": None}, [], "reward_funcs: 'accuracy' reads the dataset column 'answer'"),
-    "policy-folder-moved": ("train-lenvm", {"rollouts_path": "{moved}"}, [], "rollouts_path: {moved} was sampled from the policy '{tmp}/gone'"),
+    "corrupt-rollout-shard": (
+        "train-lenvm",
+        {"rollouts_path": "{corrupt}"},
+        [],
+        "rollouts_path: the shard {corrupt}/shards/shard-00000 is corrupt",
+    ),
+    "malformed-jsonl-line": (
+        "rollout",
+        {"dataset_name": "{badjson}", "prompt_column": "question"},
+        [],
+        "dataset_name: cannot read '{badjson}' as JSON lines (line 2 is not valid JSON",
+    ),
+    "missing-answer-column": (
+        "grpo",
+        {"dataset_name": "{noanswer}", "prompt_column": "question", "num_prompts": None},
+        [],
+        "reward_funcs: 'accuracy' reads the dataset column 'answer'",
+    ),
+    "policy-folder-moved": (
+        "train-lenvm",
+        {"rollouts_path": "{moved}"},
+        [],
+        "rollouts_path: {moved} was sampled from the policy '{tmp}/gone'",
+    ),
 }
 
 
@@ -132,17 +298,29 @@ def world(tiny_model_path, tokenizer, rollouts_dir, tmp_path_factory):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     rows = datasets.load_from_disk(str(next((rollouts_dir / "shards").iterdir()))).to_list()
     write_rollout_shard(root / "bad_ids", [{**r, "completion_ids": r["completion_ids"] + [5000]} for r in rows])
-    write_rollout_shard(root / "empty_completions", [
-        {**r, "prompt_id": i, "completion_ids": [], "completion_tokens": 0, "finished": True} for i, r in enumerate(rows)
-    ])
+    write_rollout_shard(
+        root / "empty_completions",
+        [
+            {**r, "prompt_id": i, "completion_ids": [], "completion_tokens": 0, "finished": True}
+            for i, r in enumerate(rows)
+        ],
+    )
     shutil.copytree(rollouts_dir, root / "corrupt")
     arrow = next((root / "corrupt" / "shards" / "shard-00000").glob("data-*.arrow"))
     arrow.write_bytes(arrow.read_bytes()[:100])
     shutil.copytree(rollouts_dir, root / "moved")
-    return {"model": tiny_model_path, "rollouts": str(rollouts_dir), "lenvm": str(root / "lenvm"),
-            "lenvm_other": str(root / "lenvm_other"), "model_other": str(model_other), "lenvm_cut": str(root / "lenvm_cut"),
-            "bad_ids": str(root / "bad_ids"), "empty_completions": str(root / "empty_completions"),
-            "corrupt": str(root / "corrupt"), "moved": str(root / "moved")}
+    return {
+        "model": tiny_model_path,
+        "rollouts": str(rollouts_dir),
+        "lenvm": str(root / "lenvm"),
+        "lenvm_other": str(root / "lenvm_other"),
+        "model_other": str(model_other),
+        "lenvm_cut": str(root / "lenvm_cut"),
+        "bad_ids": str(root / "bad_ids"),
+        "empty_completions": str(root / "empty_completions"),
+        "corrupt": str(root / "corrupt"),
+        "moved": str(root / "moved"),
+    }
 
 
 def checksums(*folders) -> dict[Path, str]:
@@ -163,25 +341,36 @@ def quiet_and_offline(monkeypatch):
 
 @pytest.mark.parametrize("stage, changes, argv, message", CASES.values(), ids=CASES.keys())
 def test_bad_input_gives_one_line(stage, changes, argv, message, world, tmp_path, capsys):
-    places = {**world, "tmp": str(tmp_path), "out": str(tmp_path / "out"), "jsonl": str(tmp_path / "questions.jsonl"),
-              "empty": str(tmp_path / "empty.jsonl"), "notyaml": str(tmp_path / "notyaml.yaml"),
-              "yamllist": str(tmp_path / "list.yaml"), "userdir": str(tmp_path / "userdir"),
-              **{name: str(tmp_path / f"{name}.jsonl") for name in ("emptyprompt", "ints", "nulls", "badjson", "noanswer")}}
-    fill = lambda value: value.format(**places) if isinstance(value, str) else value  # noqa: E731
+    places = {
+        **world,
+        "tmp": str(tmp_path),
+        "out": str(tmp_path / "out"),
+        "jsonl": str(tmp_path / "questions.jsonl"),
+        "empty": str(tmp_path / "empty.jsonl"),
+        "notyaml": str(tmp_path / "notyaml.yaml"),
+        "yamllist": str(tmp_path / "list.yaml"),
+        "userdir": str(tmp_path / "userdir"),
+        **{name: str(tmp_path / f"{name}.jsonl") for name in ("emptyprompt", "ints", "nulls", "badjson", "noanswer")},
+    }
+    fill = lambda value: value.format(**places) if isinstance(value, str) else value
     (tmp_path / "questions.jsonl").write_text(
         "".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(3))
     )
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "notyaml.yaml").write_text("model_name_or_path: [unclosed\n  output_dir: : :\n")
     (tmp_path / "list.yaml").write_text("- model_name_or_path\n- output_dir\n")
-    questions = lambda **row: "".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1), **row}) + "\n" for i in range(4))  # noqa: E731
+    questions = lambda **row: "".join(
+        json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1), **row}) + "\n" for i in range(4)
+    )
     (tmp_path / "emptyprompt.jsonl").write_text(questions() + json.dumps({"question": " ", "answer": "1"}) + "\n")
     lines = (tmp_path / "emptyprompt.jsonl").read_text().splitlines()
     (tmp_path / "emptyprompt.jsonl").write_text("\n".join([lines[0], lines[-1], *lines[1:-1]]) + "\n")  # row 1 empty
     (tmp_path / "ints.jsonl").write_text(questions(question=7))
     (tmp_path / "nulls.jsonl").write_text(questions().replace('"What is 1 + 1?"', "null"))
     (tmp_path / "badjson.jsonl").write_text(questions().replace("}\n", "\n", 2).replace("\n", "}\n", 1))  # line 2 torn
-    (tmp_path / "noanswer.jsonl").write_text("".join(json.dumps({"question": f"What is {i}?"}) + "\n" for i in range(4)))
+    (tmp_path / "noanswer.jsonl").write_text(
+        "".join(json.dumps({"question": f"What is {i}?"}) + "\n" for i in range(4))
+    )
     (tmp_path / "userdir").mkdir()
     (tmp_path / "userdir" / "README.md").write_text("# my notes\n")
     manifest = Path(world["moved"]) / "rollout_args.json"
@@ -195,7 +384,9 @@ def test_bad_input_gives_one_line(stage, changes, argv, message, world, tmp_path
     command = [stage]
     if changes is not None:
         recipe = {**GOOD[stage], **changes}
-        recipe = {k: [fill(x) for x in v] if isinstance(v, list) else fill(v) for k, v in recipe.items() if v is not None}
+        recipe = {
+            k: [fill(x) for x in v] if isinstance(v, list) else fill(v) for k, v in recipe.items() if v is not None
+        }
         (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
         command += ["--config", str(tmp_path / "recipe.yaml")]
     command += [fill(x) for x in argv]
@@ -239,9 +430,17 @@ def test_two_adapters_in_folders_of_one_name_get_two_arms(tmp_path):
 def test_rollout_rerun_refuses_an_edited_dataset(tiny_model_path, tmp_path, capsys):
     """Case 8: the manifest records the source's sha256; an edited file is refused by name, the shards kept."""
     dataset = tmp_path / "questions.jsonl"
-    dataset.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(2)))
-    recipe = {**GOOD["rollout"], "model_name_or_path": tiny_model_path, "dataset_name": str(dataset),
-              "prompt_column": "question", "output_dir": str(tmp_path / "out"), "shard_size": 1}
+    dataset.write_text(
+        "".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(2))
+    )
+    recipe = {
+        **GOOD["rollout"],
+        "model_name_or_path": tiny_model_path,
+        "dataset_name": str(dataset),
+        "prompt_column": "question",
+        "output_dir": str(tmp_path / "out"),
+        "shard_size": 1,
+    }
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     main(["rollout", "--config", str(tmp_path / "recipe.yaml")])
     shutil.rmtree(tmp_path / "out" / "shards" / "shard-00001")  # an interrupted run: one shard to go
@@ -252,7 +451,9 @@ def test_rollout_rerun_refuses_an_edited_dataset(tiny_model_path, tmp_path, caps
         main(["rollout", "--config", str(tmp_path / "recipe.yaml")])
     stderr = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(stderr.splitlines()) == 1
-    assert stderr.startswith(f"lenvm-rl rollout: error: dataset_name: {str(dataset)!r} changed since the rollouts"), stderr
+    assert stderr.startswith(f"lenvm-rl rollout: error: dataset_name: {str(dataset)!r} changed since the rollouts"), (
+        stderr
+    )
     assert checksums(tmp_path / "out" / "shards") == shards_before
 
 
@@ -261,12 +462,16 @@ def test_a_launch_of_two_processes_that_run_alone_is_refused(world, tmp_path, mo
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    recipe = {k: v.format(**world, out=str(tmp_path / "out")) if isinstance(v, str) else v for k, v in GOOD["grpo"].items()}
+    recipe = {
+        k: v.format(**world, out=str(tmp_path / "out")) if isinstance(v, str) else v for k, v in GOOD["grpo"].items()
+    }
     recipe.pop("use_cpu")
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     with pytest.raises(SystemExit) as exit_info:
         main(["grpo", "--config", str(tmp_path / "recipe.yaml")])
     stderr = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(stderr.splitlines()) == 1, stderr
-    assert stderr.startswith("lenvm-rl grpo: error: use_cpu: launched as 2 processes (WORLD_SIZE) but this run sees 1"), stderr
+    assert stderr.startswith(
+        "lenvm-rl grpo: error: use_cpu: launched as 2 processes (WORLD_SIZE) but this run sees 1"
+    ), stderr
     assert not (tmp_path / "out").exists()

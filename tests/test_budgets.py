@@ -64,8 +64,12 @@ def test_instruction_goes_into_the_last_user_message():
 def test_plain_string_prompts_and_other_column():
     dataset = Dataset.from_dict({"question": ["What is 2 + 2?"], "answer": ["4"]})
     row = add_budgets(dataset, budgets=[12], prompt_column="question")[0]
-    assert row == {"question": "What is 2 + 2?\nAnswer in exactly 12 tokens.", "answer": "4",
-                   "budget_tokens": 12, "budget_kind": "exact"}
+    assert row == {
+        "question": "What is 2 + 2?\nAnswer in exactly 12 tokens.",
+        "answer": "4",
+        "budget_tokens": 12,
+        "budget_kind": "exact",
+    }
 
 
 @pytest.mark.parametrize(
@@ -87,8 +91,12 @@ def test_applying_twice_does_not_duplicate_the_instruction(first, second, as_cha
     for row in twice:
         text = row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"]
         assert len(re.findall(r"\d+ tokens", text)) == 1
-        assert text.endswith(f"{ARITHMETIC_INSTRUCTION}\n" + (second.get("templates") or DEFAULT_TEMPLATES)[
-            row["budget_kind"]].replace("{N}", str(row["budget_tokens"])))
+        assert text.endswith(
+            f"{ARITHMETIC_INSTRUCTION}\n"
+            + (second.get("templates") or DEFAULT_TEMPLATES)[row["budget_kind"]].replace(
+                "{N}", str(row["budget_tokens"])
+            )
+        )
         assert row["budget_tokens"] in (64, 128, 256)
 
 

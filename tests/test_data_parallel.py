@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 import yaml
+from test_multiprocess import launch
 
 from lenvm_rl.data_parallel import Ranks, merge_records, part_path, vllm_launch_settings
 from lenvm_rl.errors import ConfigError
@@ -16,7 +17,6 @@ from lenvm_rl.evaluate import EvaluateArguments, run_evaluation
 from lenvm_rl.generation import make_vllm_generate
 from lenvm_rl.rollout import RolloutArguments, run_rollouts
 from lenvm_rl.rollout_data import load_rollouts
-from test_multiprocess import launch
 
 
 def write_recipe(path, **fields) -> str:
@@ -37,12 +37,25 @@ def test_rollout_with_two_processes_writes_what_one_writes(tiny_model_path, tmp_
     """The two processes resume a folder one process wrote, each sampling one missing shard; a changed recipe then
     stops both with one line (process 1 neither waits for process 0 forever nor samples) and loses no shard."""
     recipe = dict(
-        model_name_or_path=tiny_model_path, dataset_name="arithmetic", num_prompts=10, shard_size=2,
-        num_samples_per_prompt=2, max_completion_tokens=8, prompts_per_batch=2, temperature=1.0, seed=3,
+        model_name_or_path=tiny_model_path,
+        dataset_name="arithmetic",
+        num_prompts=10,
+        shard_size=2,
+        num_samples_per_prompt=2,
+        max_completion_tokens=8,
+        prompts_per_batch=2,
+        temperature=1.0,
+        seed=3,
         dtype="float32",  # not auto: its pick may depend on the thread count
     )
-    run_rollouts(RolloutArguments(**{k: v for k, v in recipe.items() if k not in ("model_name_or_path", "dtype")},
-                                  output_dir=str(tmp_path / "one")), tiny_model_path, "float32")
+    run_rollouts(
+        RolloutArguments(
+            **{k: v for k, v in recipe.items() if k not in ("model_name_or_path", "dtype")},
+            output_dir=str(tmp_path / "one"),
+        ),
+        tiny_model_path,
+        "float32",
+    )
     expected = load_rollouts(tmp_path / "one").to_list()
     shutil.copytree(tmp_path / "one", tmp_path / "two")
     for shard in ("shard-00001", "shard-00004"):
@@ -63,11 +76,21 @@ def test_rollout_with_two_processes_writes_what_one_writes(tiny_model_path, tmp_
 
 def test_evaluate_with_two_processes_writes_what_one_writes(tiny_model_path, tmp_path, one_thread):
     recipe = dict(
-        model_name_or_path=tiny_model_path, num_prompts=5, budgets=[2, 6], budget_kinds=["exact", "at_least"],
-        max_new_tokens=8, temperature=1.0, batch_size=3, num_samples=2, seed=0, hard_truncation=True, dtype="float32",
+        model_name_or_path=tiny_model_path,
+        num_prompts=5,
+        budgets=[2, 6],
+        budget_kinds=["exact", "at_least"],
+        max_new_tokens=8,
+        temperature=1.0,
+        batch_size=3,
+        num_samples=2,
+        seed=0,
+        hard_truncation=True,
+        dtype="float32",
     )
-    timeless = lambda path: [{k: v for k, v in json.loads(line).items() if k != "seconds"}  # noqa: E731
-                             for line in path.read_text().splitlines()]
+    timeless = lambda path: [
+        {k: v for k, v in json.loads(line).items() if k != "seconds"} for line in path.read_text().splitlines()
+    ]
     run_evaluation(EvaluateArguments(**recipe, output_dir=str(tmp_path / "one")))
     config = write_recipe(tmp_path / "two.yaml", **recipe, output_dir=str(tmp_path / "two"))
     launch(["-m", "lenvm_rl", "evaluate", "--config", config], 2, tmp_path)
@@ -102,7 +125,12 @@ def test_merge_keeps_every_record_once_in_order_and_removes_the_parts(tmp_path):
     )
     part_path(path, 0).write_text(json.dumps({"row": 1, "sample_index": 0, "v": "c"}) + "\n")
     records = merge_records(path, lambda r: (r["row"], r["sample_index"]))
-    assert [(r["row"], r["sample_index"], r["v"]) for r in records] == [(0, 0, "a"), (1, 0, "c"), (2, 0, "b"), (2, 1, "b")]
+    assert [(r["row"], r["sample_index"], r["v"]) for r in records] == [
+        (0, 0, "a"),
+        (1, 0, "c"),
+        (2, 0, "b"),
+        (2, 1, "b"),
+    ]
     assert [json.loads(line) for line in path.read_text().splitlines()] == records
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.jsonl"]
 
@@ -111,8 +139,15 @@ def test_every_process_starts_its_own_vllm_engine(stand_in_vllm, monkeypatch):
     """Like TRL's colocate mode: vLLM joins the launch (`external_launcher`) with the process's RANK/LOCAL_RANK."""
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.setenv(name, "unset")
-    make_vllm_generate("some/model", num_samples=2, temperature=1.0, top_p=1.0, eos_ids={2}, seed=5,
-                       ranks=Ranks(rank=3, world=4, local_rank=1))
+    make_vllm_generate(
+        "some/model",
+        num_samples=2,
+        temperature=1.0,
+        top_p=1.0,
+        eos_ids={2},
+        seed=5,
+        ranks=Ranks(rank=3, world=4, local_rank=1),
+    )
     (engine,) = stand_in_vllm["engines"]
     assert engine["distributed_executor_backend"] == "external_launcher" and engine["seed"] == 5
     assert "tensor_parallel_size" not in engine

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
+from conftest import make_tiny_llama, tiny_llama_config
 
-from conftest import make_tiny_llama, make_tokenizer, tiny_llama_config
 from lenvm_rl.decoding import LenVMGuidedLogitsProcessor
 from lenvm_rl.modeling import LenVMModel
 from lenvm_rl.returns import remaining_from_value, value_from_remaining
@@ -56,7 +56,9 @@ def test_cached_candidate_values_equal_a_plain_recompute(random_lenvm, tokenizer
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]  # different lengths: the second is left-padded
     width = max(map(len, prompts))
     pad = tokenizer.pad_token_id
-    processor = LenVMGuidedLogitsProcessor(random_lenvm, [6, 6], ["exact", "exact"], [5, 3], [tokenizer.eos_token_id], top_k=4)
+    processor = LenVMGuidedLogitsProcessor(
+        random_lenvm, [6, 6], ["exact", "exact"], [5, 3], [tokenizer.eos_token_id], top_k=4
+    )
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     generated = [[20, 21, 22], [30, 31, 32]]
     for step in range(3):
@@ -102,13 +104,22 @@ def test_selection_rules_pick_the_hand_computed_candidate(tokenizer, kind, budge
     out = processor(input_ids, candidate_logits(vocab, favourites)[None])
     chosen = out[0].argmax().item()
     assert torch.isinf(out[0]).sum() == vocab - 1  # exactly one token left
-    values = {40: -torch.sigmoid(torch.tensor(2.0)).item(), 41: -0.5, 42: -torch.sigmoid(torch.tensor(-2.0)).item(), eos: 0.0}
+    values = {
+        40: -torch.sigmoid(torch.tensor(2.0)).item(),
+        41: -0.5,
+        42: -torch.sigmoid(torch.tensor(-2.0)).item(),
+        eos: 0.0,
+    }
     if expected is None:  # exact, t = 0: a token leaves budget - 1 tokens, EOS leaves budget
         target = {tok: value_from_remaining(torch.tensor(float(budget - (tok != eos))), GAMMA).item() for tok in values}
         expected_token = min(values, key=lambda tok: abs(values[tok] - target[tok]))
     else:
-        expected_token = {"eos": eos, "shortest": max(values, key=values.get), "first": favourites[0],
-                          "longest": min(values, key=values.get)}[expected]
+        expected_token = {
+            "eos": eos,
+            "shortest": max(values, key=values.get),
+            "first": favourites[0],
+            "longest": min(values, key=values.get),
+        }[expected]
     assert chosen == expected_token
 
 
@@ -124,7 +135,9 @@ def test_tilting_matches_its_formula(tokenizer):
     log_p = scores.log_softmax(-1)
     values = {40: -torch.sigmoid(torch.tensor(2.0)), 41: -torch.sigmoid(torch.tensor(-1.0)), eos: torch.tensor(0.0)}
     expected = torch.tensor([log_p[t] + beta * values[t] for t in (40, 41, eos)]).softmax(-1)
-    assert out[[40, 41, eos]].softmax(-1).tolist() == pytest.approx(expected.tolist(), abs=1e-4)  # the head reads RMSNorm output (eps)
+    assert out[[40, 41, eos]].softmax(-1).tolist() == pytest.approx(
+        expected.tolist(), abs=1e-4
+    )  # the head reads RMSNorm output (eps)
     assert torch.isinf(out).sum() == vocab - 3
 
 
@@ -147,12 +160,18 @@ def test_guided_generate_follows_the_lenvm(tiny_model_path, tokenizer):
     eos = tokenizer.eos_token_id
     lenvm = known_value_lenvm(tokenizer, torch.zeros(len(tokenizer)))
     prompt = tokenizer("<user>2+2?<assistant>", add_special_tokens=False)["input_ids"]
-    processor = LenVMGuidedLogitsProcessor(lenvm, [2] * 4, ["exact"] * 4, [len(prompt)] * 4, [eos], top_k=len(tokenizer))
+    processor = LenVMGuidedLogitsProcessor(
+        lenvm, [2] * 4, ["exact"] * 4, [len(prompt)] * 4, [eos], top_k=len(tokenizer)
+    )
     torch.manual_seed(0)
     output = policy.generate(
-        input_ids=torch.tensor([prompt] * 4), attention_mask=torch.ones(4, len(prompt), dtype=torch.long),
-        do_sample=True, max_new_tokens=12, logits_processor=LogitsProcessorList([processor]),
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
+        input_ids=torch.tensor([prompt] * 4),
+        attention_mask=torch.ones(4, len(prompt), dtype=torch.long),
+        do_sample=True,
+        max_new_tokens=12,
+        logits_processor=LogitsProcessorList([processor]),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos,
     )
     assert remaining_from_value(torch.tensor(-0.5), GAMMA).item() == pytest.approx(3.106, abs=1e-3)
     assert (output[:, len(prompt) + 1] == eos).all() and (output[:, len(prompt)] != eos).all()

@@ -4,20 +4,22 @@ into `make demo`), and every stage it waits for exists and comes before it."""
 import importlib.util
 
 import pytest
+from conftest import ROOT
 from trl import ModelConfig
 
-from conftest import ROOT
-from lenvm_rl.recipe import parse_recipe
 from lenvm_rl.evaluate import EvaluateArguments
 from lenvm_rl.grpo import LenVMGRPOConfig
-from lenvm_rl.train_lenvm import LenVMScriptArguments, LenVMTrainingConfig
 from lenvm_rl.predict_length import PredictArguments
+from lenvm_rl.recipe import parse_recipe
 from lenvm_rl.rollout import RolloutArguments
+from lenvm_rl.train_lenvm import LenVMScriptArguments, LenVMTrainingConfig
 from lenvm_rl.train_policy import GRPOScriptArguments
 
 PARSERS = {
-    "rollout": (RolloutArguments, ModelConfig), "train-lenvm": (LenVMScriptArguments, LenVMTrainingConfig, ModelConfig),
-    "evaluate": (EvaluateArguments,), "predict-length": (PredictArguments,),
+    "rollout": (RolloutArguments, ModelConfig),
+    "train-lenvm": (LenVMScriptArguments, LenVMTrainingConfig, ModelConfig),
+    "evaluate": (EvaluateArguments,),
+    "predict-length": (PredictArguments,),
     "grpo": (GRPOScriptArguments, LenVMGRPOConfig, ModelConfig),
 }
 
@@ -37,8 +39,10 @@ def test_stage_commands_parse_and_needs_come_first(name, tmp_path, monkeypatch):
     monkeypatch.setattr(DEMO, "EVALUATE_RECIPE", tmp_path / "evaluate.yaml")
     DEMO.write_evaluate_recipe()
     command, _, needs = DEMO.STAGES[name]
-    command = [str(tmp_path / "evaluate.yaml") if part == str(DEMO.RUNS / "smollm2" / "config_base_model.yaml") else part
-               for part in command]
+    command = [
+        str(tmp_path / "evaluate.yaml") if part == str(DEMO.RUNS / "smollm2" / "config_base_model.yaml") else part
+        for part in command
+    ]
     order = list(DEMO.STAGES)
     assert all(order.index(need) < order.index(name) for need in needs)
     if command[1:3] == ["-m", "lenvm_rl.testbed"]:
@@ -49,21 +53,29 @@ def test_stage_commands_parse_and_needs_come_first(name, tmp_path, monkeypatch):
         HfArgumentParser(TestbedSFTArguments).parse_args_into_dataclasses(command[3:])
         return
     stage = command[3]
-    parsed = parse_recipe(PARSERS[stage], [*command[4:], "--output_dir", str(tmp_path), "--report_to", "none", "--bf16", "false"]
-                          if stage in ("train-lenvm", "grpo") else [*command[4:], "--output_dir", str(tmp_path)])
+    parsed = parse_recipe(
+        PARSERS[stage],
+        [*command[4:], "--output_dir", str(tmp_path), "--report_to", "none", "--bf16", "false"]
+        if stage in ("train-lenvm", "grpo")
+        else [*command[4:], "--output_dir", str(tmp_path)],
+    )
     if stage == "evaluate":  # the base model alone: the recipe's GRPO adapter is not made by the demo
         assert parsed[0].adapters == [] and parsed[0].models() == [None]
 
 
 def test_progress_reads_the_last_tqdm_position(tmp_path):
     log = tmp_path / "stage.log"
-    log.write_text("rollouts:  10%|#  | 5/48 [00:10<01:26, 2.0s/prompt]\rrollouts:  21%|## | 10/48 [00:20<01:16, 2.0s/prompt]")
+    log.write_text(
+        "rollouts:  10%|#  | 5/48 [00:10<01:26, 2.0s/prompt]\rrollouts:  21%|## | 10/48 [00:20<01:16, 2.0s/prompt]"
+    )
     assert DEMO.progress(log) == "10/48, ETA 01:16"
     assert DEMO.progress(tmp_path / "missing.log") == "starting"
     # A saving bar after the stage's own bar is not the stage's progress (it showed "64/64, ETA 00:00" for minutes).
     with log.open("a") as handle:
-        handle.write("\nSaving the dataset (1/1 shards): 100%|##########| 64/64 [00:00<00:00, 12468.55 examples/s]\n"
-                     "Loading weights: 100%|##########| 272/272 [00:00<00:00, 8887.48it/s]\n")
+        handle.write(
+            "\nSaving the dataset (1/1 shards): 100%|##########| 64/64 [00:00<00:00, 12468.55 examples/s]\n"
+            "Loading weights: 100%|##########| 272/272 [00:00<00:00, 8887.48it/s]\n"
+        )
     assert DEMO.progress(log) == "10/48, ETA 01:16"
 
 
@@ -73,20 +85,33 @@ def test_report_tables_read_the_stages_outputs(tmp_path, monkeypatch):
     from lenvm_rl.evaluate import summarize
 
     monkeypatch.setattr(DEMO, "RUNS", tmp_path)
-    records = lambda tokens: [{"budget_kind": "exact", "budget_tokens": n, "tokens": t, "correct": True, "finished": True}  # noqa: E731
-                              for n, t in zip((16, 32, 64), tokens)]
+    records = lambda tokens: [
+        {"budget_kind": "exact", "budget_tokens": n, "tokens": t, "correct": True, "finished": True}
+        for n, t in zip((16, 32, 64), tokens)
+    ]
     for arm, label, tokens in (("plain", "base", (40, 40, 40)), ("guided", "base + LenVM-guided", (16, 32, 64))):
         (tmp_path / "smollm2" / arm).mkdir(parents=True)
-        (tmp_path / "smollm2" / arm / "results.json").write_text(json.dumps({"results": {label: summarize(records(tokens))}}))
+        (tmp_path / "smollm2" / arm / "results.json").write_text(
+            json.dumps({"results": {label: summarize(records(tokens))}})
+        )
     table = DEMO.length_control_table()
     assert "| base + LenVM-guided | 1.000 | 1.000 | 37.3 (16.0 / 32.0 / 64.0) | 1.000 |" in table
     (tmp_path / "smollm2" / "predict").mkdir(parents=True)
-    (tmp_path / "smollm2" / "predict" / "predictions.json").write_text(json.dumps(
-        {"metrics": {"boundary_mre": 0.2, "constant_mre": 0.5, "constant_value_mre": 0.3}}))
+    (tmp_path / "smollm2" / "predict" / "predictions.json").write_text(
+        json.dumps({"metrics": {"boundary_mre": 0.2, "constant_mre": 0.5, "constant_value_mre": 0.3}})
+    )
     assert "| 0.200 |" in DEMO.prediction_table()
     (tmp_path / "testbed" / "grpo").mkdir(parents=True)
-    history = [{"step": s, "eval_length/mean_length_score": score, "eval_rewards/accuracy/mean": 0.9,
-                "eval_length/budget_hit_rate": score, "eval_completions/mean_length": 20.0} for s, score in ((0, 0.5), (150, 0.9))]
+    history = [
+        {
+            "step": s,
+            "eval_length/mean_length_score": score,
+            "eval_rewards/accuracy/mean": 0.9,
+            "eval_length/budget_hit_rate": score,
+            "eval_completions/mean_length": 20.0,
+        }
+        for s, score in ((0, 0.5), (150, 0.9))
+    ]
     (tmp_path / "testbed" / "grpo" / "trainer_state.json").write_text(json.dumps({"log_history": history}))
     table = DEMO.testbed_table_and_curve()
     assert "| before (step 0) | 0.500 |" in table and "| after GRPO-LenVM (step 150) | 0.900 |" in table

@@ -30,9 +30,13 @@ def test_summary_matches_hand_computed_lifebench_cases():
     # exact 20: L = 10 -> LD = -0.5, score e^{-2.5}; L = 30 -> LD = +0.5, score e^{-1}; L = 21 -> LD = 0.05, hit.
     # at_most 20: L = 10 -> 1; L = 40 -> LD = 1, score e^{-2}. at_least 20: L = 10 -> e^{-2.5}; L = 25 -> 1.
     records = [
-        record("exact", 20, 10, True), record("exact", 20, 30, False), record("exact", 20, 21, None),
-        record("at_most", 20, 10), record("at_most", 20, 40, False),
-        record("at_least", 20, 10), record("at_least", 20, 25),
+        record("exact", 20, 10, True),
+        record("exact", 20, 30, False),
+        record("exact", 20, 21, None),
+        record("at_most", 20, 10),
+        record("at_most", 20, 40, False),
+        record("at_least", 20, 10),
+        record("at_least", 20, 25),
     ]
     exact, at_most, at_least = summarize(records)
     assert (exact["budget_kind"], at_most["budget_kind"], at_least["budget_kind"]) == ("exact", "at_most", "at_least")
@@ -68,7 +72,9 @@ def test_every_prompt_is_asked_at_every_budget():
 @pytest.fixture(scope="module")
 def adapter_path(tiny_model_path, tokenizer, tmp_path_factory):
     """A LoRA adapter on the tiny model with non-zero B, so base + adapter differs from base."""
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_path), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    )
     torch.manual_seed(3)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -81,8 +87,16 @@ def adapter_path(tiny_model_path, tokenizer, tmp_path_factory):
 
 def evaluate_args(tiny_model_path, output_dir, **overrides):
     settings = dict(
-        model_name_or_path=tiny_model_path, num_prompts=5, budgets=[2, 6], budget_kinds=["exact", "at_least"],
-        max_new_tokens=8, temperature=1.0, batch_size=3, num_samples=2, output_dir=str(output_dir), seed=0,
+        model_name_or_path=tiny_model_path,
+        num_prompts=5,
+        budgets=[2, 6],
+        budget_kinds=["exact", "at_least"],
+        max_new_tokens=8,
+        temperature=1.0,
+        batch_size=3,
+        num_samples=2,
+        output_dir=str(output_dir),
+        seed=0,
     )
     return EvaluateArguments(**{**settings, **overrides})
 
@@ -91,9 +105,12 @@ def test_run_writes_table_json_and_plots(tiny_model_path, adapter_path, tmp_path
     args = evaluate_args(tiny_model_path, tmp_path, adapters=[adapter_path], hard_truncation=True)
     results = run_evaluation(args)
     assert list(results) == ["base", "grpo_run", "base + truncation", "grpo_run + truncation"]
-    for label, summary in results.items():
+    for summary in results.values():
         assert [(s["budget_kind"], s["budget_tokens"]) for s in summary] == [
-            ("exact", 2), ("exact", 6), ("at_least", 2), ("at_least", 6)
+            ("exact", 2),
+            ("exact", 6),
+            ("at_least", 2),
+            ("at_least", 6),
         ]
         assert all(s["n"] == 10 and 0 <= s["length_score"] <= 1 for s in summary)
     base = read_records(tmp_path / "generations" / "base.jsonl")
@@ -132,7 +149,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tiny_model_path, tm
         sink.write('{"row": 5, "torn')  # a write cut by the kill
     monkeypatch.setattr(lenvm_rl.generation, "generate_hf", real)
     assert run_evaluation(evaluate_args(tiny_model_path, tmp_path / "resumed")) == reference
-    timeless = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]  # noqa: E731
+    timeless = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]
     assert timeless(read_records(partial)) == timeless(expected)  # no duplicate, no gap
 
 
@@ -189,7 +206,9 @@ def test_guided_decoding_needs_a_lenvm_of_the_same_tokenizer(tiny_model_path, le
 
     load_lenvm(lenvm_path).save_pretrained(other)  # no tokenizer beside it
     with pytest.raises(ConfigError, match="tokenizer"):
-        run_evaluation(evaluate_args(tiny_model_path, tmp_path / "out", guided_decoding=True, lenvm_model_path=str(other)))
+        run_evaluation(
+            evaluate_args(tiny_model_path, tmp_path / "out", guided_decoding=True, lenvm_model_path=str(other))
+        )
 
 
 def test_greedy_decoding_asks_for_one_sample(tiny_model_path, tmp_path):
@@ -222,8 +241,16 @@ def test_vllm_serves_base_adapters_and_truncation_and_guided_arms_use_generate(
     load_policy = evaluate.load_policy
     monkeypatch.setattr(evaluate, "load_policy", lambda *a: hf_loads.append(a[1]) or load_policy(*a))
     args = evaluate_args(
-        tiny_model_path, tmp_path, adapters=[adapter_path], hard_truncation=True, use_vllm=True, seed=1, vllm_tensor_parallel_size=2,
-        guided_decoding=True, lenvm_model_path=lenvm_path, guidance_top_k=4,
+        tiny_model_path,
+        tmp_path,
+        adapters=[adapter_path],
+        hard_truncation=True,
+        use_vllm=True,
+        seed=1,
+        vllm_tensor_parallel_size=2,
+        guided_decoding=True,
+        lenvm_model_path=lenvm_path,
+        guidance_top_k=4,
     )
     results = run_evaluation(args)
 
@@ -253,12 +280,18 @@ def test_vllm_serves_base_adapters_and_truncation_and_guided_arms_use_generate(
     assert all(not r["correct"] for r in truncated if not r["finished"])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["generator"] == {
-        "base": "vllm", "grpo_run": "vllm", "base + truncation": "vllm", "grpo_run + truncation": "vllm",
-        "base + LenVM-guided": "hf", "grpo_run + LenVM-guided": "hf",
+        "base": "vllm",
+        "grpo_run": "vllm",
+        "base + truncation": "vllm",
+        "grpo_run + truncation": "vllm",
+        "base + LenVM-guided": "hf",
+        "grpo_run + LenVM-guided": "hf",
     }
     assert len(results) == 6 and all(len(read_records(f)) == 40 for f in (tmp_path / "generations").glob("*.jsonl"))
     costs = (tmp_path / "results.md").read_text().split("| generator |")[1].splitlines()
-    assert [line.rsplit("|", 2)[1].strip() for line in costs if line.startswith("| ")] == list(saved["generator"].values())
+    assert [line.rsplit("|", 2)[1].strip() for line in costs if line.startswith("| ")] == list(
+        saved["generator"].values()
+    )
 
     with pytest.raises(ConfigError, match="generator: 'vllm' there, None now.*set use_vllm to match"):
         run_evaluation(evaluate_args(tiny_model_path, tmp_path, adapters=[adapter_path], use_vllm=False))  # no mixing
@@ -267,7 +300,9 @@ def test_vllm_serves_base_adapters_and_truncation_and_guided_arms_use_generate(
 def test_an_arm_evaluated_alone_matches_the_same_arm_of_a_full_run(tiny_model_path, tmp_path):
     """plain_decoding: false generates the other arms only, and the same completions (seeds follow the batch index)."""
     full = run_evaluation(evaluate_args(tiny_model_path, tmp_path / "full", hard_truncation=True))
-    alone = run_evaluation(evaluate_args(tiny_model_path, tmp_path / "alone", hard_truncation=True, plain_decoding=False))
+    alone = run_evaluation(
+        evaluate_args(tiny_model_path, tmp_path / "alone", hard_truncation=True, plain_decoding=False)
+    )
     assert list(alone) == ["base + truncation"]
     assert alone["base + truncation"] == full["base + truncation"]
     with pytest.raises(ConfigError, match="plain_decoding"):

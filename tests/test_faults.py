@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import OFFLINE_ENV, ROOT, make_tiny_llama
+
 from lenvm_rl.errors import ConfigError
 from lenvm_rl.faults import SIGTERM_EXIT_STATUS, resume_checkpoint
 from lenvm_rl.modeling import LenVMModel
@@ -31,7 +31,10 @@ def slow_reward(completions, **kwargs):
 
 def start_grpo(recipe: Path, *flags) -> subprocess.Popen:
     env = {
-        **os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
+        **os.environ,
+        **OFFLINE_ENV,
+        "OMP_NUM_THREADS": "1",
+        "TQDM_DISABLE": "1",
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
     }
     command = [sys.executable, "-m", "lenvm_rl", "grpo", "--config", str(recipe), *flags]
@@ -42,13 +45,17 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180.0) -> N
     deadline = time.monotonic() + timeout
     while not path.exists():
         if process.poll() is not None:
-            pytest.fail(f"the run ended (status {process.returncode}) before {path} existed:\n{process.stderr.read()[-3000:]}")
+            pytest.fail(
+                f"the run ended (status {process.returncode}) before {path} existed:\n{process.stderr.read()[-3000:]}"
+            )
         assert time.monotonic() < deadline, f"no {path} after {timeout} s"
         time.sleep(0.05)
 
 
 def complete_checkpoints(output_dir: Path) -> list[int]:
-    return sorted(int(p.name.split("-")[1]) for p in output_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file())
+    return sorted(
+        int(p.name.split("-")[1]) for p in output_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()
+    )
 
 
 def global_step(checkpoint: Path) -> int:
@@ -62,13 +69,35 @@ def test_grpo_resumes_after_sigterm_and_sigkill(tiny_model_path, tokenizer, tmp_
     tokenizer.save_pretrained(lenvm)
     output_dir = tmp_path / "out"
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(dict(
-        model_name_or_path=tiny_model_path, use_peft=True, lora_r=4, lora_target_modules=["q_proj", "v_proj"],
-        num_prompts=8, budgets=[3, 6], reward_funcs=["test_faults:slow_reward"], lenvm_model_path=str(lenvm),
-        num_generations=2, per_device_train_batch_size=4, max_completion_length=8, max_steps=MAX_STEPS,
-        learning_rate=1e-2, save_strategy="steps", save_steps=SAVE_STEPS, logging_steps=1, use_cpu=True, bf16=False,
-        activation_checkpointing=False, report_to="none", disable_tqdm=True, seed=0, output_dir=str(output_dir),
-    )))
+    recipe.write_text(
+        yaml.safe_dump(
+            dict(
+                model_name_or_path=tiny_model_path,
+                use_peft=True,
+                lora_r=4,
+                lora_target_modules=["q_proj", "v_proj"],
+                num_prompts=8,
+                budgets=[3, 6],
+                reward_funcs=["test_faults:slow_reward"],
+                lenvm_model_path=str(lenvm),
+                num_generations=2,
+                per_device_train_batch_size=4,
+                max_completion_length=8,
+                max_steps=MAX_STEPS,
+                learning_rate=1e-2,
+                save_strategy="steps",
+                save_steps=SAVE_STEPS,
+                logging_steps=1,
+                use_cpu=True,
+                bf16=False,
+                activation_checkpointing=False,
+                report_to="none",
+                disable_tqdm=True,
+                seed=0,
+                output_dir=str(output_dir),
+            )
+        )
+    )
 
     # SIGTERM once the first periodic checkpoint exists: the step in flight ends, is saved, and the run exits 143.
     run = start_grpo(recipe)
@@ -131,11 +160,26 @@ def test_train_lenvm_saves_on_sigterm_and_resumes(tiny_model_path, rollouts_dir,
 
     output_dir = tmp_path / "lenvm"
     recipe = tmp_path / "lenvm.yaml"
-    recipe.write_text(yaml.safe_dump(dict(
-        model_name_or_path=tiny_model_path, rollouts_path=str(rollouts_dir), eval_prompt_fraction=0.34, max_steps=4,
-        per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1, save_strategy="steps", save_steps=4,
-        report_to="none", use_cpu=True, disable_tqdm=True, seed=0, output_dir=str(output_dir),
-    )))
+    recipe.write_text(
+        yaml.safe_dump(
+            dict(
+                model_name_or_path=tiny_model_path,
+                rollouts_path=str(rollouts_dir),
+                eval_prompt_fraction=0.34,
+                max_steps=4,
+                per_device_train_batch_size=2,
+                learning_rate=1e-3,
+                logging_steps=1,
+                save_strategy="steps",
+                save_steps=4,
+                report_to="none",
+                use_cpu=True,
+                disable_tqdm=True,
+                seed=0,
+                output_dir=str(output_dir),
+            )
+        )
+    )
     on_step_end = SaveOnSigterm.on_step_end
 
     def sigterm_at_step_2(self, args, state, control, **kwargs):
@@ -188,18 +232,34 @@ def test_resume_skips_a_checkpoint_that_does_not_verify(damage, tmp_path, capsys
     capsys.readouterr()
     assert resume_checkpoint(True, str(tmp_path)) == str(tmp_path / "checkpoint-2")
     notice = capsys.readouterr().err.strip().splitlines()
-    assert len(notice) == 1 and notice[0].startswith(f"lenvm-rl: skipping the incomplete checkpoint {tmp_path}/checkpoint-4 (")
+    assert len(notice) == 1 and notice[0].startswith(
+        f"lenvm-rl: skipping the incomplete checkpoint {tmp_path}/checkpoint-4 ("
+    )
     with pytest.raises(ConfigError, match="^resume_from_checkpoint: .*checkpoint-4' is not a complete checkpoint"):
         resume_checkpoint(str(tmp_path / "checkpoint-4"), str(tmp_path))
 
 
 def lenvm_recipe(tmp_path, tiny_model_path, rollouts_dir, **overrides) -> Path:
     recipe = tmp_path / "lenvm.yaml"
-    recipe.write_text(yaml.safe_dump({**dict(
-        model_name_or_path=tiny_model_path, rollouts_path=str(rollouts_dir), eval_prompt_fraction=0.34, max_steps=1,
-        per_device_train_batch_size=4, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
-        output_dir=str(tmp_path / "lenvm"),
-    ), **overrides}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                **dict(
+                    model_name_or_path=tiny_model_path,
+                    rollouts_path=str(rollouts_dir),
+                    eval_prompt_fraction=0.34,
+                    max_steps=1,
+                    per_device_train_batch_size=4,
+                    save_strategy="no",
+                    report_to="none",
+                    use_cpu=True,
+                    disable_tqdm=True,
+                    output_dir=str(tmp_path / "lenvm"),
+                ),
+                **overrides,
+            }
+        )
+    )
     return recipe
 
 
@@ -227,7 +287,9 @@ def run_cli(argv, capsys) -> str:
 def checksums(folder: Path) -> dict[str, str]:
     import hashlib
 
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
 
 
 def test_a_full_disk_during_a_checkpoint_save_is_said(tiny_model_path, rollouts_dir, tmp_path, monkeypatch, capsys):
@@ -239,12 +301,14 @@ def test_a_full_disk_during_a_checkpoint_save_is_said(tiny_model_path, rollouts_
     monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", disk_full)
     recipe = lenvm_recipe(tmp_path, tiny_model_path, rollouts_dir, save_strategy="steps", save_steps=1)
     line = run_cli(["train-lenvm", "--config", str(recipe)], capsys)
-    assert line.startswith(f"lenvm-rl train-lenvm: error: output_dir: the disk is full; saving checkpoint-1 in "), line
+    assert line.startswith("lenvm-rl train-lenvm: error: output_dir: the disk is full; saving checkpoint-1 in "), line
     assert "--resume_from_checkpoint true" in line
 
 
 @pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), RuntimeError("killed mid-save")])
-def test_a_failed_final_save_keeps_the_model_already_there(failure, tiny_model_path, rollouts_dir, tmp_path, monkeypatch, capsys):
+def test_a_failed_final_save_keeps_the_model_already_there(
+    failure, tiny_model_path, rollouts_dir, tmp_path, monkeypatch, capsys
+):
     """Case 5: the final files are written aside and moved in; a save that fails leaves output_dir as it was."""
     from lenvm_rl.cli import main
     from lenvm_rl.modeling import LenVMModel

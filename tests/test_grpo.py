@@ -11,17 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import ROOT, make_tiny_llama, make_tokenizer, make_trainer
 from peft import LoraConfig
 from trl import GRPOTrainer, ModelConfig
 
-from conftest import ROOT, make_tiny_llama, make_tokenizer, make_trainer
-from lenvm_rl.recipe import parse_recipe
 from lenvm_rl.data import DatasetArguments, load_prompt_splits, load_prompts
 from lenvm_rl.errors import ConfigError
 from lenvm_rl.grpo import LenVMGRPOConfig, LenVMGRPOTrainer, main
-from lenvm_rl.train_policy import GRPOScriptArguments
 from lenvm_rl.modeling import LenVMModel
-from rewards.scores import budget_kind_codes, LENGTH_SCORES
+from lenvm_rl.recipe import parse_recipe
+from lenvm_rl.train_policy import GRPOScriptArguments
+from rewards.scores import LENGTH_SCORES, budget_kind_codes
 
 GAMMA = 0.9
 RECIPES = sorted(ROOT.glob("recipes/*/grpo/config_*.yaml"))
@@ -64,12 +64,22 @@ def reference_advantages(task, values_full, prompt_length, mask, finished, gamma
 def assemble(trainer, task, values_full, prompt_length, mask, finished, budgets, kinds):
     """What ``_generate_and_score_completions`` does with the two hooks' results: (A_task + c · A_len) · mask, and
     c · A_len. The batch dict is ``describe_batch``'s, for one process."""
-    output = {"prompt_ids": torch.zeros(mask.shape[0], prompt_length, dtype=torch.long), "completion_mask": mask,
-              "advantages": task}
+    output = {
+        "prompt_ids": torch.zeros(mask.shape[0], prompt_length, dtype=torch.long),
+        "completion_mask": mask,
+        "advantages": task,
+    }
     lengths = mask.sum(1) - finished.long()
     scores = LENGTH_SCORES[trainer.args.length_score](lengths.float(), budgets, kinds).double()
-    batch = {"values_full": values_full, "finished": finished, "lengths": lengths, "budgets": budgets,
-             "kinds": kinds, "all_scores": scores, "local_rows": slice(0, mask.shape[0])}
+    batch = {
+        "values_full": values_full,
+        "finished": finished,
+        "lengths": lengths,
+        "budgets": budgets,
+        "kinds": kinds,
+        "all_scores": scores,
+        "local_rows": slice(0, mask.shape[0]),
+    }
     length = trainer.length_advantages(output, batch)
     return (trainer.task_advantages(output, batch)[:, None] + length) * mask, length
 
@@ -77,8 +87,16 @@ def assemble(trainer, task, values_full, prompt_length, mask, finished, budgets,
 @pytest.mark.parametrize("mode", ["budget", "efficiency", "shaping"])
 def test_assembly_matches_loop_reference(mode, tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path):
     trainer = make_trainer(
-        tiny_model_path, tokenizer, dataset, tmp_path, lenvm_model_path=lenvm_path, length_objective=mode,
-        length_advantage_coef=0.7, length_lambda=0.8, length_discount=0.95, whiten_length_advantage=False,
+        tiny_model_path,
+        tokenizer,
+        dataset,
+        tmp_path,
+        lenvm_model_path=lenvm_path,
+        length_objective=mode,
+        length_advantage_coef=0.7,
+        length_lambda=0.8,
+        length_discount=0.95,
+        whiten_length_advantage=False,
     )
     torch.manual_seed(0)
     batch, prompt_length, num_tokens = 6, 4, 7
@@ -101,17 +119,25 @@ def test_assembly_matches_loop_reference(mode, tiny_model_path, tokenizer, datas
 def test_assembly_hand_example(tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path):
     """γ = 0.5, d = λ = 1, c = 2: A_len_j = S(final) - Φ_j, with V chosen so Λ_j is an integer."""
     trainer = make_trainer(
-        tiny_model_path, tokenizer, dataset, tmp_path, lenvm_model_path=lenvm_path, length_gamma=0.5,
-        length_advantage_coef=2.0, whiten_length_advantage=False,
+        tiny_model_path,
+        tokenizer,
+        dataset,
+        tmp_path,
+        lenvm_model_path=lenvm_path,
+        length_gamma=0.5,
+        length_advantage_coef=2.0,
+        whiten_length_advantage=False,
     )
     v = lambda remaining: -(1 - 0.5**remaining)  # noqa: E731 the value of `remaining` tokens to go
     nan = float("nan")  # positions that must never be read: left padding of prompts, states after the end
     # P = 3 (prompts of 2, 3 and 1 tokens, left-padded), T = 3; columns P - 1 + j hold V(s_j).
-    values_full = torch.tensor([
-        [nan, 0.0, v(4), v(1), nan, nan],   # finished, L = 2: Λ_0 = 4, Λ_1 = 2, s_2 terminal
-        [0.0, 0.0, v(2), v(0), v(4), v(2)],  # truncated at T = 3: Λ = 2, 1, 6, 5 (bootstrap)
-        [nan, nan, v(3), nan, nan, nan],    # finished, L = 0: EOS right away
-    ])
+    values_full = torch.tensor(
+        [
+            [nan, 0.0, v(4), v(1), nan, nan],  # finished, L = 2: Λ_0 = 4, Λ_1 = 2, s_2 terminal
+            [0.0, 0.0, v(2), v(0), v(4), v(2)],  # truncated at T = 3: Λ = 2, 1, 6, 5 (bootstrap)
+            [nan, nan, v(3), nan, nan, nan],  # finished, L = 0: EOS right away
+        ]
+    )
     mask = torch.tensor([[1, 1, 1], [1, 1, 1], [1, 0, 0]])
     finished = torch.tensor([True, False, True])
     budgets, kinds = torch.tensor([2.0, 4.0, 2.0]), budget_kind_codes(["exact", "at_most", "exact"])
@@ -119,11 +145,13 @@ def test_assembly_hand_example(tiny_model_path, tokenizer, dataset, lenvm_path, 
 
     advantages, _ = assemble(trainer, task, values_full, 3, mask.bool(), finished, budgets, kinds)
     e = math.exp
-    expected = torch.tensor([
-        [0.5 + 2 * (1 - e(-2)), 0.5, 0.5],  # S(4, 2) = e^-2 -> S(L = 2) = 1; the EOS action gets 0
-        [-0.5 + 2 * (e(-0.5) - 1), -0.5 + 2 * (e(-0.5) - 1), -0.5 + 2 * (e(-0.5) - e(-1))],  # Φ_3 = S(5, 4)
-        [0.25, 0.0, 0.0],  # the EOS action of an empty completion gets 0; padding gets 0
-    ])
+    expected = torch.tensor(
+        [
+            [0.5 + 2 * (1 - e(-2)), 0.5, 0.5],  # S(4, 2) = e^-2 -> S(L = 2) = 1; the EOS action gets 0
+            [-0.5 + 2 * (e(-0.5) - 1), -0.5 + 2 * (e(-0.5) - 1), -0.5 + 2 * (e(-0.5) - e(-1))],  # Φ_3 = S(5, 4)
+            [0.25, 0.0, 0.0],  # the EOS action of an empty completion gets 0; padding gets 0
+        ]
+    )
     torch.testing.assert_close(advantages, expected, atol=1e-6, rtol=1e-6)
 
 
@@ -138,8 +166,12 @@ def test_lenvm_values_ignore_left_padding(tiny_model_path, tokenizer, dataset, l
     batched = trainer.lenvm_values(prompt_ids, prompt_mask, completion_ids, completion_mask)  # (2, 7)
     for row, (prompt, completion) in enumerate(zip(prompts, completions)):
         ids = torch.tensor([prompt + completion])
-        alone = trainer.lenvm_values(ids[:, : len(prompt)], torch.ones(1, len(prompt), dtype=torch.long),
-                                     ids[:, len(prompt) :], torch.ones(1, len(completion), dtype=torch.long))[0]
+        alone = trainer.lenvm_values(
+            ids[:, : len(prompt)],
+            torch.ones(1, len(prompt), dtype=torch.long),
+            ids[:, len(prompt) :],
+            torch.ones(1, len(completion), dtype=torch.long),
+        )[0]
         start = 4 - len(prompt)
         torch.testing.assert_close(batched[row, start : start + len(alone)], alone, atol=1e-5, rtol=1e-5)
 
@@ -191,8 +223,14 @@ def test_trains_in_every_mode(mode, tiny_model_path, tokenizer, dataset, lenvm_p
 def test_trains_lora(tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path):
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     trainer = make_trainer(
-        tiny_model_path, tokenizer, dataset, tmp_path, peft_config=lora, lenvm_model_path=lenvm_path,
-        beta=0.04, mask_truncated_completions=True,
+        tiny_model_path,
+        tokenizer,
+        dataset,
+        tmp_path,
+        peft_config=lora,
+        lenvm_model_path=lenvm_path,
+        beta=0.04,
+        mask_truncated_completions=True,
     )
     before = snapshot(trainer.model)
     assert before and all("lora_" in name for name in before)
@@ -204,8 +242,11 @@ def test_none_without_lenvm_is_plain_grpo(tiny_model_path, tokenizer, dataset, t
     """length_objective none, no LenVM: the same seed gives exactly GRPOTrainer's parameters (budget metrics only)."""
     trainers = []
     for cls in (LenVMGRPOTrainer, GRPOTrainer):  # each constructor seeds the RNGs: build, then train, in turn
-        trainers.append(make_trainer(tiny_model_path, tokenizer, dataset, tmp_path / cls.__name__, trainer_class=cls,
-                                     length_objective="none"))
+        trainers.append(
+            make_trainer(
+                tiny_model_path, tokenizer, dataset, tmp_path / cls.__name__, trainer_class=cls, length_objective="none"
+            )
+        )
         trainers[-1].train()
     ours, plain = trainers
     assert ours.lenvm is None and any("length/budget_hit_rate" in entry for entry in ours.state.log_history)
@@ -325,13 +366,31 @@ def test_metrics_reach_wandb(tiny_model_path, tokenizer, dataset, lenvm_path, tm
 
 def test_main_trains_and_saves_lora(tiny_model_path, lenvm_path, tmp_path):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(dict(
-        model_name_or_path=tiny_model_path, use_peft=True, lora_r=4, lora_target_modules=["q_proj", "v_proj"],
-        num_prompts=8, budgets=[3, 6], reward_funcs=["accuracy", "length_score"], lenvm_model_path=lenvm_path,
-        num_generations=2, per_device_train_batch_size=4, max_completion_length=8, max_steps=1, use_cpu=True,
-        bf16=False, activation_checkpointing=False, report_to="none", save_strategy="no", disable_tqdm=True,
-        output_dir=str(tmp_path / "out"),
-    )))
+    recipe.write_text(
+        yaml.safe_dump(
+            dict(
+                model_name_or_path=tiny_model_path,
+                use_peft=True,
+                lora_r=4,
+                lora_target_modules=["q_proj", "v_proj"],
+                num_prompts=8,
+                budgets=[3, 6],
+                reward_funcs=["accuracy", "length_score"],
+                lenvm_model_path=lenvm_path,
+                num_generations=2,
+                per_device_train_batch_size=4,
+                max_completion_length=8,
+                max_steps=1,
+                use_cpu=True,
+                bf16=False,
+                activation_checkpointing=False,
+                report_to="none",
+                save_strategy="no",
+                disable_tqdm=True,
+                output_dir=str(tmp_path / "out"),
+            )
+        )
+    )
     main(["--config", str(recipe)])
     saved = {path.name for path in (tmp_path / "out").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= saved
@@ -339,13 +398,32 @@ def test_main_trains_and_saves_lora(tiny_model_path, lenvm_path, tmp_path):
 
 def test_main_evaluates_held_out_prompts_and_saves_the_log(tiny_model_path, lenvm_path, tmp_path):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(dict(
-        model_name_or_path=tiny_model_path, num_prompts=8, eval_num_prompts=4, budgets=[3, 6],
-        reward_funcs=["accuracy"], lenvm_model_path=lenvm_path, num_generations=2, per_device_train_batch_size=4,
-        per_device_eval_batch_size=4, eval_strategy="steps", eval_steps=1, max_completion_length=8, max_steps=2,
-        use_cpu=True, bf16=False, activation_checkpointing=False, report_to="none", save_strategy="no",
-        disable_tqdm=True, output_dir=str(tmp_path / "out"),
-    )))
+    recipe.write_text(
+        yaml.safe_dump(
+            dict(
+                model_name_or_path=tiny_model_path,
+                num_prompts=8,
+                eval_num_prompts=4,
+                budgets=[3, 6],
+                reward_funcs=["accuracy"],
+                lenvm_model_path=lenvm_path,
+                num_generations=2,
+                per_device_train_batch_size=4,
+                per_device_eval_batch_size=4,
+                eval_strategy="steps",
+                eval_steps=1,
+                max_completion_length=8,
+                max_steps=2,
+                use_cpu=True,
+                bf16=False,
+                activation_checkpointing=False,
+                report_to="none",
+                save_strategy="no",
+                disable_tqdm=True,
+                output_dir=str(tmp_path / "out"),
+            )
+        )
+    )
     main(["--config", str(recipe)])
     history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
     evals = [row for row in history if "eval_length/mean_length_score" in row]
@@ -357,9 +435,26 @@ def test_main_evaluates_held_out_prompts_and_saves_the_log(tiny_model_path, lenv
 
 def test_eval_strategy_without_held_out_prompts_is_refused(tiny_model_path, lenvm_path, tmp_path):
     with pytest.raises(ConfigError, match="eval_num_prompts"):
-        main(["--model_name_or_path", tiny_model_path, "--lenvm_model_path", lenvm_path, "--budgets", "3",
-              "--num_prompts", "4", "--eval_strategy", "steps", "--use_cpu", "true", "--bf16", "false",
-              "--output_dir", str(tmp_path)])
+        main(
+            [
+                "--model_name_or_path",
+                tiny_model_path,
+                "--lenvm_model_path",
+                lenvm_path,
+                "--budgets",
+                "3",
+                "--num_prompts",
+                "4",
+                "--eval_strategy",
+                "steps",
+                "--use_cpu",
+                "true",
+                "--bf16",
+                "false",
+                "--output_dir",
+                str(tmp_path),
+            ]
+        )
 
 
 def test_held_out_split_shares_no_text_with_training_prompts():
@@ -386,7 +481,9 @@ def test_recipe_parses(path, tmp_path):
 
 
 def test_recipes_twins_differ_only_in_the_length_signal():
-    folders = {path.parent for path in RECIPES if path.name == "config_lenvm_budget.yaml"}  # the testbed has its own arms
+    folders = {
+        path.parent for path in RECIPES if path.name == "config_lenvm_budget.yaml"
+    }  # the testbed has its own arms
     assert len(folders) >= 3
     for folder in folders:
         lenvm, baseline = (
@@ -404,8 +501,16 @@ def test_recipes_twins_differ_only_in_the_length_signal():
 def test_group_baseline_anchors_at_the_group_mean(tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path):
     """length_baseline group, d = λ = 1, scale_rewards group, no whitening: the first action's A_len is
     (S(L, N) - group mean of S) / (group std + 1e-4): TRL's advantage of the length score, row by row."""
-    trainer = make_trainer(tiny_model_path, tokenizer, dataset, tmp_path, lenvm_model_path=lenvm_path,
-                           length_baseline="group", whiten_length_advantage=False, num_generations=4)
+    trainer = make_trainer(
+        tiny_model_path,
+        tokenizer,
+        dataset,
+        tmp_path,
+        lenvm_model_path=lenvm_path,
+        length_baseline="group",
+        whiten_length_advantage=False,
+        num_generations=4,
+    )
     torch.manual_seed(0)
     # (an EOS-only completion, L = 0, would get 0: without eos_credit its only action leaves a terminal state)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]] * 2).bool()
@@ -417,18 +522,28 @@ def test_group_baseline_anchors_at_the_group_mean(tiny_model_path, tokenizer, da
     scores = LENGTH_SCORES["lifebench"](lengths.float(), budgets, kinds).double().view(2, 4)
     expected = (scores - scores.mean(1, keepdim=True)) / (scores.std(1, keepdim=True) + 1e-4)
     finished_rows = finished.view(2, 4)  # a truncated row bootstraps: its anchor cancels (tests/test_returns.py)
-    torch.testing.assert_close(length[:, 0].double().view(2, 4)[finished_rows], expected[finished_rows], atol=1e-5,
-                               rtol=1e-5)
+    torch.testing.assert_close(
+        length[:, 0].double().view(2, 4)[finished_rows], expected[finished_rows], atol=1e-5, rtol=1e-5
+    )
 
 
-def test_whitened_group_baseline_is_not_divided_by_a_degenerate_group_std(tiny_model_path, tokenizer, dataset,
-                                                                          lenvm_path, tmp_path):
+def test_whitened_group_baseline_is_not_divided_by_a_degenerate_group_std(
+    tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path
+):
     """Groups of 2 with equal realised scores have std 0: whitened, A_len is the whitened group-anchored advantage
     itself (no division by std + 1e-4, which made the LenVM's Φ_j - Φ_0 of those rows 10^4 times larger)."""
     from lenvm_rl.advantages import length_advantages, lenvm_state_values
 
-    trainer = make_trainer(tiny_model_path, tokenizer, dataset, tmp_path, lenvm_model_path=lenvm_path,
-                           length_baseline="group", num_generations=2, per_device_train_batch_size=4)
+    trainer = make_trainer(
+        tiny_model_path,
+        tokenizer,
+        dataset,
+        tmp_path,
+        lenvm_model_path=lenvm_path,
+        length_baseline="group",
+        num_generations=2,
+        per_device_train_batch_size=4,
+    )
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]).bool()
     finished = torch.tensor([True, True, True, True])  # group 1: L = 2 and 2 (std 0); group 2: L = 1 and 3
     values_full = -torch.rand(4, 3 + 4, generator=torch.Generator().manual_seed(0)) * 0.98 - 0.01
@@ -437,19 +552,37 @@ def test_whitened_group_baseline_is_not_divided_by_a_degenerate_group_std(tiny_m
     lengths = mask.sum(1) - 1
     scores = LENGTH_SCORES["lifebench"](lengths.float(), budgets, kinds).double()
     anchors = scores.view(2, 2).mean(1).repeat_interleave(2)
-    raw = length_advantages(lenvm_state_values(values_full, 3, mask, finished), mask, finished, trainer.length_gamma,
-                            1.0, "budget", budgets, kinds, discount=1.0, anchors=anchors)
+    raw = length_advantages(
+        lenvm_state_values(values_full, 3, mask, finished),
+        mask,
+        finished,
+        trainer.length_gamma,
+        1.0,
+        "budget",
+        budgets,
+        kinds,
+        discount=1.0,
+        anchors=anchors,
+    )
     expected = (raw - raw[mask].mean()) / (raw[mask].std(correction=0) + 1e-8) * mask
     torch.testing.assert_close(length.double(), expected.double(), atol=1e-5, rtol=1e-5)
     assert length.abs().max() < 10
 
 
-def test_first_batch_scale_is_kept_so_that_a_smaller_advantage_stays_smaller(tiny_model_path, tokenizer, dataset,
-                                                                            lenvm_path, tmp_path):
+def test_first_batch_scale_is_kept_so_that_a_smaller_advantage_stays_smaller(
+    tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path
+):
     """length_advantage_scale first: the first training batch's A_len is divided by its own std (not centred); a
     later batch whose raw A_len is half as large comes out half as large, where per-batch whitening gives std 1."""
-    trainer = make_trainer(tiny_model_path, tokenizer, dataset, tmp_path, lenvm_model_path=lenvm_path,
-                           length_advantage_scale="first", per_device_train_batch_size=4)
+    trainer = make_trainer(
+        tiny_model_path,
+        tokenizer,
+        dataset,
+        tmp_path,
+        lenvm_model_path=lenvm_path,
+        length_advantage_scale="first",
+        per_device_train_batch_size=4,
+    )
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]]).bool()
     x = torch.randn(4, 4, generator=torch.Generator().manual_seed(0)) * mask
     std = x[mask].std(correction=0).item()
@@ -478,14 +611,21 @@ def test_first_batch_scale_survives_a_resume(tiny_model_path, tokenizer, dataset
 
 def test_unknown_length_advantage_scale_is_one_clear_error(tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path):
     with pytest.raises(ConfigError, match="length_advantage_scale: 'median' is unknown"):
-        make_trainer(tiny_model_path, tokenizer, dataset, tmp_path, lenvm_model_path=lenvm_path,
-                     length_advantage_scale="median")
+        make_trainer(
+            tiny_model_path, tokenizer, dataset, tmp_path, lenvm_model_path=lenvm_path, length_advantage_scale="median"
+        )
 
 
-@pytest.mark.parametrize("options", [
-    dict(length_baseline="group"), dict(length_potential="expected"), dict(eos_credit=True),
-    dict(length_objective="efficiency", eos_credit=True),
-], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(length_baseline="group"),
+        dict(length_potential="expected"),
+        dict(eos_credit=True),
+        dict(length_objective="efficiency", eos_credit=True),
+    ],
+    ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
+)
 def test_trains_with_each_length_option(options, tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path):
     trainer = make_trainer(tiny_model_path, tokenizer, dataset, tmp_path, lenvm_model_path=lenvm_path, **options)
     before = snapshot(trainer.model)
@@ -497,35 +637,52 @@ def critic_mse(trainer) -> list[float]:
     return [row["length/critic_mse"] for row in trainer.state.log_history if "length/critic_mse" in row]
 
 
-def test_live_critic_learns_the_current_policy_and_a_frozen_one_does_not(tiny_model_path, tokenizer, dataset,
-                                                                        lenvm_path, tmp_path):
+def test_live_critic_learns_the_current_policy_and_a_frozen_one_does_not(
+    tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path
+):
     """The LenVM's value MSE on each new batch (before its update) falls over 8 steps when live, not when frozen.
     The policy's learning rate is tiny, so both critics face the same, almost fixed, policy."""
     runs = {}
     for update in ("frozen", "live"):
         runs[update] = make_trainer(
-            tiny_model_path, tokenizer, dataset, tmp_path / update, lenvm_model_path=lenvm_path, lenvm_update=update,
-            lenvm_learning_rate=3e-3, lenvm_epochs=2, learning_rate=1e-6, max_steps=8,
+            tiny_model_path,
+            tokenizer,
+            dataset,
+            tmp_path / update,
+            lenvm_model_path=lenvm_path,
+            lenvm_update=update,
+            lenvm_learning_rate=3e-3,
+            lenvm_epochs=2,
+            learning_rate=1e-6,
+            max_steps=8,
         )
         runs[update].train()
     frozen, live = critic_mse(runs["frozen"]), critic_mse(runs["live"])
     assert len(frozen) == len(live) == 8
     assert sum(live[-3:]) / 3 < 0.5 * live[0], live
     assert sum(frozen[-3:]) / 3 > 0.7 * frozen[0], frozen
-    losses = [row["length/critic_update_loss"] for row in runs["live"].state.log_history
-              if "length/critic_update_loss" in row]
+    losses = [
+        row["length/critic_update_loss"] for row in runs["live"].state.log_history if "length/critic_update_loss" in row
+    ]
     assert len(losses) == 8 and all(math.isfinite(loss) for loss in losses)
     assert not any("length/critic_update_loss" in row for row in runs["frozen"].state.log_history)
 
 
-def test_live_critic_is_saved_as_a_plain_lenvm_and_resumes_exactly(tiny_model_path, tokenizer, dataset, lenvm_path,
-                                                                    tmp_path):
+def test_live_critic_is_saved_as_a_plain_lenvm_and_resumes_exactly(
+    tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path
+):
     """4 steps in one go, and 2 + 2 resumed from the step-2 checkpoint (weights and optimizer state): the final
     critics are equal; the one saved beside the policy loads with ``load_lenvm`` and shares the policy's tokenizer."""
     from lenvm_rl.modeling import check_lenvm_tokenizer, load_lenvm
 
-    settings = dict(lenvm_model_path=lenvm_path, lenvm_update="live", lenvm_learning_rate=1e-2, max_steps=4,
-                    save_strategy="steps", save_steps=2)
+    settings = dict(
+        lenvm_model_path=lenvm_path,
+        lenvm_update="live",
+        lenvm_learning_rate=1e-2,
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+    )
     whole = make_trainer(tiny_model_path, tokenizer, dataset, tmp_path / "whole", **settings)
     whole.train()
     whole.save_model(str(tmp_path / "whole"))
@@ -546,10 +703,25 @@ def test_live_critic_is_saved_as_a_plain_lenvm_and_resumes_exactly(tiny_model_pa
 
 
 def test_live_critic_resume_needs_its_checkpoint_files(tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path):
-    frozen = make_trainer(tiny_model_path, tokenizer, dataset, tmp_path / "frozen", lenvm_model_path=lenvm_path,
-                          max_steps=2, save_strategy="steps", save_steps=2)
+    frozen = make_trainer(
+        tiny_model_path,
+        tokenizer,
+        dataset,
+        tmp_path / "frozen",
+        lenvm_model_path=lenvm_path,
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+    )
     frozen.train()
-    live = make_trainer(tiny_model_path, tokenizer, dataset, tmp_path / "live", lenvm_model_path=lenvm_path,
-                        lenvm_update="live", max_steps=4)
+    live = make_trainer(
+        tiny_model_path,
+        tokenizer,
+        dataset,
+        tmp_path / "live",
+        lenvm_model_path=lenvm_path,
+        lenvm_update="live",
+        max_steps=4,
+    )
     with pytest.raises(ConfigError, match="resume_from_checkpoint: .* has no lenvm/model.safetensors"):
         live.train(resume_from_checkpoint=str(tmp_path / "frozen" / "checkpoint-2"))

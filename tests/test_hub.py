@@ -44,10 +44,16 @@ class FakeHub:
             for op in operations:
                 source = op.path_or_fileobj
                 files[op.path_in_repo] = source if isinstance(source, bytes) else Path(source).read_bytes()
-            self.commits.append(SimpleNamespace(repo_id=repo_id, files=files, message=commit_message, revision=revision))
+            self.commits.append(
+                SimpleNamespace(repo_id=repo_id, files=files, message=commit_message, revision=revision)
+            )
             return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
 
-        for name, fake in (("create_repo", create_repo), ("create_branch", create_branch), ("create_commit", create_commit)):
+        for name, fake in (
+            ("create_repo", create_repo),
+            ("create_branch", create_branch),
+            ("create_commit", create_commit),
+        ):
             monkeypatch.setattr(HfApi, name, fake)
         return self
 
@@ -57,7 +63,11 @@ def card_of(commit) -> ModelCard:
 
 
 def checksums(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +75,36 @@ def grpo_push(tiny_model_path, lenvm_path, tmp_path_factory):
     """A 2-step LoRA grpo run with a checkpoint on disk and push_to_hub: true; returns (output_dir, fake hub)."""
     folder = tmp_path_factory.mktemp("grpo")
     recipe = folder / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(dict(
-        model_name_or_path=tiny_model_path, use_peft=True, lora_r=4, lora_target_modules=["q_proj", "v_proj"],
-        num_prompts=8, budgets=[3, 6], budget_kinds=["exact", "at_most"], reward_funcs=["accuracy", "length_score"],
-        lenvm_model_path=lenvm_path, num_generations=2, per_device_train_batch_size=4, max_completion_length=8,
-        max_steps=2, logging_steps=1, save_strategy="steps", save_steps=1, use_cpu=True, bf16=False,
-        activation_checkpointing=False, report_to="none", disable_tqdm=True, output_dir=str(folder / "out"),
-        push_to_hub=True, hub_model_id="user/tiny-grpo",
-    )))
+    recipe.write_text(
+        yaml.safe_dump(
+            dict(
+                model_name_or_path=tiny_model_path,
+                use_peft=True,
+                lora_r=4,
+                lora_target_modules=["q_proj", "v_proj"],
+                num_prompts=8,
+                budgets=[3, 6],
+                budget_kinds=["exact", "at_most"],
+                reward_funcs=["accuracy", "length_score"],
+                lenvm_model_path=lenvm_path,
+                num_generations=2,
+                per_device_train_batch_size=4,
+                max_completion_length=8,
+                max_steps=2,
+                logging_steps=1,
+                save_strategy="steps",
+                save_steps=1,
+                use_cpu=True,
+                bf16=False,
+                activation_checkpointing=False,
+                report_to="none",
+                disable_tqdm=True,
+                output_dir=str(folder / "out"),
+                push_to_hub=True,
+                hub_model_id="user/tiny-grpo",
+            )
+        )
+    )
     with pytest.MonkeyPatch.context() as patch:
         hub = FakeHub().install(patch)
         grpo.main(["--config", str(recipe), "--learning_rate", "0.01"])
@@ -84,10 +116,34 @@ def lenvm_push(tiny_model_path, rollouts_dir, tmp_path_factory):
     """A 2-step train-lenvm run with push_to_hub: true; returns (output_dir, fake hub)."""
     output_dir = tmp_path_factory.mktemp("lenvm") / "out"
     argv = [
-        "--model_name_or_path", tiny_model_path, "--rollouts_path", str(rollouts_dir), "--eval_prompt_fraction", "0.34",
-        "--max_steps", "2", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--gamma", "0.9",
-        "--use_cpu", "true", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
-        "--output_dir", str(output_dir), "--push_to_hub", "true", "--hub_model_id", "user/tiny-lenvm",
+        "--model_name_or_path",
+        tiny_model_path,
+        "--rollouts_path",
+        str(rollouts_dir),
+        "--eval_prompt_fraction",
+        "0.34",
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--gamma",
+        "0.9",
+        "--use_cpu",
+        "true",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--disable_tqdm",
+        "true",
+        "--output_dir",
+        str(output_dir),
+        "--push_to_hub",
+        "true",
+        "--hub_model_id",
+        "user/tiny-lenvm",
     ]
     with pytest.MonkeyPatch.context() as patch:
         hub = FakeHub().install(patch)
@@ -125,8 +181,12 @@ def test_grpo_card(grpo_push, tiny_model_path, lenvm_path):
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     last = [row for row in history if "length/budget_hit_rate" in row][-1]
     assert f"| length/budget_hit_rate | {last['length/budget_hit_rate']:.4g} | 2 |" in text
-    for metric in ("rewards/accuracy/mean", "rewards/length_score/mean", "length/mean_length_score",
-                   "length/mean_length_tokens"):
+    for metric in (
+        "rewards/accuracy/mean",
+        "rewards/length_score/mean",
+        "length/mean_length_score",
+        "length/mean_length_tokens",
+    ):
         assert f"| {metric} |" in text
     command = json.loads((output_dir / RUN_RECORD).read_text())["command"]
     assert command.startswith("lenvm-rl grpo --config ") and command.endswith("--learning_rate 0.01")
@@ -214,8 +274,14 @@ def hub_http_error(status: int, message: str) -> HfHubHTTPError:
 @pytest.mark.parametrize(
     "error, reason",
     [
-        (hub_http_error(403, "You have no write access to user/x"), "the Hub refused the upload to user/x (HTTP 403: You have no write access"),
-        (ConnectionError("Name or service not known"), "could not reach the Hub (ConnectionError: Name or service not known)"),
+        (
+            hub_http_error(403, "You have no write access to user/x"),
+            "the Hub refused the upload to user/x (HTTP 403: You have no write access",
+        ),
+        (
+            ConnectionError("Name or service not known"),
+            "could not reach the Hub (ConnectionError: Name or service not known)",
+        ),
         (LocalTokenNotFoundError("Token is required"), "no Hugging Face token"),
         (None, "HF_HUB_OFFLINE is set"),  # the real HfApi, in offline mode: it refuses before any request
     ],
@@ -241,13 +307,44 @@ def test_hub_error_leaves_local_files_and_exits_2(error, reason, grpo_push, monk
 def test_grpo_push_failure_keeps_the_trained_adapter(tiny_model_path, tmp_path, monkeypatch):
     FakeHub(ConnectionError("unreachable")).install(monkeypatch)
     with pytest.raises(ConfigError, match="could not reach the Hub.*intact"):
-        grpo.main([
-            "--model_name_or_path", tiny_model_path, "--use_peft", "true", "--lora_r", "2", "--num_prompts", "4",
-            "--length_objective", "none", "--num_generations", "2", "--per_device_train_batch_size", "2",
-            "--max_completion_length", "4", "--max_steps", "1", "--use_cpu", "true", "--bf16", "false",
-            "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--output_dir", str(tmp_path),
-            "--push_to_hub", "true", "--hub_model_id", "user/x",
-        ])
+        grpo.main(
+            [
+                "--model_name_or_path",
+                tiny_model_path,
+                "--use_peft",
+                "true",
+                "--lora_r",
+                "2",
+                "--num_prompts",
+                "4",
+                "--length_objective",
+                "none",
+                "--num_generations",
+                "2",
+                "--per_device_train_batch_size",
+                "2",
+                "--max_completion_length",
+                "4",
+                "--max_steps",
+                "1",
+                "--use_cpu",
+                "true",
+                "--bf16",
+                "false",
+                "--report_to",
+                "none",
+                "--save_strategy",
+                "no",
+                "--disable_tqdm",
+                "true",
+                "--output_dir",
+                str(tmp_path),
+                "--push_to_hub",
+                "true",
+                "--hub_model_id",
+                "user/x",
+            ]
+        )
     assert {"adapter_model.safetensors", "README.md", RUN_RECORD} <= {p.name for p in tmp_path.iterdir()}
 
 
@@ -275,5 +372,19 @@ def test_push_refusals(argv, message, grpo_push, tiny_model_path, tmp_path, monk
 
 def test_push_without_hub_model_id_in_a_recipe_is_refused_before_training(tiny_model_path, tmp_path):
     with pytest.raises(ConfigError, match="hub_model_id: push_to_hub needs"):
-        grpo.main(["--model_name_or_path", tiny_model_path, "--length_objective", "none", "--use_cpu", "true",
-                   "--bf16", "false", "--output_dir", str(tmp_path), "--push_to_hub", "true"])
+        grpo.main(
+            [
+                "--model_name_or_path",
+                tiny_model_path,
+                "--length_objective",
+                "none",
+                "--use_cpu",
+                "true",
+                "--bf16",
+                "false",
+                "--output_dir",
+                str(tmp_path),
+                "--push_to_hub",
+                "true",
+            ]
+        )

@@ -3,8 +3,8 @@
 import ast
 
 import pytest
-
 from conftest import ROOT
+
 from lenvm_rl.cli import STAGES
 
 PACKAGES = ("lenvm_rl", "rewards")
@@ -65,21 +65,28 @@ def test_no_import_circles():
 
 
 def test_no_stage_imports_another_and_libraries_import_no_stage():
-    wrong = [f"{a} -> {b}" for a, targets in GRAPH.items() for b in targets
-             if b in STAGE_MODULES and a not in ENTRY_MODULES]
+    wrong = [
+        f"{a} -> {b}" for a, targets in GRAPH.items() for b in targets if b in STAGE_MODULES and a not in ENTRY_MODULES
+    ]
     assert not wrong
 
 
 def test_rewards_is_the_leaf():
-    assert not [f"{a} -> {b}" for a, targets in GRAPH.items() if a.startswith("rewards")
-                for b in targets if b.startswith("lenvm_rl")]
+    assert not [
+        f"{a} -> {b}"
+        for a, targets in GRAPH.items()
+        if a.startswith("rewards")
+        for b in targets
+        if b.startswith("lenvm_rl")
+    ]
 
 
 @pytest.mark.parametrize("name", sorted(PURE_MODULES))
 def test_pure_math_imports_no_trainer_accelerate_or_io(name):
     tree = ast.parse(module_files()[name].read_text())
-    roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-             for alias in node.names}
+    roots = {
+        alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
     roots |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert not roots & {"transformers", "trl", "accelerate", "datasets", "json", "os", "pathlib"}
 

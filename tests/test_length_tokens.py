@@ -18,8 +18,12 @@ def test_residual_statistics_hand_case(tokenizer):
     # second rollout "a" alone: s_0 = -0.5 + 0 - (-0.52) = 0.02, inside the threshold
     values = [torch.tensor([-0.75, -0.2, 9.0]), torch.tensor([-0.52, 0.0])]
     stats = token_residual_stats(values, rows, tokenizer, gamma=0.5, threshold=0.1)
-    assert stats["a"] == pytest.approx({"count": 2, "up": 1, "down": 0, "up_rate": 0.5, "down_rate": 0.0, "mean_residual": 0.085})
-    assert stats["b"] == pytest.approx({"count": 1, "up": 0, "down": 1, "up_rate": 0.0, "down_rate": 1.0, "mean_residual": -0.3})
+    assert stats["a"] == pytest.approx(
+        {"count": 2, "up": 1, "down": 0, "up_rate": 0.5, "down_rate": 0.0, "mean_residual": 0.085}
+    )
+    assert stats["b"] == pytest.approx(
+        {"count": 1, "up": 0, "down": 1, "up_rate": 0.0, "down_rate": 1.0, "mean_residual": -0.3}
+    )
     assert [text for text, _ in ranked(stats, "up", min_count=1, top=5)] == ["a"]
     assert ranked(stats, "down", min_count=2, top=5) == []  # "b" is seen once
 
@@ -35,8 +39,20 @@ def test_stage_writes_table_json_and_plot(rollouts_dir, tokenizer, tmp_path):
     model.save_pretrained(lenvm)
     tokenizer.save_pretrained(lenvm)
     out = tmp_path / "out"
-    result = main(["--lenvm_model_path", str(lenvm), "--rollouts_path", str(rollouts_dir), "--output_dir", str(out),
-                   "--threshold", "0.01", "--min_count", "1"])
+    result = main(
+        [
+            "--lenvm_model_path",
+            str(lenvm),
+            "--rollouts_path",
+            str(rollouts_dir),
+            "--output_dir",
+            str(out),
+            "--threshold",
+            "0.01",
+            "--min_count",
+            "1",
+        ]
+    )
     assert sum(s["count"] for s in result["tokens"].values()) > 0
     assert json.loads((out / "length_tokens.json").read_text())["tokens"] == result["tokens"]
     assert "| token | seen | passes |" in (out / "length_tokens.md").read_text()

@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_llama_config
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_llama_config
-from lenvm_rl.errors import ConfigError
 from lenvm_rl.critic_metrics import collate_states
+from lenvm_rl.errors import ConfigError
 from lenvm_rl.modeling import LenVMConfig, LenVMModel, load_lenvm
 
 GAMMA = 0.9
@@ -33,7 +33,12 @@ def make_records(rows=ROWS, seed=1) -> list[dict]:
         prompt_ids = torch.randint(3, VOCAB, (2 + prompt_id,), generator=generator).tolist()
         completion_ids = torch.randint(3, VOCAB, (length,), generator=generator).tolist()
         records.append(
-            {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "completion_tokens": length, "finished": finished}
+            {
+                "prompt_ids": prompt_ids,
+                "completion_ids": completion_ids,
+                "completion_tokens": length,
+                "finished": finished,
+            }
         )
     return records
 
@@ -184,7 +189,10 @@ def test_head_weights_stay_float32_with_a_bf16_backbone(tmp_path):
     assert reloaded.head.dense.weight.dtype == torch.float32 and reloaded.backbone.dtype == torch.bfloat16
     with torch.no_grad():  # same weights; bf16 kernels may differ in the last bits between two model objects
         torch.testing.assert_close(
-            model(**states_only(make_batch())).length_values, reloaded(**states_only(make_batch())).length_values, atol=1e-5, rtol=0
+            model(**states_only(make_batch())).length_values,
+            reloaded(**states_only(make_batch())).length_values,
+            atol=1e-5,
+            rtol=0,
         )
 
 

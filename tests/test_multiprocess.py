@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import OFFLINE_ENV, ROOT, make_tiny_llama
 from safetensors.torch import load_file
 
-from conftest import OFFLINE_ENV, ROOT, make_tiny_llama
-from lenvm_rl.modeling import LenVMModel
 from lenvm_rl.advantages import length_advantages, lenvm_state_values
+from lenvm_rl.modeling import LenVMModel
 
 CONFIGS = ROOT / "accelerate_configs"
 
@@ -38,8 +38,16 @@ def launch(args: list[str], processes: int, tmp_path: Path, check: bool = True) 
     if processes == 1:
         command = [sys.executable, *args]
     else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu_2proc.yaml"),
-                   "--main_process_port", str(free_port()), *args]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(CONFIGS / "cpu_2proc.yaml"),
+            "--main_process_port",
+            str(free_port()),
+            *args,
+        ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 or not check, done.stdout[-3000:] + done.stderr[-3000:]
     return done
@@ -54,15 +62,28 @@ def test_lenvm_loss_with_two_processes_equals_one(rollouts_dir, tiny_model_path,
     # Exactly one global batch of data (4 finished rollouts of different lengths): whatever order the samplers
     # draw in, the step sees the same rollouts, so the two losses must match if normalisation is global.
     from conftest import write_rollout_shard
+
     from lenvm_rl.rollout_data import load_rollouts
 
     finished = load_rollouts(rollouts_dir).filter(lambda f: f, input_columns="finished")
     assert len(finished) >= 4 and len(set(finished["completion_tokens"][:4])) > 1
     data = write_rollout_shard(tmp_path / "rollouts", finished.select(range(4)).to_list())
     recipe = dict(
-        model_name_or_path=tiny_model_path, rollouts_path=str(data), gamma=0.9, max_steps=1, logging_steps=1,
-        learning_rate=1e-3, save_strategy="steps", save_steps=1, report_to="none", use_cpu=True, bf16=False,
-        eval_strategy="no", eval_rollouts_path=str(data), seed=0, disable_tqdm=True,
+        model_name_or_path=tiny_model_path,
+        rollouts_path=str(data),
+        gamma=0.9,
+        max_steps=1,
+        logging_steps=1,
+        learning_rate=1e-3,
+        save_strategy="steps",
+        save_steps=1,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        eval_strategy="no",
+        eval_rollouts_path=str(data),
+        seed=0,
+        disable_tqdm=True,
     )
     losses = {}
     for processes, per_device in ((1, 4), (2, 2)):  # the same global batch of 4 rollouts
@@ -86,14 +107,35 @@ def test_grpo_ranks_agree_on_the_advantages(update, tiny_model_path, tokenizer, 
     model.save_pretrained(lenvm)
     tokenizer.save_pretrained(lenvm)
     recipe = tmp_path / "grpo.yaml"
-    recipe.write_text(yaml.safe_dump(dict(
-        model_name_or_path=tiny_model_path, num_prompts=8, budgets=[3, 6], budget_kinds=["exact", "at_most"],
-        reward_funcs=["accuracy", "length_score"], lenvm_model_path=str(lenvm), whiten_length_advantage=True,
-        length_advantage_coef=0.5, num_generations=4, per_device_train_batch_size=4, max_completion_length=8,
-        max_steps=2 if update == "live" else 1, use_cpu=True, bf16=False, activation_checkpointing=False,
-        report_to="none", save_strategy="no", disable_tqdm=True, output_dir=str(tmp_path / "out"), seed=0,
-        lenvm_update=update, lenvm_learning_rate=1e-2, lenvm_batch_size=2,
-    )))
+    recipe.write_text(
+        yaml.safe_dump(
+            dict(
+                model_name_or_path=tiny_model_path,
+                num_prompts=8,
+                budgets=[3, 6],
+                budget_kinds=["exact", "at_most"],
+                reward_funcs=["accuracy", "length_score"],
+                lenvm_model_path=str(lenvm),
+                whiten_length_advantage=True,
+                length_advantage_coef=0.5,
+                num_generations=4,
+                per_device_train_batch_size=4,
+                max_completion_length=8,
+                max_steps=2 if update == "live" else 1,
+                use_cpu=True,
+                bf16=False,
+                activation_checkpointing=False,
+                report_to="none",
+                save_strategy="no",
+                disable_tqdm=True,
+                output_dir=str(tmp_path / "out"),
+                seed=0,
+                lenvm_update=update,
+                lenvm_learning_rate=1e-2,
+                lenvm_batch_size=2,
+            )
+        )
+    )
     dumps = tmp_path / "dumps"
     launch([str(ROOT / "tests" / "mp_grpo_probe.py"), str(dumps), "--config", str(recipe)], 2, tmp_path)
     ranks = [torch.load(dumps / f"rank{r}_0.pt") for r in range(2)]
@@ -102,9 +144,16 @@ def test_grpo_ranks_agree_on_the_advantages(update, tiny_model_path, tokenizer, 
     raw = [
         length_advantages(
             lenvm_state_values(d["values_full"], d["prompt_length"], d["completion_mask"], d["finished"]),
-            d["completion_mask"], d["finished"], 0.9, 1.0, "budget", budgets=d["budgets"], kinds=d["kinds"],
+            d["completion_mask"],
+            d["finished"],
+            0.9,
+            1.0,
+            "budget",
+            budgets=d["budgets"],
+            kinds=d["kinds"],
             discount=1.0,
-        ) for d in ranks
+        )
+        for d in ranks
     ]
     masks = [d["completion_mask"].bool() for d in ranks]
     pooled = torch.cat([a[m] for a, m in zip(raw, masks)]).double()
@@ -130,18 +179,40 @@ def test_ppo_trains_with_two_processes(tiny_model_path, tokenizer, tmp_path):
     LenVMModel.from_backbone(make_tiny_llama(tokenizer), gamma=0.9).save_pretrained(lenvm)
     tokenizer.save_pretrained(lenvm)
     recipe = tmp_path / "ppo.yaml"
-    recipe.write_text(yaml.safe_dump(dict(
-        model_name_or_path=tiny_model_path, use_peft=True, lora_r=4, lora_target_modules=["q_proj", "v_proj"],
-        num_prompts=8, budgets=[3, 6], reward_funcs=["accuracy", "length_score"], lenvm_model_path=str(lenvm),
-        num_generations=1, per_device_train_batch_size=4, max_completion_length=8, max_steps=2, use_cpu=True,
-        bf16=False, activation_checkpointing=False, report_to="none", save_strategy="no", disable_tqdm=True,
-        logging_steps=1, output_dir=str(tmp_path / "out"), seed=0,
-    )))
+    recipe.write_text(
+        yaml.safe_dump(
+            dict(
+                model_name_or_path=tiny_model_path,
+                use_peft=True,
+                lora_r=4,
+                lora_target_modules=["q_proj", "v_proj"],
+                num_prompts=8,
+                budgets=[3, 6],
+                reward_funcs=["accuracy", "length_score"],
+                lenvm_model_path=str(lenvm),
+                num_generations=1,
+                per_device_train_batch_size=4,
+                max_completion_length=8,
+                max_steps=2,
+                use_cpu=True,
+                bf16=False,
+                activation_checkpointing=False,
+                report_to="none",
+                save_strategy="no",
+                disable_tqdm=True,
+                logging_steps=1,
+                output_dir=str(tmp_path / "out"),
+                seed=0,
+            )
+        )
+    )
     dumps = tmp_path / "dumps"
     launch([str(ROOT / "tests" / "mp_ppo_probe.py"), str(dumps), "--config", str(recipe)], 2, tmp_path)
     out = tmp_path / "out"
     assert (out / "adapter_model.safetensors").is_file() and (out / "task_value_head" / "model.safetensors").is_file()
-    logged = [row for row in json.loads((out / "trainer_state.json").read_text())["log_history"] if "ppo/value_loss" in row]
+    logged = [
+        row for row in json.loads((out / "trainer_state.json").read_text())["log_history"] if "ppo/value_loss" in row
+    ]
     assert len(logged) == 2 and all(math.isfinite(row["ppo/value_loss"]) for row in logged)
     # The ranks trained on different prompts: identical heads mean the head's gradients were all-reduced.
     heads = [torch.load(dumps / f"rank{r}_head.pt") for r in range(2)]
@@ -182,8 +253,9 @@ def test_cpu_accelerate_configs_parse_as_their_gpu_configs(name):
 
 def test_lenvm_is_prepared_like_trls_reference_model(monkeypatch, tiny_model_path, tokenizer, tmp_path):
     """Under DeepSpeed the LenVM goes through trl.models.prepare_deepspeed, under FSDP through prepare_fsdp."""
-    import lenvm_rl.grpo_trainer as grpo
     from conftest import make_trainer
+
+    import lenvm_rl.grpo_trainer as grpo
     from lenvm_rl.data import DatasetArguments, load_prompts
 
     lenvm = tmp_path / "lenvm"
@@ -192,7 +264,11 @@ def test_lenvm_is_prepared_like_trls_reference_model(monkeypatch, tiny_model_pat
     dataset = load_prompts(DatasetArguments(num_prompts=8, budgets=[3]))
     calls = []
     for backend, attribute in (("deepspeed", "is_deepspeed_enabled"), ("fsdp", "is_fsdp_enabled")):
-        monkeypatch.setattr(grpo, f"prepare_{backend}", lambda model, accelerator, b=backend: calls.append((b, type(model).__name__)) or model)
+        monkeypatch.setattr(
+            grpo,
+            f"prepare_{backend}",
+            lambda model, accelerator, b=backend: calls.append((b, type(model).__name__)) or model,
+        )
         monkeypatch.setattr(grpo.GRPOTrainer, attribute, True, raising=False)
         for other in {"is_deepspeed_enabled", "is_fsdp_enabled"} - {attribute}:
             monkeypatch.setattr(grpo.GRPOTrainer, other, False, raising=False)

@@ -5,6 +5,7 @@ gradient accumulation), the value loss falling on a fixed batch, saving and resu
 import math
 import warnings
 
+import conftest
 import pytest
 import torch
 import yaml
@@ -12,19 +13,19 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import conftest
+from lenvm_rl.advantages import clipped_value_loss, task_advantages
 from lenvm_rl.cli import main as cli_main
 from lenvm_rl.errors import ConfigError
 from lenvm_rl.grpo import LenVMGRPOConfig
 from lenvm_rl.ppo import VALUE_HEAD_FILE, LenVMPPOConfig, LenVMPPOTrainer, main
-from lenvm_rl.advantages import clipped_value_loss, task_advantages
 
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
 
 
 def make_trainer(model_path, tokenizer, dataset, output_dir, peft_config=None, **overrides):
-    return conftest.make_trainer(model_path, tokenizer, dataset, output_dir, peft_config, LenVMPPOTrainer,
-                                 LenVMPPOConfig, **overrides)
+    return conftest.make_trainer(
+        model_path, tokenizer, dataset, output_dir, peft_config, LenVMPPOTrainer, LenVMPPOConfig, **overrides
+    )
 
 
 def generation_batch(trainer, dataset, prompts=2):
@@ -67,8 +68,9 @@ def test_task_advantages_match_loop_reference(gamma, lam, kl_coef):
 def test_task_advantages_hand_example():
     """γ = λ = 1, no KL: A_j = R - V_j and the return is R at every token."""
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
-    advantages, returns = task_advantages(torch.tensor([1.0, 2.0]), torch.tensor([[0.1, 0.2, 0.3], [0.5, 9, 9]]),
-                                          mask, 1.0, 1.0)
+    advantages, returns = task_advantages(
+        torch.tensor([1.0, 2.0]), torch.tensor([[0.1, 0.2, 0.3], [0.5, 9, 9]]), mask, 1.0, 1.0
+    )
     torch.testing.assert_close(advantages, torch.tensor([[0.9, 0.8, 0.7], [1.5, 0.0, 0.0]]))
     torch.testing.assert_close(returns, torch.tensor([[1.0, 1.0, 1.0], [2.0, 0.0, 0.0]]))
 
@@ -98,8 +100,14 @@ def test_lambda_below_one_with_a_cold_critic_favours_short_completions():
 
 def test_lambdas_default_to_one():
     """The actor's and the critic's λ both default to 1 (a cold critic with λ < 1 pushes towards short answers)."""
-    config = LenVMPPOConfig(output_dir="unused", report_to="none", use_cpu=True, num_generations=1,
-                            per_device_train_batch_size=2, length_objective="none")
+    config = LenVMPPOConfig(
+        output_dir="unused",
+        report_to="none",
+        use_cpu=True,
+        num_generations=1,
+        per_device_train_batch_size=2,
+        length_objective="none",
+    )
     assert (config.task_lambda, config.task_value_lambda) == (1.0, 1.0)
 
 
@@ -114,8 +122,16 @@ def test_clipped_value_loss():
 def test_total_advantage_is_whitened_task_gae(tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path):
     """length_objective none: A = whiten(GAE of the raw weighted reward on the old values), on valid tokens only;
     the returns use task_value_lambda (1 by default), not task_lambda."""
-    trainer = make_trainer(tiny_model_path, tokenizer, dataset, tmp_path, lenvm_model_path=lenvm_path,
-                           length_objective="none", task_gamma=0.9, task_lambda=0.8)
+    trainer = make_trainer(
+        tiny_model_path,
+        tokenizer,
+        dataset,
+        tmp_path,
+        lenvm_model_path=lenvm_path,
+        length_objective="none",
+        task_gamma=0.9,
+        task_lambda=0.8,
+    )
     batch = generation_batch(trainer, dataset)
     mask = batch["completion_mask"].bool()
     scores = (trainer.batch_rewards * trainer.reward_weights).nansum(1)  # one process: no slicing
@@ -129,8 +145,15 @@ def test_total_advantage_is_whitened_task_gae(tiny_model_path, tokenizer, datase
 
 def test_budget_objective_adds_the_length_term(tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path):
     """A - whiten(A_task) = c · A_len: the parent's assembly with a zero task advantage."""
-    trainer = make_trainer(tiny_model_path, tokenizer, dataset, tmp_path, lenvm_model_path=lenvm_path,
-                           length_advantage_coef=0.5, whiten_task_advantage=False)
+    trainer = make_trainer(
+        tiny_model_path,
+        tokenizer,
+        dataset,
+        tmp_path,
+        lenvm_model_path=lenvm_path,
+        length_advantage_coef=0.5,
+        whiten_task_advantage=False,
+    )
     batch = generation_batch(trainer, dataset)
     mask = batch["completion_mask"].bool()
     scores = (trainer.batch_rewards * trainer.reward_weights).nansum(1)
@@ -172,8 +195,12 @@ def test_trains(case, tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path)
     assert len(logs) == 2 and all(math.isfinite(row["loss"]) for row in logs)
     for name in ("ppo/value_loss", "ppo/value_clipfrac", "clip_ratio/region_mean"):  # every optimizer step
         assert all(math.isfinite(row[name]) for row in logs), name
-    per_generation = ["ppo/explained_variance", "length/mean_abs_advantage", "length/budget_hit_rate",
-                      "rewards/accuracy/mean"] + ["ppo/kl"] * ("kl_coef" in CASES[case])
+    per_generation = [
+        "ppo/explained_variance",
+        "length/mean_abs_advantage",
+        "length/budget_hit_rate",
+        "rewards/accuracy/mean",
+    ] + ["ppo/kl"] * ("kl_coef" in CASES[case])
     for name in per_generation:  # logged with each generation batch (once for num_iterations 2)
         values = [row[name] for row in logs if name in row]
         assert values and all(math.isfinite(value) for value in values), name
@@ -185,8 +212,17 @@ def test_trains(case, tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path)
 
 def test_value_loss_falls_on_a_fixed_batch(tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path):
     # A wide value clip: the clip is a trust region around V_old, and this test is about the fit.
-    trainer = make_trainer(tiny_model_path, tokenizer, dataset, tmp_path, lenvm_model_path=lenvm_path,
-                           learning_rate=1e-5, value_head_learning_rate=3e-3, cliprange_value=100.0, vf_coef=1.0)
+    trainer = make_trainer(
+        tiny_model_path,
+        tokenizer,
+        dataset,
+        tmp_path,
+        lenvm_model_path=lenvm_path,
+        learning_rate=1e-5,
+        value_head_learning_rate=3e-3,
+        cliprange_value=100.0,
+        vf_coef=1.0,
+    )
     batch = generation_batch(trainer, dataset)
     optimizer = trainer.create_optimizer()
     assert optimizer.param_groups[-1]["lr"] == 3e-3 and len(optimizer.param_groups[-1]["params"]) == 4
@@ -201,25 +237,49 @@ def test_value_loss_falls_on_a_fixed_batch(tiny_model_path, tokenizer, dataset, 
 
 def test_main_saves_the_head_and_resume_loads_it(tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(dict(
-        model_name_or_path=tiny_model_path, use_peft=True, lora_r=4, lora_target_modules=["q_proj", "v_proj"],
-        num_prompts=8, budgets=[3, 6], reward_funcs=["accuracy", "length_score"], lenvm_model_path=lenvm_path,
-        num_generations=1, per_device_train_batch_size=4, max_completion_length=8, max_steps=1, use_cpu=True,
-        bf16=False, activation_checkpointing=False, report_to="none", save_strategy="steps", save_steps=1,
-        disable_tqdm=True, output_dir=str(tmp_path / "out"),
-    )))
+    recipe.write_text(
+        yaml.safe_dump(
+            dict(
+                model_name_or_path=tiny_model_path,
+                use_peft=True,
+                lora_r=4,
+                lora_target_modules=["q_proj", "v_proj"],
+                num_prompts=8,
+                budgets=[3, 6],
+                reward_funcs=["accuracy", "length_score"],
+                lenvm_model_path=lenvm_path,
+                num_generations=1,
+                per_device_train_batch_size=4,
+                max_completion_length=8,
+                max_steps=1,
+                use_cpu=True,
+                bf16=False,
+                activation_checkpointing=False,
+                report_to="none",
+                save_strategy="steps",
+                save_steps=1,
+                disable_tqdm=True,
+                output_dir=str(tmp_path / "out"),
+            )
+        )
+    )
     main(["--config", str(recipe)])
     out = tmp_path / "out"
     saved = {str(path.relative_to(out)) for path in out.rglob("*")}
     assert {"adapter_model.safetensors", VALUE_HEAD_FILE, "lenvm_rl_run.json"} <= saved
-    assert not [name for name in saved if name.endswith(".safetensors") and "/" not in name and name != "adapter_model.safetensors"]
+    assert not [
+        name
+        for name in saved
+        if name.endswith(".safetensors") and "/" not in name and name != "adapter_model.safetensors"
+    ]
     head = load_file(out / VALUE_HEAD_FILE)
     assert head["out.weight"].abs().sum() > 0  # trained away from its zero init
     checkpoint = out / "checkpoint-1"
     assert (checkpoint / VALUE_HEAD_FILE).is_file()
 
-    trainer = make_trainer(tiny_model_path, tokenizer, dataset, tmp_path / "resumed", peft_config=LORA,
-                           lenvm_model_path=lenvm_path)
+    trainer = make_trainer(
+        tiny_model_path, tokenizer, dataset, tmp_path / "resumed", peft_config=LORA, lenvm_model_path=lenvm_path
+    )
     trainer._load_from_checkpoint(str(checkpoint))
     for name, tensor in load_file(checkpoint / VALUE_HEAD_FILE).items():
         torch.testing.assert_close(trainer.task_value_head.state_dict()[name], tensor)
@@ -230,8 +290,14 @@ def test_main_saves_the_head_and_resume_loads_it(tiny_model_path, tokenizer, dat
 
 def test_unknown_recipe_field_fails_clearly(tiny_model_path, tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
-    fields = dict(model_name_or_path=tiny_model_path, length_objective="none", vf_coeff=0.5, use_cpu=True, bf16=False,
-                  output_dir=str(tmp_path))  # valid but for the misspelt vf_coef: TRL checks the others first
+    fields = dict(
+        model_name_or_path=tiny_model_path,
+        length_objective="none",
+        vf_coeff=0.5,
+        use_cpu=True,
+        bf16=False,
+        output_dir=str(tmp_path),
+    )  # valid but for the misspelt vf_coef: TRL checks the others first
     recipe.write_text(yaml.safe_dump(fields))
     with pytest.raises(SystemExit) as exit_info, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TRL's FutureWarnings are not the program's message
@@ -266,7 +332,9 @@ def test_one_generation_is_ppo_only(tmp_path):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_vllm_weight_sync_gets_the_policy_without_the_task_head(lora, tiny_model_path, tokenizer, dataset, tmp_path, lenvm_path):
+def test_vllm_weight_sync_gets_the_policy_without_the_task_head(
+    lora, tiny_model_path, tokenizer, dataset, tmp_path, lenvm_path
+):
     """TRL's own parameter walk of its vLLM weight sync (``VLLMGeneration._iter_named_params``), on this trainer's
     policy: what reaches vLLM's ``load_weights`` is exactly the plain causal LM's parameter names, no head."""
     import types
@@ -274,8 +342,12 @@ def test_vllm_weight_sync_gets_the_policy_without_the_task_head(lora, tiny_model
 
     from trl.generation.vllm_generation import VLLMGeneration
 
-    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM") if lora else None
-    trainer = make_trainer(tiny_model_path, tokenizer, dataset, tmp_path, peft_config=peft_config, lenvm_model_path=lenvm_path)
+    peft_config = (
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM") if lora else None
+    )
+    trainer = make_trainer(
+        tiny_model_path, tokenizer, dataset, tmp_path, peft_config=peft_config, lenvm_model_path=lenvm_path
+    )
     generation = types.SimpleNamespace(
         model=trainer.model, _dist=types.SimpleNamespace(is_fsdp=False, gather_params=lambda params: nullcontext())
     )

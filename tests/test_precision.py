@@ -27,7 +27,9 @@ def cpu_with(monkeypatch):
     auto_precision.cache_clear()
 
 
-@pytest.mark.parametrize(("flags", "dtype"), [(AVX2_CPU, "float32"), (AVX512_BF16_CPU, "bfloat16"), (AMX_CPU, "bfloat16")])
+@pytest.mark.parametrize(
+    ("flags", "dtype"), [(AVX2_CPU, "float32"), (AVX512_BF16_CPU, "bfloat16"), (AMX_CPU, "bfloat16")]
+)
 def test_cpu_flags_decide(flags, dtype):
     chosen, reason = cpu_precision(flags)
     assert chosen == dtype
@@ -84,8 +86,8 @@ def test_explicit_bf16_values_win_and_bad_ones_name_the_field(cpu_with):
 
 @pytest.mark.parametrize(("flags", "bf16"), [(AVX2_CPU, False), (AVX512_BF16_CPU, True)])
 def test_configs_record_the_resolved_bf16(cpu_with, flags, bf16, tmp_path):
-    from lenvm_rl.recipe import parse_recipe
     from lenvm_rl.grpo import LenVMGRPOConfig
+    from lenvm_rl.recipe import parse_recipe
     from lenvm_rl.train_lenvm import LenVMTrainingConfig
 
     cpu_with(flags)
@@ -97,13 +99,16 @@ def test_configs_record_the_resolved_bf16(cpu_with, flags, bf16, tmp_path):
     recipe.write_text("bf16: auto\nuse_cpu: true\nreport_to: none\n")
     (parsed,) = parse_recipe((LenVMTrainingConfig,), ["--config", str(recipe), "--output_dir", str(tmp_path)])
     assert parsed.bf16 is bf16
-    (forced,) = parse_recipe((LenVMTrainingConfig,), ["--config", str(recipe), "--output_dir", str(tmp_path), "--bf16", "false"])
+    (forced,) = parse_recipe(
+        (LenVMTrainingConfig,), ["--config", str(recipe), "--output_dir", str(tmp_path), "--bf16", "false"]
+    )
     assert forced.bf16 is False
 
 
 @pytest.mark.parametrize(("flags", "dtype"), [(AVX2_CPU, "float32"), (AVX512_BF16_CPU, "bfloat16")])
 def test_rollout_manifest_records_what_auto_became(cpu_with, flags, dtype, tiny_model_path, tmp_path):
     from conftest import rollout_args
+
     from lenvm_rl.rollout import run_rollouts
     from lenvm_rl.rollout_data import MANIFEST
 

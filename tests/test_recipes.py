@@ -5,22 +5,28 @@ from pathlib import Path
 import pytest
 from trl import ModelConfig
 
-from lenvm_rl.recipe import parse_recipe
 from lenvm_rl.errors import ConfigError
 from lenvm_rl.evaluate import EvaluateArguments
 from lenvm_rl.grpo import LenVMGRPOConfig
-from lenvm_rl.train_policy import GRPOScriptArguments
-from lenvm_rl.train_lenvm import LenVMScriptArguments, LenVMTrainingConfig
 from lenvm_rl.ppo import LenVMPPOConfig
+from lenvm_rl.recipe import parse_recipe
 from lenvm_rl.rollout import RolloutArguments
+from lenvm_rl.train_lenvm import LenVMScriptArguments, LenVMTrainingConfig
+from lenvm_rl.train_policy import GRPOScriptArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {
     "rollout": ((RolloutArguments, ModelConfig), ["--use_vllm", "false"]),  # vLLM is GPU-only
     "lenvm": ((LenVMScriptArguments, LenVMTrainingConfig, ModelConfig), ["--report_to", "none", "--bf16", "false"]),
     "evaluate": ((EvaluateArguments,), []),
-    "grpo": ((GRPOScriptArguments, LenVMGRPOConfig, ModelConfig), ["--report_to", "none", "--bf16", "false", "--use_vllm", "false"]),
-    "ppo": ((GRPOScriptArguments, LenVMPPOConfig, ModelConfig), ["--report_to", "none", "--bf16", "false", "--use_vllm", "false"]),
+    "grpo": (
+        (GRPOScriptArguments, LenVMGRPOConfig, ModelConfig),
+        ["--report_to", "none", "--bf16", "false", "--use_vllm", "false"],
+    ),
+    "ppo": (
+        (GRPOScriptArguments, LenVMPPOConfig, ModelConfig),
+        ["--report_to", "none", "--bf16", "false", "--use_vllm", "false"],
+    ),
 }
 RECIPES = sorted(ROOT.glob("recipes/*/*/config_*.yaml"))
 

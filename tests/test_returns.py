@@ -17,7 +17,7 @@ from lenvm_rl.returns import (
     value_from_remaining,
     value_targets,
 )
-from rewards.scores import budget_hit, budget_kind_codes, BUDGET_KINDS, l1_length_score, lifebench_length_score
+from rewards.scores import BUDGET_KINDS, budget_hit, budget_kind_codes, l1_length_score, lifebench_length_score
 
 NAN = float("nan")
 
@@ -85,8 +85,22 @@ def ref_expected_score(value, gamma, start, cap, budget, kind, score):
     return total + (1 - p) ** cap * score(start + cap, budget, kind)
 
 
-def ref_length_advantages(values, num_actions, finished, gamma, lam, mode, budget, kind, score, discount,
-                          eos_credit=False, potential="point", max_tokens=None, anchor=None):
+def ref_length_advantages(
+    values,
+    num_actions,
+    finished,
+    gamma,
+    lam,
+    mode,
+    budget,
+    kind,
+    score,
+    discount,
+    eos_credit=False,
+    potential="point",
+    max_tokens=None,
+    anchor=None,
+):
     """One row. Actions j = 0 .. num_actions - 1; a finished row's last action is EOS (s_L -> terminal)."""
     d = gamma if discount is None else discount
     length = num_actions - 1 if finished else num_actions
@@ -97,8 +111,10 @@ def ref_length_advantages(values, num_actions, finished, gamma, lam, mode, budge
         if potential == "point":
             phi = [score(j + math.log(1 + v[j]) / math.log(gamma), budget, kind) for j in range(length + 1)]
         else:
-            phi = [ref_expected_score(v[j], gamma, j, max(max_tokens - j, 0), budget, kind, score)
-                   for j in range(length + 1)]
+            phi = [
+                ref_expected_score(v[j], gamma, j, max(max_tokens - j, 0), budget, kind, score)
+                for j in range(length + 1)
+            ]
         if anchor is not None:
             phi = [p - phi[0] + anchor for p in phi]
         if finished:
@@ -130,7 +146,9 @@ def random_rl_batch(seed, batch_size=8, num_tokens=10, eos_values=False):
         length = int(num_actions[b]) - int(finished[b])
         values[b, length + (0 if finished[b] else 1) :] = NAN  # finished: V(s_L) := 0; truncated: V(s_L) bootstraps
         if finished[b]:
-            values[b, length] = -(0.02 + 0.93 * torch.rand(1, generator=g, dtype=torch.float64)).item() if eos_values else NAN
+            values[b, length] = (
+                -(0.02 + 0.93 * torch.rand(1, generator=g, dtype=torch.float64)).item() if eos_values else NAN
+            )
     budgets = torch.randint(1, 2 * num_tokens, (batch_size,), generator=g)
     kinds = torch.randint(0, 3, (batch_size,), generator=g)
     return values, mask, finished, num_actions, budgets, kinds
@@ -225,8 +243,9 @@ def test_value_targets_against_loop(dtype):
     bootstrap = -torch.rand(9, generator=g, dtype=torch.float64).to(dtype)
     for boot in (None, bootstrap):
         targets, mask = value_targets(lengths, finished, 10, 0.9, boot)
-        ref_t, ref_m = ref_value_targets(lengths.tolist(), finished.tolist(), 10, 0.9,
-                                         None if boot is None else boot.double().tolist())
+        ref_t, ref_m = ref_value_targets(
+            lengths.tolist(), finished.tolist(), 10, 0.9, None if boot is None else boot.double().tolist()
+        )
         assert mask.tolist() == ref_m
         assert torch.allclose(targets, torch.tensor(ref_t, dtype=torch.float32), atol=1e-6)
 
@@ -267,8 +286,10 @@ def test_masked_gae_lambda_one_gamma_one_is_reward_to_go_minus_value():
     mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
     advantages, returns = masked_gae(rewards, values, mask, 1.0, 1.0)
     # row 0: bootstrap values[0, 3] = 7; row 1: bootstrap values[1, 4] = 10
-    assert advantages.tolist() == [[6 + 7 - 0.5, 5 + 7 - 0.25, 3 + 7 - 2.0, 0.0],
-                                   [14 - 1.0, 13 - 2.0, 12 - 3.0, 11 - 4.0]]
+    assert advantages.tolist() == [
+        [6 + 7 - 0.5, 5 + 7 - 0.25, 3 + 7 - 2.0, 0.0],
+        [14 - 1.0, 13 - 2.0, 12 - 3.0, 11 - 4.0],
+    ]
     assert returns.tolist() == [[13.0, 12.0, 10.0, 0.0], [14.0, 13.0, 12.0, 11.0]]
 
 
@@ -277,8 +298,10 @@ def test_td_residuals_against_loop(dtype):
     _, values, mask = random_gae_batch(3, dtype)
     out = td_residuals(values, mask, 0.9)
     v = values.double().tolist()
-    ref = [[-(1 - 0.9) + 0.9 * v[b][t + 1] - v[b][t] if mask[b, t] else 0.0 for t in range(mask.shape[1])]
-           for b in range(mask.shape[0])]
+    ref = [
+        [-(1 - 0.9) + 0.9 * v[b][t + 1] - v[b][t] if mask[b, t] else 0.0 for t in range(mask.shape[1])]
+        for b in range(mask.shape[0])
+    ]
     assert torch.allclose(out.double(), torch.tensor(ref, dtype=torch.float64), atol=1e-5)
     # A perfect LenVM has zero residuals: V_t = -(1 - γ^(L - t)).
     perfect = value_from_remaining(torch.arange(5, -1, -1), 0.9)[None]  # (1, 6), L = 5
@@ -355,10 +378,21 @@ def test_length_advantages_against_loop(mode, gamma, lam, discount):
         assert out.shape == mask.shape and torch.isfinite(out).all()
         assert (out[~mask] == 0).all()
         for b in range(len(values)):
-            ref = ref_length_advantages(values[b].tolist(), int(num_actions[b]), bool(finished[b]), gamma, lam, mode,
-                                        int(budgets[b]), BUDGET_KINDS[kinds[b]], ref_score, discount)
-            assert torch.allclose(out[b, : int(num_actions[b])].double(), torch.tensor(ref, dtype=torch.float64),
-                                  atol=1e-5), (mode, score, b)
+            ref = ref_length_advantages(
+                values[b].tolist(),
+                int(num_actions[b]),
+                bool(finished[b]),
+                gamma,
+                lam,
+                mode,
+                int(budgets[b]),
+                BUDGET_KINDS[kinds[b]],
+                ref_score,
+                discount,
+            )
+            assert torch.allclose(
+                out[b, : int(num_actions[b])].double(), torch.tensor(ref, dtype=torch.float64), atol=1e-5
+            ), (mode, score, b)
 
 
 def test_length_advantages_bf16_values():
@@ -383,8 +417,9 @@ def test_budget_mode_telescopes_with_lambda_one_and_no_discount():
         phi = [ref_lifebench(total, budget, kind) for total in predicted]
         final = ref_lifebench(length if finished[b] else predicted[length], budget, kind)
         expected = [final - p for p in phi[:length]] + ([0.0] if finished[b] else [])
-        assert torch.allclose(out[b, : int(num_actions[b])].double(), torch.tensor(expected, dtype=torch.float64),
-                              atol=1e-6)
+        assert torch.allclose(
+            out[b, : int(num_actions[b])].double(), torch.tensor(expected, dtype=torch.float64), atol=1e-6
+        )
 
 
 def test_efficiency_mode_with_lambda_one_is_realised_return_minus_value():
@@ -405,8 +440,12 @@ def test_shaping_mode_sums_to_minus_initial_value_without_discount():
 
 def test_length_advantages_hand_case_one_finished_one_truncated():
     """γ = 0.5, P = 2, T = 4. Row 0: L = 2 then EOS. Row 1: truncated at T = 4."""
-    values_full = torch.tensor([[9.0, -0.5, -0.25, 0.9, 0.7, 0.3],  # 0.9 .. 0.3: V(s_2) and beyond, overwritten
-                                [9.0, -0.5, -0.5, -0.5, -0.5, -0.5]])
+    values_full = torch.tensor(
+        [
+            [9.0, -0.5, -0.25, 0.9, 0.7, 0.3],  # 0.9 .. 0.3: V(s_2) and beyond, overwritten
+            [9.0, -0.5, -0.5, -0.5, -0.5, -0.5],
+        ]
+    )
     mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
     finished = torch.tensor([True, False])
     values = lenvm_state_values(values_full, 2, mask, finished)
@@ -443,13 +482,27 @@ def test_length_advantages_rejects_bad_arguments():
 def test_eos_credit_against_loop(mode, lam, discount):
     gamma = 0.9
     values, mask, finished, num_actions, budgets, kinds = random_rl_batch(11, eos_values=True)
-    out = length_advantages(values, mask, finished, gamma, lam, mode, budgets, kinds, discount=discount, eos_credit=True)
+    out = length_advantages(
+        values, mask, finished, gamma, lam, mode, budgets, kinds, discount=discount, eos_credit=True
+    )
     assert torch.isfinite(out).all() and (out[~mask] == 0).all()
     for b in range(len(values)):
-        ref = ref_length_advantages(values[b].tolist(), int(num_actions[b]), bool(finished[b]), gamma, lam, mode,
-                                    int(budgets[b]), BUDGET_KINDS[kinds[b]], ref_lifebench, discount, eos_credit=True)
-        assert torch.allclose(out[b, : int(num_actions[b])].double(), torch.tensor(ref, dtype=torch.float64),
-                              atol=1e-5), (mode, b)
+        ref = ref_length_advantages(
+            values[b].tolist(),
+            int(num_actions[b]),
+            bool(finished[b]),
+            gamma,
+            lam,
+            mode,
+            int(budgets[b]),
+            BUDGET_KINDS[kinds[b]],
+            ref_lifebench,
+            discount,
+            eos_credit=True,
+        )
+        assert torch.allclose(
+            out[b, : int(num_actions[b])].double(), torch.tensor(ref, dtype=torch.float64), atol=1e-5
+        ), (mode, b)
 
 
 def test_eos_credit_hand_case_only_the_stop_differs():
@@ -463,7 +516,9 @@ def test_eos_credit_hand_case_only_the_stop_differs():
     finished = torch.tensor([True, True])
     budgets, kinds = torch.tensor([3, 3]), budget_kind_codes(["exact", "exact"])
     plain = length_advantages(values, mask, finished, 0.5, 1.0, "budget", budgets, kinds, discount=1.0)
-    credit = length_advantages(values, mask, finished, 0.5, 1.0, "budget", budgets, kinds, discount=1.0, eos_credit=True)
+    credit = length_advantages(
+        values, mask, finished, 0.5, 1.0, "budget", budgets, kinds, discount=1.0, eos_credit=True
+    )
     assert plain[0, 2] == 0.0 and plain[1, 3] == 0.0  # the stop decision carries nothing
     assert math.isclose(credit[0, 2], math.exp(-5 / 3) - 1, abs_tol=1e-6)
     assert math.isclose(credit[1, 2], 0.0, abs_tol=1e-6)
@@ -475,15 +530,38 @@ def test_eos_credit_hand_case_only_the_stop_differs():
 def test_expected_score_potential_against_loop(lam):
     gamma, max_tokens = 0.8, 12
     values, mask, finished, num_actions, budgets, kinds = random_rl_batch(12)
-    out = length_advantages(values, mask, finished, gamma, lam, "budget", budgets, kinds, discount=1.0,
-                            potential="expected", max_completion_tokens=max_tokens)
+    out = length_advantages(
+        values,
+        mask,
+        finished,
+        gamma,
+        lam,
+        "budget",
+        budgets,
+        kinds,
+        discount=1.0,
+        potential="expected",
+        max_completion_tokens=max_tokens,
+    )
     assert torch.isfinite(out).all() and (out[~mask] == 0).all()
     for b in range(len(values)):
-        ref = ref_length_advantages(values[b].tolist(), int(num_actions[b]), bool(finished[b]), gamma, lam, "budget",
-                                    int(budgets[b]), BUDGET_KINDS[kinds[b]], ref_lifebench, 1.0,
-                                    potential="expected", max_tokens=max_tokens)
-        assert torch.allclose(out[b, : int(num_actions[b])].double(), torch.tensor(ref, dtype=torch.float64),
-                              atol=1e-5), b
+        ref = ref_length_advantages(
+            values[b].tolist(),
+            int(num_actions[b]),
+            bool(finished[b]),
+            gamma,
+            lam,
+            "budget",
+            int(budgets[b]),
+            BUDGET_KINDS[kinds[b]],
+            ref_lifebench,
+            1.0,
+            potential="expected",
+            max_tokens=max_tokens,
+        )
+        assert torch.allclose(
+            out[b, : int(num_actions[b])].double(), torch.tensor(ref, dtype=torch.float64), atol=1e-5
+        ), b
 
 
 def test_expected_length_score_hand_cases():
@@ -503,8 +581,15 @@ def test_expected_hit_probability_hand_case():
     """A callable score: budget_hit gives P(hit). Same law as above (P(0) = 1/3, P(1) = 2/9, P(2) = 4/9), 1 token
     already written: at most 2 tokens is hit by n <= 1 (5/9); at least 3 by n = 2 (4/9)."""
     kinds = budget_kind_codes(["at_most", "at_least"])[:, None]
-    out = expected_length_score(torch.tensor([[-0.5], [-0.5]]), 0.5, torch.tensor([[2], [2]]),
-                                torch.tensor([[2], [3]]), kinds, score=budget_hit, start=1)
+    out = expected_length_score(
+        torch.tensor([[-0.5], [-0.5]]),
+        0.5,
+        torch.tensor([[2], [2]]),
+        torch.tensor([[2], [3]]),
+        kinds,
+        score=budget_hit,
+        start=1,
+    )
     assert torch.allclose(out, torch.tensor([[5 / 9], [4 / 9]], dtype=torch.float64))
 
 
@@ -514,14 +599,39 @@ def test_group_anchored_potentials_against_loop(lam):
     values, mask, finished, num_actions, budgets, kinds = random_rl_batch(13)
     anchors = torch.rand(len(values), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     for potential in ("point", "expected"):
-        out = length_advantages(values, mask, finished, gamma, lam, "budget", budgets, kinds, discount=1.0,
-                                potential=potential, max_completion_tokens=12, anchors=anchors)
+        out = length_advantages(
+            values,
+            mask,
+            finished,
+            gamma,
+            lam,
+            "budget",
+            budgets,
+            kinds,
+            discount=1.0,
+            potential=potential,
+            max_completion_tokens=12,
+            anchors=anchors,
+        )
         for b in range(len(values)):
-            ref = ref_length_advantages(values[b].tolist(), int(num_actions[b]), bool(finished[b]), gamma, lam,
-                                        "budget", int(budgets[b]), BUDGET_KINDS[kinds[b]], ref_lifebench, 1.0,
-                                        potential=potential, max_tokens=12, anchor=float(anchors[b]))
-            assert torch.allclose(out[b, : int(num_actions[b])].double(), torch.tensor(ref, dtype=torch.float64),
-                                  atol=1e-5), (potential, b)
+            ref = ref_length_advantages(
+                values[b].tolist(),
+                int(num_actions[b]),
+                bool(finished[b]),
+                gamma,
+                lam,
+                "budget",
+                int(budgets[b]),
+                BUDGET_KINDS[kinds[b]],
+                ref_lifebench,
+                1.0,
+                potential=potential,
+                max_tokens=12,
+                anchor=float(anchors[b]),
+            )
+            assert torch.allclose(
+                out[b, : int(num_actions[b])].double(), torch.tensor(ref, dtype=torch.float64), atol=1e-5
+            ), (potential, b)
 
 
 def test_group_anchored_hand_case():

@@ -37,8 +37,12 @@ def make(name, **params):
 def call(reward, lengths, **columns):
     """Call ``reward`` on plain completions of the given token lengths."""
     n = len(lengths)
-    return reward(prompts=["p"] * n, completions=columns.pop("completions", [""] * n),
-                  completion_ids=[[5] * length for length in lengths], **columns)
+    return reward(
+        prompts=["p"] * n,
+        completions=columns.pop("completions", [""] * n),
+        completion_ids=[[5] * length for length in lengths],
+        **columns,
+    )
 
 
 @pytest.mark.parametrize("module", [rewards, rewards.correctness, rewards.format, rewards.length])
@@ -47,6 +51,7 @@ def test_docstring_examples(module):
 
 
 # --- the answer checker -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "completion, answer, correct",
@@ -83,8 +88,14 @@ def test_is_correct(completion, answer, correct):
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("#### 1,080", "1080"), ("pay $-4.50.", "-4.50"), ("12,13", "13"), ("\\boxed{x + 1}", "x + 1"), ("none", None),
-     ("", None)],
+    [
+        ("#### 1,080", "1080"),
+        ("pay $-4.50.", "-4.50"),
+        ("12,13", "13"),
+        ("\\boxed{x + 1}", "x + 1"),
+        ("none", None),
+        ("", None),
+    ],
 )
 def test_extract_final_answer(text, expected):
     assert extract_final_answer(text) == expected
@@ -107,32 +118,60 @@ def test_accuracy_needs_the_answer_column():
 
 # --- length rewards: L = 0, L = N, very large L ---------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "name, params, lengths, columns, expected",
     [
-        ("length_score", {}, [0, 16, 100_000], {"budget_tokens": [16] * 3, "budget_kind": ["exact"] * 3},
-         [math.exp(-5), 1.0, 0.0]),
-        ("length_score", {}, [0, 16, 32], {"budget_tokens": [16] * 3, "budget_kind": ["at_most"] * 3},
-         [1.0, 1.0, math.exp(-2)]),
-        ("length_score", {}, [0, 16, 32], {"budget_tokens": [16] * 3, "budget_kind": ["at_least"] * 3},
-         [math.exp(-5), 1.0, 1.0]),
+        (
+            "length_score",
+            {},
+            [0, 16, 100_000],
+            {"budget_tokens": [16] * 3, "budget_kind": ["exact"] * 3},
+            [math.exp(-5), 1.0, 0.0],
+        ),
+        (
+            "length_score",
+            {},
+            [0, 16, 32],
+            {"budget_tokens": [16] * 3, "budget_kind": ["at_most"] * 3},
+            [1.0, 1.0, math.exp(-2)],
+        ),
+        (
+            "length_score",
+            {},
+            [0, 16, 32],
+            {"budget_tokens": [16] * 3, "budget_kind": ["at_least"] * 3},
+            [math.exp(-5), 1.0, 1.0],
+        ),
         ("l1_exact", {}, [0, 100, 100_000], {"budget_tokens": [100] * 3}, [-0.03, 0.0, -29.97]),
         ("l1_exact", {}, [0], {"budget_tokens": [100], "budget_kind": ["at_most"]}, [-0.03]),  # kind ignored
         ("l1_max", {}, [0, 100, 100_000], {"budget_tokens": [100] * 3}, [0.53, 0.5, 0.0]),
         ("l1_max", {"alpha": 0.01}, [0, 50, 150], {"budget_tokens": [100] * 3}, [1.0, 1.0, 0.0]),
         ("soft_overlong", {}, [0, 80, 90, 100, 100_000], {}, [0.0, 0.0, -0.5, -1.0, -1.0]),
-        ("cosine_length", {}, [0, 50, 100, 100_000], {"answer": ["4"] * 4, "completions": ["#### 4"] * 4},
-         [1.0, 0.75, 0.5, 0.5]),
-        ("cosine_length", {}, [0, 50, 100, 100_000], {"answer": ["4"] * 4, "completions": ["#### 5"] * 4},
-         [-1.0, -0.75, -0.5, -0.5]),
+        (
+            "cosine_length",
+            {},
+            [0, 50, 100, 100_000],
+            {"answer": ["4"] * 4, "completions": ["#### 4"] * 4},
+            [1.0, 0.75, 0.5, 0.5],
+        ),
+        (
+            "cosine_length",
+            {},
+            [0, 50, 100, 100_000],
+            {"answer": ["4"] * 4, "completions": ["#### 5"] * 4},
+            [-1.0, -0.75, -0.5, -0.5],
+        ),
     ],
 )
 def test_length_rewards(name, params, lengths, columns, expected):
     assert call(make(name, **params), lengths, **columns) == pytest.approx(expected, abs=1e-6)
 
 
-@pytest.mark.parametrize("eos_token_id, ids, length", [(2, [5, 5, 2], 2), (2, [2], 0), (2, [], 0), (2, [5, 2, 5], 3),
-                                                       ([2, 3], [5, 3], 1), (None, [5, 5, 2], 3)])
+@pytest.mark.parametrize(
+    "eos_token_id, ids, length",
+    [(2, [5, 5, 2], 2), (2, [2], 0), (2, [], 0), (2, [5, 2, 5], 3), ([2, 3], [5, 3], 1), (None, [5, 5, 2], 3)],
+)
 def test_trailing_eos_is_not_counted(eos_token_id, ids, length):
     reward = make("l1_exact", alpha=1.0, eos_token_id=eos_token_id)
     assert reward(prompts=["p"], completions=[""], completion_ids=[ids], budget_tokens=[100]) == [length - 100]
@@ -149,15 +188,22 @@ def test_length_score_needs_budget_kind():
         call(make("length_score"), [3], budget_tokens=[8])
 
 
-@pytest.mark.parametrize("columns, field", [({"budget_tokens": [8], "budget_kind": ["roughly"]}, "budget_kind"),
-                                            ({"budget_tokens": [0], "budget_kind": ["exact"]}, "budget_tokens")])
+@pytest.mark.parametrize(
+    "columns, field",
+    [
+        ({"budget_tokens": [8], "budget_kind": ["roughly"]}, "budget_kind"),
+        ({"budget_tokens": [0], "budget_kind": ["exact"]}, "budget_tokens"),
+    ],
+)
 def test_bad_budget_values(columns, field):
     with pytest.raises(ValueError, match=field):
         call(make("length_score"), [3], **columns)
 
 
-@pytest.mark.parametrize("params", [{"max_completion_tokens": 100, "soft_cache_tokens": 0},
-                                    {"max_completion_tokens": 10, "soft_cache_tokens": 20}])
+@pytest.mark.parametrize(
+    "params",
+    [{"max_completion_tokens": 100, "soft_cache_tokens": 0}, {"max_completion_tokens": 10, "soft_cache_tokens": 20}],
+)
 def test_soft_overlong_validates_cache(params):
     with pytest.raises(ValueError, match="soft_cache_tokens"):
         get_reward("soft_overlong", **params)
@@ -165,16 +211,27 @@ def test_soft_overlong_validates_cache(params):
 
 # --- format -------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "completion, score",
-    [("7 * 6 = 42\n#### 42", 1.0), ("#### -1,000.", 1.0), ("  #### $12\nbye", 1.0), ("\\boxed{\\frac{1}{2}}", 1.0),
-     ("", 0.0), ("42", 0.0), ("#### forty-two", 0.0), ("the #### 42 inline", 0.0), ("\\boxed{ }", 0.0)],
+    [
+        ("7 * 6 = 42\n#### 42", 1.0),
+        ("#### -1,000.", 1.0),
+        ("  #### $12\nbye", 1.0),
+        ("\\boxed{\\frac{1}{2}}", 1.0),
+        ("", 0.0),
+        ("42", 0.0),
+        ("#### forty-two", 0.0),
+        ("the #### 42 inline", 0.0),
+        ("\\boxed{ }", 0.0),
+    ],
 )
 def test_answer_format(completion, score):
     assert call(make("answer_format"), [1], completions=[completion]) == [score]
 
 
 # --- the contract, for every registered reward --------------------------------------------------
+
 
 @pytest.mark.parametrize("name", REWARDS)
 def test_contract(name):
@@ -193,6 +250,7 @@ def test_accuracy_on_the_batch():
 
 
 # --- registry -----------------------------------------------------------------------------------
+
 
 def test_get_reward_by_path():
     reward = get_reward("rewards.length:L1Max", alpha=0.01)

@@ -5,9 +5,9 @@ import json
 import shutil
 
 import pytest
+from conftest import rollout_args
 
 import lenvm_rl.rollout
-from conftest import rollout_args
 from lenvm_rl.data import load_prompts
 from lenvm_rl.errors import ConfigError
 from lenvm_rl.generation import tokenize_prompts
@@ -15,8 +15,15 @@ from lenvm_rl.rollout import run_rollouts
 from lenvm_rl.rollout_data import load_rollouts
 
 COLUMNS = {
-    "prompt_id", "sample_index", "prompt", "prompt_ids", "completion_ids", "completion", "completion_tokens",
-    "finished", "answer",
+    "prompt_id",
+    "sample_index",
+    "prompt",
+    "prompt_ids",
+    "completion_ids",
+    "completion",
+    "completion_tokens",
+    "finished",
+    "answer",
 }
 MAX_COMPLETION_TOKENS = 8  # conftest.rollout_args
 
@@ -107,16 +114,23 @@ def test_budget_columns(make_rollouts):
 @pytest.fixture
 def gsm8k_jsonl(tmp_path):
     path = tmp_path / "gsm8k.jsonl"
-    problems = [("Ann has 3 pens and buys 4 more. How many pens?", "3 + 4 = 7\n#### 7"),
-                ("What is 6 times 7?", "6 * 7 = 42\n#### 42"),
-                ("Bo reads 10 pages a day for 3 days. How many pages?", "10 * 3 = 30\n#### 30")]
+    problems = [
+        ("Ann has 3 pens and buys 4 more. How many pens?", "3 + 4 = 7\n#### 7"),
+        ("What is 6 times 7?", "6 * 7 = 42\n#### 42"),
+        ("Bo reads 10 pages a day for 3 days. How many pages?", "10 * 3 = 30\n#### 30"),
+    ]
     path.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in problems))
     return path
 
 
 def test_jsonl_with_prompt_column(gsm8k_jsonl, tiny_model_path, tmp_path):
-    args = rollout_args(tmp_path / "out", dataset_name=str(gsm8k_jsonl), prompt_column="question",
-                        prompt_instruction="End with #### <number>.", num_prompts=None)
+    args = rollout_args(
+        tmp_path / "out",
+        dataset_name=str(gsm8k_jsonl),
+        prompt_column="question",
+        prompt_instruction="End with #### <number>.",
+        num_prompts=None,
+    )
     rows = load_rollouts(run_rollouts(args, tiny_model_path))
     assert set(rows.column_names) == COLUMNS and len(rows) == 3 * 2
     first = rows.filter(lambda p: p == 1, input_columns="prompt_id")[0]
@@ -128,7 +142,9 @@ def test_jsonl_with_prompt_column(gsm8k_jsonl, tiny_model_path, tmp_path):
 def test_missing_prompt_column_is_refused_before_anything_is_written(column, gsm8k_jsonl, tiny_model_path, tmp_path):
     output_dir = tmp_path / "out"
     args = rollout_args(output_dir, dataset_name=str(gsm8k_jsonl), prompt_column=column, num_prompts=None)
-    with pytest.raises(ConfigError, match=rf"prompt_column: the dataset has no column '{column}' \(columns: question, answer\)"):
+    with pytest.raises(
+        ConfigError, match=rf"prompt_column: the dataset has no column '{column}' \(columns: question, answer\)"
+    ):
         run_rollouts(args, tiny_model_path)
     assert not output_dir.exists()  # no manifest left behind to block the corrected rerun
 
@@ -198,8 +214,8 @@ def test_generate_ignores_the_model_sampling_defaults(tiny_model_path, tokenizer
     trainers sample without it, so the arms of an evaluation and the LenVM's rollouts would differ."""
     import copy
 
-    from lenvm_rl.loading import load_causal_lm
     from lenvm_rl.generation import generate_hf
+    from lenvm_rl.loading import load_causal_lm
 
     model = load_causal_lm(tiny_model_path).eval()
     model.generation_config.repetition_penalty = 1.05
@@ -208,5 +224,7 @@ def test_generate_ignores_the_model_sampling_defaults(tiny_model_path, tokenizer
     prompt_ids = tokenize_prompts(tokenizer, [[{"role": "user", "content": "1 + 2"}]])
     generate_hf(model, tokenizer, prompt_ids, 2, 4, temperature=1.0)
     effective = copy.deepcopy(model.generation_config)  # what generate runs with: the config, updated by the call
-    effective.update(**{k: v for k, v in calls[0].items() if k not in ("input_ids", "attention_mask", "logits_processor")})
+    effective.update(
+        **{k: v for k, v in calls[0].items() if k not in ("input_ids", "attention_mask", "logits_processor")}
+    )
     assert effective.repetition_penalty == 1.0 and effective.top_k == 0 and effective.temperature == 1.0

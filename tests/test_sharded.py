@@ -22,13 +22,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import OFFLINE_ENV, ROOT
 from safetensors.torch import load_file
-
-from conftest import OFFLINE_ENV, ROOT, make_tiny_llama
 from test_multiprocess import free_port
 
-CONFIGS = {"ddp": ROOT / "accelerate_configs" / "cpu_2proc.yaml",
-           **{name: ROOT / "accelerate_configs" / "cpu" / f"{name}.yaml" for name in ("fsdp", "zero2", "zero3")}}
+CONFIGS = {
+    "ddp": ROOT / "accelerate_configs" / "cpu_2proc.yaml",
+    **{name: ROOT / "accelerate_configs" / "cpu" / f"{name}.yaml" for name in ("fsdp", "zero2", "zero3")},
+}
 EXPECTED_TYPE = {"ddp": "MULTI_CPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
 STAGE_NAMES = ["train-lenvm", "grpo", "ppo", "ppo-resumed"]
 # DeepSpeed's CPU shared-memory op, compiled once (make install prebuilds it there).
@@ -39,19 +40,40 @@ def recipes(work: Path, tiny_model_path: str, rollouts_path: Path) -> list[list[
     """The stages of one launch, as `lenvm-rl` argument lists; the same for every config."""
     common = dict(report_to="none", disable_tqdm=True, seed=0, logging_steps=1, activation_checkpointing=False)
     policy = dict(
-        common, model_name_or_path=tiny_model_path, num_prompts=8, budgets=[3, 6], budget_kinds=["exact", "at_most"],
-        reward_funcs=["accuracy", "length_score"], lenvm_model_path=str(work / "lenvm"), max_completion_length=8,
-        per_device_train_batch_size=4, learning_rate=1e-2, use_peft=False,
+        common,
+        model_name_or_path=tiny_model_path,
+        num_prompts=8,
+        budgets=[3, 6],
+        budget_kinds=["exact", "at_most"],
+        reward_funcs=["accuracy", "length_score"],
+        lenvm_model_path=str(work / "lenvm"),
+        max_completion_length=8,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        use_peft=False,
     )
     stages = {
         "train-lenvm": dict(
-            common, model_name_or_path=tiny_model_path, rollouts_path=str(rollouts_path),
-            eval_rollouts_path=str(rollouts_path), gamma=0.9, max_steps=2, learning_rate=1e-2,
-            per_device_train_batch_size=2, save_strategy="no", eval_strategy="no", output_dir=str(work / "lenvm"),
+            common,
+            model_name_or_path=tiny_model_path,
+            rollouts_path=str(rollouts_path),
+            eval_rollouts_path=str(rollouts_path),
+            gamma=0.9,
+            max_steps=2,
+            learning_rate=1e-2,
+            per_device_train_batch_size=2,
+            save_strategy="no",
+            eval_strategy="no",
+            output_dir=str(work / "lenvm"),
         ),
         "grpo": dict(policy, num_generations=4, max_steps=1, save_strategy="no", output_dir=str(work / "grpo")),
         "ppo": dict(
-            policy, num_generations=1, max_steps=2, save_strategy="steps", save_steps=1, output_dir=str(work / "ppo"),
+            policy,
+            num_generations=1,
+            max_steps=2,
+            save_strategy="steps",
+            save_steps=1,
+            output_dir=str(work / "ppo"),
             value_head_learning_rate=1e-1,
         ),
     }
@@ -67,7 +89,12 @@ def recipes(work: Path, tiny_model_path: str, rollouts_path: Path) -> list[list[
 
 
 def run_config(
-    config: str, work: Path, tiny_model_path: str, rollouts_path: Path, names: list[str] = STAGE_NAMES, bf16: bool = False
+    config: str,
+    work: Path,
+    tiny_model_path: str,
+    rollouts_path: Path,
+    names: list[str] = STAGE_NAMES,
+    bf16: bool = False,
 ) -> list[list[dict]]:
     """The stages ``names`` under one 2-process launch of ``config``; the facts each rank recorded, per stage.
     ``bf16``: DeepSpeed runs them in bf16 (tests/mp_stages.py)."""
@@ -76,16 +103,30 @@ def run_config(
     commands = dict(zip(STAGE_NAMES, recipes(work, tiny_model_path, rollouts_path)))
     stages.write_text(json.dumps([commands[name] + (["--bf16", "true"] if bf16 else []) for name in names]))
     env = {
-        **os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(TORCH_EXTENSIONS_DIR),
-        "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "MP_STAGES_DEEPSPEED_BF16": "1" if bf16 else "0",
+        **os.environ,
+        **OFFLINE_ENV,
+        "OMP_NUM_THREADS": "1",
+        "TORCH_EXTENSIONS_DIR": str(TORCH_EXTENSIONS_DIR),
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+        "MP_STAGES_DEEPSPEED_BF16": "1" if bf16 else "0",
     }
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS[config]),
-        "--main_process_port", str(free_port()), str(ROOT / "tests" / "mp_stages.py"), str(work / "facts"), str(stages),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CONFIGS[config]),
+        "--main_process_port",
+        str(free_port()),
+        str(ROOT / "tests" / "mp_stages.py"),
+        str(work / "facts"),
+        str(stages),
     ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    return [[json.loads((work / "facts" / f"{i}_rank{r}.json").read_text()) for r in range(2)] for i in range(len(names))]
+    return [
+        [json.loads((work / "facts" / f"{i}_rank{r}.json").read_text()) for r in range(2)] for i in range(len(names))
+    ]
 
 
 def deepspeed_missing() -> str | None:
@@ -154,7 +195,9 @@ def test_stages_run_sharded_as_under_ddp(config, ddp_run, tiny_model_path, rollo
     lenvm = weights(tmp_path / "lenvm")
     assert_same_weights(lenvm, weights(ddp_work / "lenvm"), atol=1e-5)
     assert load_lenvm(str(tmp_path / "lenvm")).head.dense.weight.shape == (32, 32)
-    assert (lenvm["backbone.layers.0.mlp.down_proj.weight"] - tiny["model.layers.0.mlp.down_proj.weight"]).abs().max() > 1e-3
+    assert (
+        lenvm["backbone.layers.0.mlp.down_proj.weight"] - tiny["model.layers.0.mlp.down_proj.weight"]
+    ).abs().max() > 1e-3
     # grpo with that LenVM: the saved policy equals DDP's and moved (lr 1e-2).
     policy = weights(tmp_path / "grpo")
     assert_same_weights(policy, weights(ddp_work / "grpo"), atol=1e-4)

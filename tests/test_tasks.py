@@ -63,8 +63,10 @@ def test_difficulty_picks_the_problem_kind(difficulty, pattern):
 
 
 def test_mixed_draws_every_kind():
-    kinds = {"easy" if "*" in q else "medium" if q.startswith("What is") else "word"
-             for q in questions(make_arithmetic_dataset(60, seed=0))}
+    kinds = {
+        "easy" if "*" in q else "medium" if q.startswith("What is") else "word"
+        for q in questions(make_arithmetic_dataset(60, seed=0))
+    }
     assert kinds == {"easy", "medium", "word"}
 
 
@@ -75,8 +77,9 @@ def test_deterministic_for_a_seed_and_prefix_stable():
     assert make_arithmetic_dataset(10, seed=7).to_list() == make_arithmetic_dataset(30, seed=7).to_list()[:10]
 
 
-@pytest.mark.parametrize("kwargs, field", [({"num_prompts": 0}, "num_prompts"),
-                                           ({"num_prompts": 5, "difficulty": "hard"}, "difficulty")])
+@pytest.mark.parametrize(
+    "kwargs, field", [({"num_prompts": 0}, "num_prompts"), ({"num_prompts": 5, "difficulty": "hard"}, "difficulty")]
+)
 def test_bad_arguments(kwargs, field):
     with pytest.raises(ValueError, match=rf"^{field}: "):
         make_arithmetic_dataset(**kwargs)

@@ -96,14 +96,17 @@ def test_tokenizer_round_trip_and_length_reward_count_words(tmp_path):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert tokenizer.decode(ids, skip_special_tokens=True) == text
     score = LengthScore(eos_token_id=tokenizer.eos_token_id)
-    assert score(prompts=[""], completions=[text], completion_ids=[ids], budget_tokens=[6], budget_kind=["exact"]) == [1.0]
+    assert score(prompts=[""], completions=[text], completion_ids=[ids], budget_tokens=[6], budget_kind=["exact"]) == [
+        1.0
+    ]
 
 
 def test_sft_rows_mask_the_prompt_and_draw_lengths_independently_of_the_budget():
     tokenizer = make_tokenizer()
     rows = make_sft_dataset(tokenizer, 600, seed=0)
-    budgets = add_budgets(make_testbed_dataset(600, seed=0), budgets=[8, 16, 32],
-                          kinds=["exact", "at_most", "at_least"], seed=0)["budget_tokens"]
+    budgets = add_budgets(
+        make_testbed_dataset(600, seed=0), budgets=[8, 16, 32], kinds=["exact", "at_most", "at_least"], seed=0
+    )["budget_tokens"]
     lengths = {8: [], 16: [], 32: []}
     for row, budget in zip(rows, budgets, strict=True):
         prompt_tokens = row["labels"].count(-100)
@@ -118,12 +121,13 @@ def test_sft_rows_mask_the_prompt_and_draw_lengths_independently_of_the_budget()
 
 
 def test_testbed_dataset_name_gives_content_disjoint_held_out_prompts():
-    args = DatasetArguments(dataset_name="testbed", num_prompts=256, budgets=[8, 16, 32],
-                            budget_kinds=["exact", "at_most", "at_least"])
+    args = DatasetArguments(
+        dataset_name="testbed", num_prompts=256, budgets=[8, 16, 32], budget_kinds=["exact", "at_most", "at_least"]
+    )
     train, held_out = load_prompt_splits(args, 64)
     assert len(train) == 256 and len(held_out) == 64
     assert {"budget_tokens", "budget_kind", "answer"} <= set(held_out.column_names)
-    questions = lambda rows: {p[0]["content"].splitlines()[0] for p in rows["prompt"]}  # noqa: E731
+    questions = lambda rows: {p[0]["content"].splitlines()[0] for p in rows["prompt"]}
     assert not questions(train) & questions(held_out)
 
 
@@ -158,8 +162,14 @@ def test_arm_a_is_correctness_only():
 
 
 def run_stage(args: list[str], log: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "WANDB_MODE": "offline",
+        "HF_HUB_OFFLINE": "1",
+    }
     with log.open("w") as out:
         result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     assert result.returncode == 0, log.read_text()[-3000:]
@@ -175,15 +185,56 @@ def test_lenvm_budget_advantages_teach_budgets(tmp_path):
     """
     recipes = ROOT / "recipes" / "testbed"
     run_stage(["-m", "lenvm_rl.testbed", "--output_dir", str(tmp_path / "sft"), *SLOW_SFT_ARGS], tmp_path / "sft.log")
-    run_stage(["-m", "lenvm_rl", "rollout", "--config", str(recipes / "rollout" / "config_testbed.yaml"),
-               "--model_name_or_path", str(tmp_path / "sft"), "--output_dir", str(tmp_path / "rollouts"),
-               "--num_prompts", "128"], tmp_path / "rollout.log")
-    run_stage(["-m", "lenvm_rl", "train-lenvm", "--config", str(recipes / "lenvm" / "config_full.yaml"),
-               "--model_name_or_path", str(tmp_path / "sft"), "--rollouts_path", str(tmp_path / "rollouts"),
-               "--output_dir", str(tmp_path / "lenvm")], tmp_path / "lenvm.log")
-    run_stage(["-m", "lenvm_rl", "grpo", "--config", str(recipes / "grpo" / "config_lenvm_lambda095.yaml"),
-               "--model_name_or_path", str(tmp_path / "sft"), "--lenvm_model_path", str(tmp_path / "lenvm"),
-               "--output_dir", str(tmp_path / "grpo"), *DEFAULT_ARM_ARGS, *SLOW_GRPO_ARGS], tmp_path / "grpo.log")
+    run_stage(
+        [
+            "-m",
+            "lenvm_rl",
+            "rollout",
+            "--config",
+            str(recipes / "rollout" / "config_testbed.yaml"),
+            "--model_name_or_path",
+            str(tmp_path / "sft"),
+            "--output_dir",
+            str(tmp_path / "rollouts"),
+            "--num_prompts",
+            "128",
+        ],
+        tmp_path / "rollout.log",
+    )
+    run_stage(
+        [
+            "-m",
+            "lenvm_rl",
+            "train-lenvm",
+            "--config",
+            str(recipes / "lenvm" / "config_full.yaml"),
+            "--model_name_or_path",
+            str(tmp_path / "sft"),
+            "--rollouts_path",
+            str(tmp_path / "rollouts"),
+            "--output_dir",
+            str(tmp_path / "lenvm"),
+        ],
+        tmp_path / "lenvm.log",
+    )
+    run_stage(
+        [
+            "-m",
+            "lenvm_rl",
+            "grpo",
+            "--config",
+            str(recipes / "grpo" / "config_lenvm_lambda095.yaml"),
+            "--model_name_or_path",
+            str(tmp_path / "sft"),
+            "--lenvm_model_path",
+            str(tmp_path / "lenvm"),
+            "--output_dir",
+            str(tmp_path / "grpo"),
+            *DEFAULT_ARM_ARGS,
+            *SLOW_GRPO_ARGS,
+        ],
+        tmp_path / "grpo.log",
+    )
     history = json.loads((tmp_path / "grpo" / "trainer_state.json").read_text())["log_history"]
     evals = [row for row in history if "eval_length/mean_length_score" in row]
     start, end = evals[0], evals[-1]
@@ -205,7 +256,16 @@ def test_lenvm_budget_advantages_teach_budgets(tmp_path):
 # advantages stalls the length score.
 SLOW_SFT_ARGS = ["--num_examples", "30000", "--epochs", "2"]
 DEFAULT_ARM_ARGS = ["--length_advantage_scale", "first"]  # the model recipes' setting (README "When to use ...")
-SLOW_GRPO_ARGS = ["--max_steps", "120", "--eval_steps", "60", "--eval_num_prompts", "128", "--num_generations_eval", "4"]
+SLOW_GRPO_ARGS = [
+    "--max_steps",
+    "120",
+    "--eval_steps",
+    "60",
+    "--eval_num_prompts",
+    "128",
+    "--num_generations_eval",
+    "4",
+]
 SLOW_MIN_SCORE_GAIN = 0.10
 SLOW_MAX_ACCURACY_DROP = 0.15
 

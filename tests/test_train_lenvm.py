@@ -5,19 +5,23 @@ import math
 
 import pytest
 import torch
+from conftest import write_rollout_shard
 from trl import ModelConfig
 
-from conftest import write_rollout_shard
-from lenvm_rl.errors import ConfigError
 from lenvm_rl.critic_metrics import collate_states, length_metrics, score_rollouts
-from lenvm_rl.train_lenvm import LenVMTrainer, LenVMTrainingConfig, build_lenvm, prepare_rollouts, split_by_prompt
+from lenvm_rl.errors import ConfigError
 from lenvm_rl.modeling import LenVMModel, load_lenvm
 from lenvm_rl.rollout_data import load_rollouts
+from lenvm_rl.train_lenvm import LenVMTrainer, LenVMTrainingConfig, build_lenvm, prepare_rollouts, split_by_prompt
 
 TRAIN_LENGTHS = torch.tensor([2.0, 3.0, 4.0], dtype=torch.float64)  # finished training lengths: the constants
 GAMMA = 0.9
 METRICS = [
-    "value_mse", "boundary_mre", "boundary_value_mae", "constant_mre", "constant_value_mre",
+    "value_mse",
+    "boundary_mre",
+    "boundary_value_mae",
+    "constant_mre",
+    "constant_value_mre",
     *(f"length_{kind}_p{q}" for kind in ("mae", "rel_err") for q in (0, 25, 50, 75)),
 ]
 
@@ -34,9 +38,18 @@ def finished_rows(rollouts):
 
 def training_config(output_dir, **overrides) -> LenVMTrainingConfig:
     settings = dict(
-        output_dir=str(output_dir), max_steps=3, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-        learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True, logging_steps=1, gamma=str(GAMMA),
-        seed=0, disable_tqdm=True,
+        output_dir=str(output_dir),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-3,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=1,
+        gamma=str(GAMMA),
+        seed=0,
+        disable_tqdm=True,
     )
     return LenVMTrainingConfig(**{**settings, **overrides})
 
@@ -70,11 +83,16 @@ def test_trains_and_evaluates(tiny_model_path, tokenizer, finished_rows, tmp_pat
     assert metrics["eval_num_prompts"] == len(set(finished_rows["prompt_id"]))
 
 
-def test_accumulated_gradient_equals_token_mean_of_concatenated_batch(tiny_model_path, tokenizer, finished_rows, tmp_path):
+def test_accumulated_gradient_equals_token_mean_of_concatenated_batch(
+    tiny_model_path, tokenizer, finished_rows, tmp_path
+):
     trainer = make_lenvm_trainer(tiny_model_path, tokenizer, finished_rows, tmp_path)
     model = trainer.model
     records = [finished_rows[i] for i in range(4)]
-    micro_batches = [collate_states(records[:2], tokenizer.pad_token_id), collate_states(records[2:], tokenizer.pad_token_id)]
+    micro_batches = [
+        collate_states(records[:2], tokenizer.pad_token_id),
+        collate_states(records[2:], tokenizer.pad_token_id),
+    ]
     # Every state s_0 .. s_L of every (finished) row is labelled.
     num_items = trainer._get_num_items_in_batch(micro_batches, torch.device("cpu"))
     assert int(num_items) == sum(row["completion_tokens"] + 1 for row in records)
@@ -112,10 +130,22 @@ def test_prepare_rollouts(rollouts, tmp_path):
     expected = sum(length <= limit for length in lengths)
     assert 0 < len(short) == expected < len(rollouts)
 
-    truncated = load_rollouts(write_rollout_shard(tmp_path, [
-        {"prompt_id": i, "sample_index": 0, "prompt_ids": [5, 6], "completion_ids": [7] * 4, "completion_tokens": 4,
-         "finished": False} for i in range(3)
-    ]))
+    truncated = load_rollouts(
+        write_rollout_shard(
+            tmp_path,
+            [
+                {
+                    "prompt_id": i,
+                    "sample_index": 0,
+                    "prompt_ids": [5, 6],
+                    "completion_ids": [7] * 4,
+                    "completion_tokens": 4,
+                    "finished": False,
+                }
+                for i in range(3)
+            ],
+        )
+    )
     for mode in ("drop", "bootstrap"):
         with pytest.raises(ConfigError, match="rollouts_path: none of its 3 rollouts finished"):
             prepare_rollouts(truncated, mode, None, "rollouts_path")
@@ -154,7 +184,9 @@ def test_frozen_backbone_leaves_only_the_head_trainable(tiny_model_path, tmp_pat
 
 
 def test_lora_trains_adapters_and_head_only_and_merges(tiny_model_path, tokenizer, finished_rows, tmp_path):
-    model_args = ModelConfig(model_name_or_path=tiny_model_path, use_peft=True, lora_target_modules=["q_proj", "v_proj"])
+    model_args = ModelConfig(
+        model_name_or_path=tiny_model_path, use_peft=True, lora_target_modules=["q_proj", "v_proj"]
+    )
     trainer = make_lenvm_trainer(tiny_model_path, tokenizer, finished_rows, tmp_path, model_args)
     before = snapshot(trainer.model)
     trainer.train()
