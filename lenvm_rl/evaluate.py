@@ -32,7 +32,7 @@ import torch
 from datasets import Dataset, concatenate_datasets
 
 from lenvm_rl.data import DatasetArguments, load_prompts, source_fingerprint
-from lenvm_rl.data_parallel import Ranks, launched_ranks, parts_of
+from lenvm_rl.data_parallel import Ranks, launched_ranks
 from lenvm_rl.errors import ConfigError
 from lenvm_rl.generation import (
     VLLMArguments,
@@ -44,7 +44,7 @@ from lenvm_rl.generation import (
     vllm_sampler,
 )
 from lenvm_rl.outputs import changed_setting
-from lenvm_rl.reporting import markdown_table, ms_per_token, plot_results, summarize
+from lenvm_rl.reporting import drop_if_stale, markdown_table, ms_per_token, plot_results, summarize
 
 
 @dataclass
@@ -274,21 +274,6 @@ def budgeted_prompts(args: DatasetArguments) -> Dataset:
     return concatenate_datasets(
         [add_budgets(plain, budgets=[budget], kinds=[kind]) for kind in args.budget_kinds for budget in args.budgets]
     )
-
-
-def drop_if_stale(file: Path, adapter: str | None) -> None:
-    """Delete an arm's generations when its adapter's weights changed since they were written (a retrained run)."""
-    fingerprint = None
-    if adapter is not None:
-        weights = sorted(Path(adapter).glob("adapter_model.*"))
-        fingerprint = [[w.name, w.stat().st_size, w.stat().st_mtime_ns] for w in weights]
-    stamp = file.with_suffix(".adapter.json")
-    if (file.exists() or parts_of(file)) and (not stamp.exists() or json.loads(stamp.read_text()) != fingerprint):
-        print(f"{file}: the adapter {adapter} changed since these generations were written; generating them again")
-        for written in [file, *parts_of(file)]:
-            written.unlink(missing_ok=True)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps(fingerprint))
 
 
 def run_evaluation(args: EvaluateArguments, ranks: Ranks = Ranks()) -> dict[str, list[dict]]:

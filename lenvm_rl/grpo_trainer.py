@@ -12,8 +12,6 @@ the rows of the current generation batch, gathered over ranks, (B_global, F)).
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from typing import ClassVar
 
@@ -23,12 +21,10 @@ from trl import GRPOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
 
 from lenvm_rl.advantages import group_stats, length_advantages, lenvm_state_values
+from lenvm_rl.critic_checkpoints import LiveCriticCheckpoints
 from lenvm_rl.errors import ConfigError
 from lenvm_rl.grpo_config import (
     BUDGET_COLUMNS,
-    LENGTH_SCALE_FILE,
-    LIVE_LENVM_DIR,
-    LIVE_LENVM_OPTIMIZER,
     LenVMGRPOConfig,
 )
 from lenvm_rl.returns import remaining_from_value, value_targets
@@ -37,7 +33,7 @@ from rewards.scores import BUDGET_KINDS, LENGTH_SCORES, budget_hit, budget_kind_
 logger = logging.get_logger(__name__)
 
 
-class LenVMGRPOTrainer(GRPOTrainer):
+class LenVMGRPOTrainer(LiveCriticCheckpoints, GRPOTrainer):
     """``GRPOTrainer`` whose advantages gain the LenVM's per-token length term (see the module docstring).
 
     Logged per generation batch, gathered over ranks: ``length/mean_abs_advantage`` (token mean of |c · A_len|),
@@ -381,51 +377,3 @@ class LenVMGRPOTrainer(GRPOTrainer):
     def create_model_card(self, *args, **kwargs):
         """Nothing: TRL writes its card into output_dir at every checkpoint, where it could replace the user's own
         README.md; the run's card (``hub.model_card``) is written with the final save."""
-
-    def _save(self, output_dir=None, state_dict=None):
-        super()._save(output_dir, state_dict)
-        if self.lenvm_optimizer is None or not self.args.should_save:
-            return
-        folder = os.path.join(output_dir or self.args.output_dir, LIVE_LENVM_DIR)
-        self.accelerator.unwrap_model(self.lenvm).save_pretrained(folder)
-        self.processing_class.save_pretrained(folder)  # the policy's tokenizer: the LenVM shares it
-
-    def _save_optimizer_and_scheduler(self, output_dir):
-        super()._save_optimizer_and_scheduler(output_dir)
-        if self.lenvm_optimizer is not None and self.args.should_save:
-            torch.save(self.lenvm_optimizer.state_dict(), os.path.join(output_dir, LIVE_LENVM_OPTIMIZER))
-        if self.length_scale is not None and self.args.should_save:
-            with open(os.path.join(output_dir, LENGTH_SCALE_FILE), "w") as handle:
-                json.dump({"length_advantage_scale": self.length_scale}, handle)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self.lenvm_optimizer is None:
-            return
-        from safetensors.torch import load_file
-
-        path = os.path.join(resume_from_checkpoint, LIVE_LENVM_DIR, "model.safetensors")
-        if not os.path.isfile(path):
-            raise ConfigError(
-                f"resume_from_checkpoint: {resume_from_checkpoint} has no {LIVE_LENVM_DIR}/model.safetensors (not a "
-                f"checkpoint of a lenvm_update: live run); resume from one, or start afresh"
-            )
-        lenvm = self.accelerator.unwrap_model(self.lenvm)
-        lenvm.load_state_dict(load_file(path, device=str(lenvm.device)))
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None and self.args.whiten_length_advantage and self.args.length_advantage_scale == "first":
-            path = os.path.join(checkpoint, LENGTH_SCALE_FILE)
-            if os.path.isfile(path):
-                with open(path) as handle:
-                    self.length_scale = float(json.load(handle)["length_advantage_scale"])
-            else:
-                logger.warning(
-                    "%s has no %s: the length advantage's scale is measured again on the next batch",
-                    checkpoint,
-                    LENGTH_SCALE_FILE,
-                )
-        if self.lenvm_optimizer is not None and checkpoint is not None:
-            state = torch.load(os.path.join(checkpoint, LIVE_LENVM_OPTIMIZER), map_location=self.accelerator.device)
-            self.lenvm_optimizer.load_state_dict(state)

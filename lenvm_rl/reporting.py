@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from lenvm_rl.data_parallel import parts_of
 from rewards.scores import BUDGET_KINDS, budget_hit, budget_kind_codes, lifebench_length_score
 
 METRICS = ("accuracy", "mean_tokens", "length_deviation", "abs_length_deviation", "length_score", "hit_rate")
@@ -150,3 +151,18 @@ def plot_results(results: dict[str, list[dict]], output_dir: Path) -> list[Path]
     figure.savefig(paths[1], dpi=100)
     plt.close(figure)
     return paths
+
+
+def drop_if_stale(file: Path, adapter: str | None) -> None:
+    """Delete an arm's generations when its adapter's weights changed since they were written (a retrained run)."""
+    fingerprint = None
+    if adapter is not None:
+        weights = sorted(Path(adapter).glob("adapter_model.*"))
+        fingerprint = [[w.name, w.stat().st_size, w.stat().st_mtime_ns] for w in weights]
+    stamp = file.with_suffix(".adapter.json")
+    if (file.exists() or parts_of(file)) and (not stamp.exists() or json.loads(stamp.read_text()) != fingerprint):
+        print(f"{file}: the adapter {adapter} changed since these generations were written; generating them again")
+        for written in [file, *parts_of(file)]:
+            written.unlink(missing_ok=True)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(fingerprint))
