@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from common import mean_over_budgets, run, seed_cell  # same folder
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes" / "SmolLM2-135M-Instruct"
@@ -27,20 +26,6 @@ ARMS = {
     "lenvm_budget": RECIPES / "grpo" / "config_lenvm_budget.yaml",
     "seq_length_score": RECIPES / "grpo" / "config_seq_length_score.yaml",
 }
-
-
-def run(command: list[str], log: Path) -> float:
-    """Run a stage as a subprocess with its output in ``log``; return its wall time in seconds."""
-    start = time.perf_counter()
-    with open(log, "w") as sink:
-        done = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT, env=os.environ.copy())
-    if done.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed ({done.returncode}); see {log}")
-    return time.perf_counter() - start
-
-
-def mean_over_budgets(summary: list[dict], name: str) -> float:
-    return statistics.fmean(s[name] for s in summary)
 
 
 def main() -> None:
@@ -123,10 +108,6 @@ def main() -> None:
         for name in ("length_score", "accuracy", "mean_tokens", "hit_rate")
     }
 
-    def cell(values, fmt=".3f"):
-        spread = f" ± {statistics.stdev(values):{fmt}}" if len(values) > 1 else ""
-        return f"{statistics.fmean(values):{fmt}}{spread} ({', '.join(format(v, fmt) for v in values)})"
-
     lines = [
         f"{options.steps} GRPO steps per run, seeds {options.seeds}; held-out: 30 prompts × exact {{16, 32, 64}}, "
         f"one sample each (temperature 0.7). Means over budgets; mean ± sd over seeds (per-seed values).",
@@ -137,8 +118,8 @@ def main() -> None:
     ]
     for arm, row in rows.items():
         lines.append(
-            f"| {arm} | {cell(row['length_score'])} | {cell(row['accuracy'])} | {cell(row['mean_tokens'], '.1f')} | "
-            f"{cell(row['hit_rate'])} | {cell(row['wall_s'], '.0f')} |"
+            f"| {arm} | {seed_cell(row['length_score'])} | {seed_cell(row['accuracy'])} | {seed_cell(row['mean_tokens'], '.1f')} | "
+            f"{seed_cell(row['hit_rate'])} | {seed_cell(row['wall_s'], '.0f')} |"
         )
     lines.append(f"\nEvaluation of {len(adapters) + 1} models: {eval_wall:.0f} s.")
     (options.output / "summary.md").write_text("\n".join(lines) + "\n")

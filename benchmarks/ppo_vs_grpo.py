@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
-from grpo_two_arms import mean_over_budgets, run  # same folder: run a stage as a subprocess, average over budgets
+from common import mean_over_budgets, run, seed_cell  # same folder
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes" / "SmolLM2-135M-Instruct"
@@ -120,10 +119,6 @@ def main() -> None:
         rows[arm]["wall_s"] = [wall[name] for name in names]
     base = {metric: mean_over_budgets(results["base"], metric) for metric in METRICS}
 
-    def cell(values, fmt=".3f"):
-        spread = f" ± {statistics.stdev(values):{fmt}}" if len(values) > 1 else ""
-        return f"{statistics.fmean(values):{fmt}}{spread} ({', '.join(format(v, fmt) for v in values)})"
-
     lines = [
         f"{options.max_steps} steps x 16 completions per run (GRPO: 2 prompts x 8, PPO: 16 prompts x 1), seeds "
         f"{options.seeds}; held-out: {options.eval_prompts} prompts x exact {{16, 32, 64}}, one sample each "
@@ -136,8 +131,8 @@ def main() -> None:
     ]
     for arm, row in rows.items():
         lines.append(
-            f"| {arm} | {cell(row['length_score'])} | {cell(row['accuracy'])} | {cell(row['mean_tokens'], '.1f')} | "
-            f"{cell(row['hit_rate'])} | {cell(row['generated_tokens'], '.0f')} | {cell(row['wall_s'], '.0f')} |"
+            f"| {arm} | {seed_cell(row['length_score'])} | {seed_cell(row['accuracy'])} | {seed_cell(row['mean_tokens'], '.1f')} | "
+            f"{seed_cell(row['hit_rate'])} | {seed_cell(row['generated_tokens'], '.0f')} | {seed_cell(row['wall_s'], '.0f')} |"
         )
     lines.append(f"\nEvaluation of {len(adapters) + 1} models: {eval_wall:.0f} s.")
     (options.output / "summary.md").write_text("\n".join(lines) + "\n")
