@@ -41,6 +41,26 @@ def check_budget_choices(budgets, budget_range, kinds, kinds_field: str = "kinds
         raise ConfigError(f"{kinds_field}: {unknown} not budget kinds; use some of {', '.join(BUDGET_KINDS)}")
 
 
+def check_reachable_budgets(budgets, budget_range, kinds, max_tokens: int, max_field: str) -> None:
+    """Refuse a budget that no completion can meet within the generation limit ``max_tokens`` (``max_field``): an exact
+    budget beyond its 10 % tolerance, an at_least budget above it. Its hit and length reward would never be earned,
+    and a run would end without a word; an at_most budget is always reachable."""
+    import torch
+
+    from rewards.scores import budget_hit, budget_kind_codes
+
+    largest, name = (max(budgets), "budgets") if budgets else (budget_range and budget_range[1], "budget_range")
+    if not largest:
+        return
+    closest = torch.tensor([min(largest, max_tokens)])  # the length nearest the budget that a completion can have
+    for kind in kinds:
+        if not budget_hit(closest, torch.tensor([largest]), budget_kind_codes([kind])):
+            raise ConfigError(
+                f"{name}: the {kind} budget of {largest} tokens cannot be met within {max_field} {max_tokens}, so "
+                f"its reward would never be earned; raise {max_field} or lower the budgets"
+            )
+
+
 def add_budgets(
     dataset: Dataset,
     budgets: Sequence[int] | None = None,

@@ -38,7 +38,7 @@ def parse_recipe(dataclass_types: tuple, argv: list[str] | None):
     if recipes and Path(recipes[0]).is_dir():
         raise ConfigError(f"config: {recipes[0]!r} is a folder; give the recipe's YAML file inside it")
     try:
-        return parser.parse_args_and_config(argv)
+        parsed = parser.parse_args_and_config(argv)
     except ConfigError:
         raise
     except FileNotFoundError as error:
@@ -64,6 +64,25 @@ def parse_recipe(dataclass_types: tuple, argv: list[str] | None):
             mentioned = [w for w in dict.fromkeys(re.findall(r"\w+", message)) if w in names] or ["recipe"]
             message = f"{' / '.join(mentioned)}: {message}"
         raise ConfigError(message) from None
+    for instance in parsed:
+        if dataclasses.is_dataclass(instance):
+            check_numbers(instance)
+    return parsed
+
+
+def check_numbers(instance) -> None:
+    """Refuse a NaN or infinite number in any field (a comparison with NaN is False, so a range check lets it through
+    and it poisons the first step), and a seed outside numpy's [0, 2**32 - 1], before any model loads."""
+    import math
+
+    for field in dataclasses.fields(instance):
+        value = getattr(instance, field.name)
+        for number in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(number, float) and not math.isfinite(number):
+                raise ConfigError(f"{field.name}: must be a finite number, got {value!r}")
+        is_seed = field.name == "seed" or field.name.endswith("_seed")
+        if is_seed and isinstance(value, int) and not 0 <= value < 2**32:
+            raise ConfigError(f"{field.name}: must be an integer in [0, 2**32 - 1], got {value}")
 
 
 def _flag_error(message: str):
