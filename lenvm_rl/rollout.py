@@ -128,8 +128,8 @@ def run_rollouts(
         claim_output_dir(args.output_dir)
         return check_manifest(output_dir, args, model_name_or_path, dtype)
 
+    tokenizer = load_tokenizer(model_name_or_path)  # a model path that holds no model fails here, before any write
     settings = ranks.main_first(claim)
-    tokenizer = load_tokenizer(model_name_or_path)
     num_shards = -(-len(prompts) // args.shard_size)
     missing = [i for i in range(num_shards) if not (shard_dir / f"shard-{i:05d}").exists()]
     if not missing:
