@@ -59,7 +59,7 @@ def get_reward(spec: str, **params):
         except TypeError as error:
             raise ConfigError(f"reward_funcs: bad parameters for {spec!r}: {error}") from None
         reward = reward(**params)
-    if spec in REWARDS:
+    if type(reward) in REWARDS.values():  # a built-in, by name or by path
         return reward
     # A user's reward: its outputs are checked at every call (one line naming it, not a traceback inside TRL).
     asynchronous = inspect.iscoroutinefunction(reward) or inspect.iscoroutinefunction(type(reward).__call__)
