@@ -298,6 +298,10 @@ CASES = {
         [],
         "reward_weights: must be a finite number, got [nan]",
     ),
+    "top-p-above-one": ("rollout", {"top_p": 1.5}, [], "top_p: must lie in (0, 1], got 1.5"),
+    "grpo-temperature-zero": ("grpo", {"temperature": 0}, [], "temperature: must be > 0 (GRPO samples"),
+    "save-steps-zero": ("train-lenvm", {"save_strategy": "steps", "save_steps": 0}, [], "save_steps: must be positive"),
+    "lora-rank-zero": ("grpo", {"use_peft": True, "lora_r": 0}, [], "lora_r: must be a positive rank, got 0"),
     "seed-negative": ("grpo", {"seed": -1}, [], "seed: must be an integer in [0, 2**32 - 1], got -1"),
     "dataset-seed-negative": ("rollout", {"dataset_seed": -1}, [], "dataset_seed: must be an integer in [0, 2**32"),
     "budget-unreachable": (
