@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from fnmatch import fnmatch
@@ -135,6 +136,12 @@ def claim_output_dir(output_dir: str, training: bool = False, resuming: bool = F
                 f"output_dir: another lenvm-rl run{f' (pid {holder})' if holder else ''} is writing to "
                 f"{output_dir!r}; wait for it to end, or give another output_dir"
             ) from None
+        except OSError as error:  # a file system without locks (some network mounts): run, and say what is lost
+            print(
+                f"lenvm-rl: warning: cannot lock {output_dir!r} ({error.strerror}); a second run into it would not "
+                f"be refused",
+                file=sys.stderr,
+            )
         HELD[status.st_dev, status.st_ino] = descriptor
     if not training or resuming:
         return

@@ -103,13 +103,16 @@ class CheckedReward:
         self.reward, self.spec = reward, spec
         self.__name__ = getattr(reward, "__name__", type(reward).__name__)
 
-    def __call__(self, *args, completions, **kwargs):
-        return check_reward_values(self.reward(*args, completions=completions, **kwargs), len(completions), self.spec)
+    def __call__(self, *args, **kwargs):  # TRL passes keywords; the contract's order is (prompts, completions, ...)
+        return check_reward_values(self.reward(*args, **kwargs), completion_count(args, kwargs), self.spec)
 
 
 class AsyncCheckedReward(CheckedReward):
     """``CheckedReward`` for an async reward, which TRL awaits alongside the others."""
 
-    async def __call__(self, *args, completions, **kwargs):
-        values = await self.reward(*args, completions=completions, **kwargs)
-        return check_reward_values(values, len(completions), self.spec)
+    async def __call__(self, *args, **kwargs):
+        return check_reward_values(await self.reward(*args, **kwargs), completion_count(args, kwargs), self.spec)
+
+
+def completion_count(args: tuple, kwargs: dict) -> int:
+    return len(kwargs["completions"] if "completions" in kwargs else args[1])
