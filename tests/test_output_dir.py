@@ -99,3 +99,18 @@ def test_a_rerun_of_the_same_grpo_recipe_does_not_replace_the_finished_run(tiny_
     assert weights.stat().st_mtime_ns == saved
     main(["grpo", "--config", str(recipe), "--overwrite_output_dir", "true"])
     assert weights.stat().st_mtime_ns != saved  # replaced, as asked
+
+
+def test_a_file_system_without_locks_is_said_not_fatal(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_locks(descriptor, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    claim_output_dir(str(tmp_path / "out"))
+    assert capsys.readouterr().err == (
+        f"lenvm-rl: warning: cannot lock {str(tmp_path / 'out')!r} (No locks available); a second run into it would "
+        f"not be refused\n"
+    )
