@@ -287,8 +287,18 @@ def load_policy(model_name_or_path: str, adapter: str | None, dtype: str):
     if adapter is not None:
         from peft import PeftModel
 
+        from lenvm_rl.loading import mismatched_shapes
+
         check_adapter(adapter)
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        try:
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        except RuntimeError as error:
+            if not mismatched_shapes(error):
+                raise
+            raise ConfigError(
+                f"adapters: {adapter!r} does not fit {model_name_or_path!r} (its tensor shapes differ: it was trained "
+                f"on another base model); evaluate it with the model_name_or_path it was trained on"
+            ) from None
     return model.to(inference_device()).eval()
 
 

@@ -108,12 +108,17 @@ def corrupt_weights(name: str, path: str, error: Exception) -> str:
 def foreign_config(name: str, path: str, error: RuntimeError) -> Exception:
     """The ConfigError for weights that do not fit the folder's config.json (another model's config copied in), or
     ``error`` itself when it is something else."""
-    if "size mismatch" not in str(error) and "ignore_mismatched_sizes" not in str(error):
+    if not mismatched_shapes(error):
         return error
     return ConfigError(
         f"{name}: the weights in {path!r} do not fit its config.json, which belongs to another model (the tensor "
         f"shapes differ); copy the whole model folder again"
     )
+
+
+def mismatched_shapes(error: RuntimeError) -> bool:
+    """Whether loading failed because saved tensors have other shapes than the model built from its config."""
+    return "size mismatch" in str(error) or "ignore_mismatched_sizes" in str(error)
 
 
 def inference_device() -> torch.device:

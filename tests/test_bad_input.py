@@ -431,6 +431,10 @@ def world(tiny_model_path, tokenizer, rollouts_dir, tmp_path_factory):
     lora.save_pretrained(root / "adapter_cut")
     weights = root / "adapter_cut" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-32])
+    wide_policy = transformers.LlamaForCausalLM(transformers.LlamaConfig(**wide))
+    peft.get_peft_model(wide_policy, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+        root / "adapter_wide"
+    )
     return {
         "model": tiny_model_path,
         "rollouts": str(rollouts_dir),
@@ -444,7 +448,10 @@ def world(tiny_model_path, tokenizer, rollouts_dir, tmp_path_factory):
         "moved": str(root / "moved"),
         **{
             name: str(root / name)
-            for name in ("finished", "live_checkpoint", "scale_zero", "emptydir", "lenvm_foreign", "adapter_cut")
+            for name in (
+                *("finished", "live_checkpoint", "scale_zero", "emptydir", "lenvm_foreign"),
+                *("adapter_cut", "adapter_wide"),
+            )
         },
     }
 
@@ -601,3 +608,22 @@ def test_a_launch_of_two_processes_that_run_alone_is_refused(world, tmp_path, mo
         "lenvm-rl grpo: error: use_cpu: launched as 2 processes (WORLD_SIZE) but this run sees 1"
     ), stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_of_another_base_is_one_line(world, tmp_path, capsys):
+    """Found when the adapter loads, after the base model's arm: one line, and the base's generations are kept."""
+    recipe = {**GOOD["evaluate"], "model_name_or_path": world["model"], "output_dir": str(tmp_path / "out")}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({**recipe, "adapters": [world["adapter_wide"]]}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--config", str(tmp_path / "recipe.yaml")])
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in stderr
+    assert (
+        stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"lenvm-rl evaluate: error: adapters: {world['adapter_wide']!r} does not fit {world['model']!r} (its tensor "
+            f"shapes differ"
+        )
+    )
+    assert (tmp_path / "out" / "generations" / "base.jsonl").stat().st_size > 0
