@@ -368,7 +368,7 @@ def run_evaluation(args: EvaluateArguments, ranks: Ranks = Ranks()) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
-    from lenvm_rl.outputs import check_output_dir, claim_output_dir, said_if_disk_full
+    from lenvm_rl.outputs import check_output_dir, claim_output_dir
     from lenvm_rl.recipe import parse_recipe
 
     (args,) = parse_recipe((EvaluateArguments,), argv)
@@ -380,8 +380,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         "dataset_name": args.dataset_name,
     }
     ranks.main_first(lambda: (check_output_dir(args.output_dir, inputs), claim_output_dir(args.output_dir)))
-    with said_if_disk_full(args.output_dir):
-        results = run_evaluation(args, ranks)
+    results = run_evaluation(args, ranks)
     if not ranks.is_main:
         return results
     saved = json.loads((Path(args.output_dir) / "results.json").read_text())

@@ -195,21 +195,6 @@ def full_disk(error: BaseException) -> bool:
 
 
 @contextmanager
-def said_if_disk_full(output_dir: str):
-    """Turn a write that fails for want of space inside the block into one line: a generating stage (rollout,
-    evaluate) keeps what it wrote whole (atomic shards, fsynced lines), so the same command finishes the work."""
-    try:
-        yield
-    except Exception as error:
-        if not full_disk(error):
-            raise
-        raise ConfigError(
-            f"output_dir: the disk is full; writing to {output_dir!r} failed ({str(error).splitlines()[0][:120]}); "
-            f"what was written before is kept: free space and rerun the same command to finish"
-        ) from None
-
-
-@contextmanager
 def final_save(output_dir: str, main_process: bool = True):
     """``with final_save(output_dir) as staging:`` write the final files into ``staging``; on success they are
     moved into ``output_dir``, on failure ``staging`` is removed and ``output_dir`` is as it was.

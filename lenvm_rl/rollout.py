@@ -210,17 +210,14 @@ def main(argv: list[str] | None = None) -> None:
     """`lenvm-rl rollout --config recipes/<Model>/rollout/config_<variant>.yaml`"""
     from trl import ModelConfig
 
-    from lenvm_rl.outputs import check_output_dir, said_if_disk_full
+    from lenvm_rl.outputs import check_output_dir
     from lenvm_rl.recipe import parse_recipe
 
     args, model_args = parse_recipe((RolloutArguments, ModelConfig), argv)
     ranks = launched_ranks()
     inputs = {"model_name_or_path": model_args.model_name_or_path, "dataset_name": args.dataset_name}
     ranks.main_first(lambda: check_output_dir(args.output_dir, inputs))
-    with said_if_disk_full(args.output_dir):
-        output_dir = run_rollouts(
-            args, model_args.model_name_or_path or "smollm2-135m-instruct", model_args.dtype, ranks
-        )
+    output_dir = run_rollouts(args, model_args.model_name_or_path or "smollm2-135m-instruct", model_args.dtype, ranks)
     if not ranks.is_main:
         return
     rollouts = load_rollouts(output_dir)

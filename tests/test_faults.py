@@ -412,8 +412,10 @@ def test_a_full_disk_during_rollout_is_said_and_the_rerun_finishes(tiny_model_pa
     with monkeypatch.context() as patch:
         patch.setattr(Dataset, "save_to_disk", second_shard_fails)
         line = run_cli(["rollout", "--config", str(recipe)], capsys)
-    assert line.startswith("lenvm-rl rollout: error: output_dir: the disk is full; writing to "), line
-    assert line.endswith("rerun the same command to finish")
+    assert line == (
+        "lenvm-rl rollout: error: output_dir: the disk is full ([Errno 28] No space left on device); what was written "
+        "before is kept whole: free space and rerun the same command"
+    )
     assert [p.name for p in (tmp_path / "rollouts" / "shards").iterdir()] == ["shard-00000"]
     main(["rollout", "--config", str(recipe)])
     whole = rollout_recipe(tmp_path, tiny_model_path, output_dir=str(tmp_path / "whole"))
@@ -455,7 +457,7 @@ def test_evaluate_survives_a_full_disk_and_a_damaged_line(tiny_model_path, tmp_p
     with monkeypatch.context() as patch:
         patch.setattr(lenvm_rl.generation.os, "fsync", second_write_fails)
         line = run_cli(["evaluate", "--config", str(recipe)], capsys)
-    assert line.startswith("lenvm-rl evaluate: error: output_dir: the disk is full; writing to "), line
+    assert line.startswith("lenvm-rl evaluate: error: output_dir: the disk is full ([Errno 28] No space"), line
     main(["evaluate", "--config", str(recipe)])
     generations = tmp_path / "evaluate" / "generations" / "base.jsonl"
     whole = generations.read_text()
