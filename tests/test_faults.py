@@ -505,3 +505,21 @@ def test_a_user_reward_that_returns_nan_stops_the_run_with_one_line(tiny_model_p
 
 def nan_reward(completions, **kwargs):
     return [0.0, float("nan"), *[1.0] * (len(completions) - 2)]
+
+
+def test_a_damaged_line_inside_a_part_file_is_left_out_of_the_merge(tmp_path, capsys):
+    """A data-parallel evaluate's part file with a line that is not JSON, or not a record, in its middle (not only a
+    torn last line): the merge keeps every whole record once, in order, and names each damaged line."""
+    from lenvm_rl.data_parallel import merge_records, part_path
+
+    path = tmp_path / "base.jsonl"
+    record = lambda row: json.dumps({"row": row, "sample_index": 0}) + "\n"
+    path.write_text(record(0))
+    part_path(path, 1).write_text(record(3) + "not json\n" + "[1, 2]\n" + '{"row": 5}\n' + record(1) + '{"row": 7, "sa')
+    key = lambda r: (r["row"], r["sample_index"])
+    assert [r["row"] for r in merge_records(path, key)] == [0, 1, 3]
+    notices = capsys.readouterr().err.splitlines()
+    assert notices == [
+        f"lenvm-rl: {part_path(path, 1)}: line {n} is damaged; left out, and generated again" for n in (2, 3, 4)
+    ]
+    assert path.read_text() == record(0) + record(1) + record(3) and not part_path(path, 1).exists()
