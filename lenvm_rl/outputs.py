@@ -122,6 +122,10 @@ def claim_output_dir(output_dir: str, training: bool = False, resuming: bool = F
     refused unless the run resumes it (``resuming``) or ``overwrite`` is set, which deletes the earlier checkpoints so
     that a later ``--resume_from_checkpoint true`` cannot pick one of them up.
     """
+    if resuming and overwrite:
+        raise ConfigError(
+            "overwrite_output_dir: true replaces the earlier run that resume_from_checkpoint continues; drop one of them"
+        )
     out = Path(output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     status = out.stat()

@@ -57,6 +57,8 @@ def test_an_earlier_run_is_replaced_only_when_asked(tmp_path):
     with pytest.raises(ConfigError, match=r"holds an earlier run \(checkpoint-10, checkpoint-2\)"):
         claim_output_dir(str(tmp_path), training=True)
     claim_output_dir(str(tmp_path), training=True, resuming=True)
+    with pytest.raises(ConfigError, match="^overwrite_output_dir: true replaces the earlier run that resume_from"):
+        claim_output_dir(str(tmp_path), training=True, resuming=True, overwrite=True)
     assert (tmp_path / "checkpoint-10").is_dir()
     claim_output_dir(str(tmp_path), training=True, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-notes"]
