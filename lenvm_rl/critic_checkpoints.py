@@ -62,6 +62,13 @@ def check_resumed_critic(checkpoint: str | None, lenvm_update: str) -> None:
         )
 
 
+def critic_mismatch(checkpoint: str, name: str, error: Exception) -> str:
+    return (
+        f"resume_from_checkpoint: {checkpoint}/{name} does not fit the LenVM at lenvm_model_path "
+        f"({str(error).strip().splitlines()[0][:100]}); resume with the lenvm_model_path the run started from"
+    )
+
+
 class LiveCriticCheckpoints:
     """Needs ``lenvm``, ``lenvm_optimizer`` (None for a frozen critic) and ``length_scale`` on the trainer."""
 
@@ -95,7 +102,10 @@ class LiveCriticCheckpoints:
             )
         # Read to the CPU, copied onto each rank's device by load_state_dict: a device named in the file (cpu:0,
         # cuda:1) need not exist on the rank that resumes.
-        self.accelerator.unwrap_model(self.lenvm).load_state_dict(load_file(path, device="cpu"))
+        try:
+            self.accelerator.unwrap_model(self.lenvm).load_state_dict(load_file(path, device="cpu"))
+        except RuntimeError as error:  # shapes or names differ: the checkpoint's critic is not lenvm_model_path's
+            raise ConfigError(critic_mismatch(resume_from_checkpoint, LIVE_LENVM_DIR, error)) from None
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -116,4 +126,7 @@ class LiveCriticCheckpoints:
                 )
         if self.lenvm_optimizer is not None and checkpoint is not None:
             state = torch.load(os.path.join(checkpoint, LIVE_LENVM_OPTIMIZER), map_location="cpu", weights_only=True)
-            self.lenvm_optimizer.load_state_dict(state)  # moves the state onto each parameter's device
+            try:
+                self.lenvm_optimizer.load_state_dict(state)  # moves the state onto each parameter's device
+            except (ValueError, KeyError) as error:
+                raise ConfigError(critic_mismatch(checkpoint, LIVE_LENVM_OPTIMIZER, error)) from None
