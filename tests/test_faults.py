@@ -473,29 +473,32 @@ def test_evaluate_survives_a_full_disk_and_a_damaged_line(tiny_model_path, tmp_p
     assert timeless(generations.read_text()) == timeless(whole)
 
 
-def test_a_user_reward_that_returns_nan_stops_the_run_with_one_line(tiny_model_path, tokenizer, tmp_path, capsys):
+def grpo_recipe(tmp_path, tiny_model_path, **overrides) -> Path:
+    """A one-step GRPO recipe on the tiny model, without a LenVM."""
     recipe = tmp_path / "grpo.yaml"
-    recipe.write_text(
-        yaml.safe_dump(
-            dict(
-                model_name_or_path=tiny_model_path,
-                num_prompts=4,
-                reward_funcs=["test_faults:nan_reward"],
-                length_objective="none",
-                num_generations=2,
-                per_device_train_batch_size=4,
-                max_completion_length=4,
-                max_steps=1,
-                save_strategy="no",
-                use_cpu=True,
-                bf16=False,
-                activation_checkpointing=False,
-                report_to="none",
-                disable_tqdm=True,
-                output_dir=str(tmp_path / "out"),
-            )
-        )
+    settings = dict(
+        model_name_or_path=tiny_model_path,
+        num_prompts=4,
+        reward_funcs=["accuracy"],
+        length_objective="none",
+        num_generations=2,
+        per_device_train_batch_size=4,
+        max_completion_length=4,
+        max_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        report_to="none",
+        disable_tqdm=True,
+        output_dir=str(tmp_path / "out"),
     )
+    recipe.write_text(yaml.safe_dump({**settings, **overrides}))
+    return recipe
+
+
+def test_a_user_reward_that_returns_nan_stops_the_run_with_one_line(tiny_model_path, tmp_path, capsys):
+    recipe = grpo_recipe(tmp_path, tiny_model_path, reward_funcs=["test_faults:nan_reward"])
     line = run_cli(["grpo", "--config", str(recipe)], capsys)
     assert line == (
         "lenvm-rl grpo: error: reward_funcs: 'test_faults:nan_reward' returned nan for completion 1; return finite "

@@ -6,9 +6,8 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 from conftest import ROOT
-from test_faults import quiet_progress, rollout_recipe, run_cli
+from test_faults import grpo_recipe, quiet_progress, rollout_recipe, run_cli
 
 from lenvm_rl.errors import ConfigError
 from lenvm_rl.outputs import claim_output_dir
@@ -67,30 +66,9 @@ def test_an_earlier_run_is_replaced_only_when_asked(tmp_path):
 
 
 def test_a_rerun_of_the_same_grpo_recipe_does_not_replace_the_finished_run(tiny_model_path, tmp_path, capsys):
-    recipe = tmp_path / "grpo.yaml"
-    recipe.write_text(
-        yaml.safe_dump(
-            dict(
-                model_name_or_path=tiny_model_path,
-                num_prompts=4,
-                reward_funcs=["accuracy"],
-                length_objective="none",
-                num_generations=2,
-                per_device_train_batch_size=4,
-                max_completion_length=4,
-                max_steps=1,
-                save_strategy="no",
-                use_cpu=True,
-                bf16=False,
-                activation_checkpointing=False,
-                report_to="none",
-                disable_tqdm=True,
-                output_dir=str(tmp_path / "out"),
-            )
-        )
-    )
     from lenvm_rl.cli import main
 
+    recipe = grpo_recipe(tmp_path, tiny_model_path)
     main(["grpo", "--config", str(recipe)])
     weights = tmp_path / "out" / "model.safetensors"
     saved = weights.stat().st_mtime_ns
