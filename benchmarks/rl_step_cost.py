@@ -11,7 +11,8 @@ The first step of each is a warm-up and is not counted; the figures are medians 
 
 Parts of a step, timed by wrapping TRL's own methods in a subclass (nothing is reimplemented): ``generation``
 (``_generate``: prompt tokenisation, sampling, decoding), ``reward_scoring`` (``_calculate_rewards``),
-``lenvm_forward`` (``lenvm_values``) and ``length_scoring`` (the toolkit's whole addition after TRL's scoring:
+``lenvm_forward`` (``lenvm_values``; beside it ``lenvm_forward_padded_before``, the previous scoring at the
+batch's padded width on the same batch, timed and taken out of the step) and ``length_scoring`` (the toolkit's whole addition after TRL's scoring:
 LenVM forward, advantage assembly, length metrics; ``length/scoring_time_s``), ``trl_scoring_other`` (the rest of
 ``_generate_and_score_completions``: advantages, TRL's log-prob passes when it needs them, metrics),
 ``policy_forward`` (``compute_loss``), ``policy_backward`` (``accelerator.backward``), ``optimizer`` (gradient
@@ -78,9 +79,27 @@ class TimedSteps:
         with self.timed("reward_scoring"):
             return super()._calculate_rewards(*args)
 
-    def lenvm_values(self, *args):
+    def lenvm_values(self, prompt_ids, prompt_mask, completion_ids, completion_mask):
         with self.timed("lenvm_forward"):
-            return super().lenvm_values(*args)
+            values = super().lenvm_values(prompt_ids, prompt_mask, completion_ids, completion_mask)
+        # Before/after on the same batch: the previous scoring (chunks in batch order, every chunk at the batch's
+        # padded width), timed and then taken out of the step's time.
+        start, start_cpu = time.perf_counter(), time.process_time()
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        size = self.args.lenvm_batch_size
+        with torch.no_grad():
+            for i in range(0, input_ids.size(0), size):
+                self.lenvm(
+                    input_ids=input_ids[i : i + size],
+                    attention_mask=attention_mask[i : i + size],
+                    position_ids=position_ids[i : i + size],
+                    use_cache=False,
+                )
+        self.part_seconds["lenvm_forward_padded"] += time.perf_counter() - start
+        self.part_seconds["excluded_cpu"] += time.process_time() - start_cpu
+        return values
 
     def _generate_and_score_completions(self, inputs):
         with self.timed("generate_and_score"):
@@ -114,7 +133,7 @@ class Baton(TrainerCallback):
             self.condition.wait_for(lambda: self.turns[0] == self.me)
         trainer = self.trainer_ref[0]
         trainer.part_seconds.clear()
-        trainer.step_start = time.perf_counter()
+        trainer.step_start, trainer.step_cpu_start = time.perf_counter(), time.process_time()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.trainer_ref[0].optimizer_start = time.perf_counter()
@@ -126,7 +145,9 @@ class Baton(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         trainer = self.trainer_ref[0]
         parts = dict(trainer.part_seconds)
-        parts["step"] = time.perf_counter() - trainer.step_start
+        parts["step"] = time.perf_counter() - trainer.step_start - parts.get("lenvm_forward_padded", 0.0)
+        # The other trainer waits meanwhile, so the process's CPU time is this step's.
+        parts["step_cpu"] = time.process_time() - trainer.step_cpu_start - parts.get("excluded_cpu", 0.0)
         trainer.steps.append({"parts": parts, "shapes": trainer.shapes})
         with self.condition:
             self.turns[0] = 1 - self.me
@@ -145,7 +166,9 @@ def split_parts(parts: dict, has_lenvm: bool) -> dict:
         "generation": parts.get("generation", 0.0),
         "reward_scoring": parts.get("reward_scoring", 0.0),
         "lenvm_forward": parts.get("lenvm_forward", 0.0),
-        "length_advantages_and_metrics": parts.get("length_scoring", 0.0) - parts.get("lenvm_forward", 0.0),
+        "length_advantages_and_metrics": parts.get("length_scoring", 0.0)
+        - parts.get("lenvm_forward", 0.0)
+        - parts.get("lenvm_forward_padded", 0.0),
         "policy_forward": parts.get("policy_forward", 0.0),
         "policy_backward": parts.get("policy_backward", 0.0),
         "optimizer": parts.get("optimizer", 0.0),
@@ -159,8 +182,10 @@ def split_parts(parts: dict, has_lenvm: bool) -> dict:
         - out["lenvm_forward"]
         - out["length_advantages_and_metrics"]
     )
-    out["other"] = parts["step"] - sum(out.values())
+    out["other"] = parts["step"] - sum(out.values())  # before the fields below, which are not parts
     out["step"] = parts["step"]
+    out["step_cpu"] = parts["step_cpu"]
+    out["lenvm_forward_padded_before"] = parts.get("lenvm_forward_padded", 0.0)  # not part of the step
     return out
 
 
@@ -220,16 +245,18 @@ def step_flops(shapes: dict, policy: dict, hidden: int, lenvm: dict | None) -> d
     return dict(flops)
 
 
-def matmul_gflops(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> float:
-    """GFLOP/s of a size x size matmul in ``dtype`` on this CPU (best of repeated runs over ``seconds``)."""
+def matmul_gflops(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> tuple[float, float]:
+    """GFLOP/s of a size x size matmul in ``dtype`` on this CPU, per second of wall time and per second of process
+    CPU time (the best of repeated runs over ``seconds``; on a loaded machine the CPU-time rate is the one that
+    holds, as the CPU-time step figures do)."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
-    best, deadline = float("inf"), time.perf_counter() + seconds
+    best, best_cpu, deadline = float("inf"), float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < deadline:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
+        best, best_cpu = min(best, time.perf_counter() - start), min(best_cpu, time.process_time() - start_cpu)
+    return 2 * size**3 / best / 1e9, 2 * size**3 / best_cpu / 1e9
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -304,9 +331,9 @@ def main() -> None:
         str(options.steps + 1),
     ]
     config, trainers = build_trainers(argv)
-    rates = {"float32": matmul_gflops(torch.float32)}
+    rates = {"float32": dict(zip(("per_wall_s", "per_cpu_s"), matmul_gflops(torch.float32)))}
     if config.bf16:
-        rates["bfloat16"] = matmul_gflops(torch.bfloat16)
+        rates["bfloat16"] = dict(zip(("per_wall_s", "per_cpu_s"), matmul_gflops(torch.bfloat16)))
     load_before = os.getloadavg()
     threads = [threading.Thread(target=trainer.train) for trainer in trainers]
     for thread in threads:
@@ -319,7 +346,7 @@ def main() -> None:
     policy = linear_macs(toolkit.model)
     hidden = toolkit.model.config.hidden_size
     lenvm = linear_macs(toolkit.accelerator.unwrap_model(toolkit.lenvm)) if toolkit.lenvm is not None else None
-    rate = rates.get("bfloat16", rates["float32"]) * 1e9
+    rate, cpu_rate = (r * 1e9 for r in rates.get("bfloat16", rates["float32"]).values())
 
     def summarise(trainer, with_lenvm):
         timed = trainer.steps[1:]  # the first step warms up
@@ -327,8 +354,10 @@ def main() -> None:
         flops = [step_flops(s["shapes"], policy, hidden, lenvm if with_lenvm else None) for s in timed]
         return {
             "step_s": [p["step"] for p in parts],
+            "step_cpu_s": [p["step_cpu"] for p in parts],
             "parts_s": {name: statistics.median(p[name] for p in parts) for name in parts[0]},
             "floor_s": statistics.median(f["total"] / rate for f in flops),
+            "floor_cpu_s": statistics.median(f["total"] / cpu_rate for f in flops),
             "tflop": {name: statistics.median(f[name] for f in flops) / 1e12 for name in flops[0]},
             "completion_tokens_mean": statistics.fmean(
                 statistics.fmean(s["shapes"]["completion_tokens"]) for s in timed
@@ -354,6 +383,12 @@ def main() -> None:
         "parts_s": ours["parts_s"],
         "toolkit_over_trl": statistics.median(ours["step_s"]) / statistics.median(theirs["step_s"]),
         "toolkit_over_floor": statistics.median(ours["step_s"]) / ours["floor_s"],
+        # Per second of process CPU time: what a loaded machine distorts least.
+        "toolkit_step_cpu_s": statistics.median(ours["step_cpu_s"]),
+        "trl_step_cpu_s": statistics.median(theirs["step_cpu_s"]),
+        "floor_cpu_s": ours["floor_cpu_s"],
+        "toolkit_over_trl_cpu": statistics.median(ours["step_cpu_s"]) / statistics.median(theirs["step_cpu_s"]),
+        "toolkit_over_floor_cpu": statistics.median(ours["step_cpu_s"]) / ours["floor_cpu_s"],
         "toolkit": ours,
         "trl": theirs,
     }
