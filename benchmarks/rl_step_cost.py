@@ -313,7 +313,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per trainer, after one warm-up step")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "results" / "rl_step_cost.json")
+    parser.add_argument("--table", action="store_true", help="print the table of an existing --output and stop")
     options, overrides = parser.parse_known_args()
+    if options.table:
+        print(table(json.loads(options.output.read_text())))
+        return
     torch.set_num_threads(options.threads)
     argv = [
         "--config",
@@ -395,6 +399,27 @@ def main() -> None:
     options.output.parent.mkdir(parents=True, exist_ok=True)
     options.output.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k not in ("toolkit", "trl")}, indent=2))
+    print(table(result))
+
+
+def table(result: dict) -> str:
+    """The docs/BENCHMARKS.md table of a result: medians per part (s), toolkit against TRL, TFLOP of each part."""
+    ours, theirs = result["toolkit"], result["trl"]
+    lines = ["| part | toolkit (s) | TRL GRPOTrainer (s) | TFLOP (toolkit) |", "|---|---:|---:|---:|"]
+    for name, seconds in ours["parts_s"].items():
+        if name in ("step", "step_cpu", "lenvm_forward_padded_before"):
+            continue
+        tflop = f"{ours['tflop'][name]:.3f}" if name in ours["tflop"] else ""
+        lines.append(f"| {name} | {seconds:.2f} | {theirs['parts_s'][name]:.2f} | {tflop} |")
+    lines += [
+        f"| **step (wall)** | **{result['toolkit_step_s']:.1f}** | **{result['trl_step_s']:.1f}** | "
+        f"{ours['tflop']['total']:.3f} |",
+        f"| step (process CPU time) | {result['toolkit_step_cpu_s']:.1f} | {result['trl_step_cpu_s']:.1f} | |",
+        f"| FLOP floor (wall rate / CPU-time rate) | {result['floor_s']:.1f} / {result['floor_cpu_s']:.1f} | "
+        f"{theirs['floor_s']:.1f} / {theirs['floor_cpu_s']:.1f} | |",
+        f"| LenVM forward before (padded, same batch) | {ours['parts_s']['lenvm_forward_padded_before']:.2f} | | |",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
