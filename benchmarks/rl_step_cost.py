@@ -177,6 +177,7 @@ def split_parts(parts: dict, has_lenvm: bool) -> dict:
         out["lenvm_forward"] = out["length_advantages_and_metrics"] = 0.0
     out["trl_scoring_other"] = (
         parts.get("generate_and_score", 0.0)
+        - parts.get("lenvm_forward_padded", 0.0)
         - out["generation"]
         - out["reward_scoring"]
         - out["lenvm_forward"]
