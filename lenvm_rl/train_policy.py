@@ -34,6 +34,25 @@ class GRPOScriptArguments(DatasetArguments):
     )
 
 
+def build_reward_funcs(names: list[str], tokenizer, model, config) -> list:
+    """The recipe's reward functions by name; length rewards get the EOS ids TRL stops on and the completion cap."""
+    from lenvm_rl.generation import eos_token_ids
+    from rewards import REWARDS, get_reward
+    from rewards.base import TokenLengthReward
+
+    # Length rewards count tokens without the EOS that ended the completion: any id TRL stops on.
+    eos_ids = sorted(eos_token_ids(tokenizer, model.generation_config))
+    reward_funcs = []
+    for name in names:
+        reward_class, params = REWARDS.get(name), {}
+        if reward_class is not None and issubclass(reward_class, TokenLengthReward):
+            params["eos_token_id"] = eos_ids
+            if "max_completion_tokens" in inspect.signature(reward_class).parameters:
+                params["max_completion_tokens"] = config.max_completion_length
+        reward_funcs.append(get_reward(name, **params))
+    return reward_funcs
+
+
 def train_policy(argv: list[str] | None, stage: str, config_class: type, trainer_class: type) -> None:
     """The `grpo` and `ppo` entry points: parse the recipe into ``config_class``, train with ``trainer_class``."""
     from transformers import set_seed
@@ -43,12 +62,10 @@ def train_policy(argv: list[str] | None, stage: str, config_class: type, trainer
     from lenvm_rl.data import load_prompt_splits
     from lenvm_rl.data_parallel import launched_ranks
     from lenvm_rl.faults import SaveOnSigterm, resume_checkpoint, train
-    from lenvm_rl.generation import eos_token_ids
     from lenvm_rl.loading import load_causal_lm, load_tokenizer
     from lenvm_rl.outputs import check_output_dir, claim_output_dir, final_save
     from lenvm_rl.recipe import parse_recipe
-    from rewards import REWARDS, get_reward
-    from rewards.base import TokenLengthReward
+    from rewards import REWARDS
 
     script_args, config, model_args = parse_recipe((GRPOScriptArguments, config_class, ModelConfig), argv)
     if config.reward_weights is not None and len(config.reward_weights) != len(script_args.reward_funcs):
@@ -105,16 +122,7 @@ def train_policy(argv: list[str] | None, stage: str, config_class: type, trainer
     )
 
     ################ Rewards
-    # Length rewards count tokens without the EOS that ended the completion: any id TRL stops on.
-    eos_ids = sorted(eos_token_ids(tokenizer, model.generation_config))
-    reward_funcs = []
-    for name in script_args.reward_funcs:
-        reward_class, params = REWARDS.get(name), {}
-        if reward_class is not None and issubclass(reward_class, TokenLengthReward):
-            params["eos_token_id"] = eos_ids
-            if "max_completion_tokens" in inspect.signature(reward_class).parameters:
-                params["max_completion_tokens"] = config.max_completion_length
-        reward_funcs.append(get_reward(name, **params))
+    reward_funcs = build_reward_funcs(script_args.reward_funcs, tokenizer, model, config)
 
     ################ Trainer
     sigterm = SaveOnSigterm()

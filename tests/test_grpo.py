@@ -177,6 +177,33 @@ def test_lenvm_values_ignore_left_padding(tiny_model_path, tokenizer, dataset, l
         torch.testing.assert_close(batched[row, start : start + len(alone)], alone, atol=1e-5, rtol=1e-5)
 
 
+def test_lenvm_values_in_trimmed_chunks_match_one_padded_forward(
+    tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path
+):
+    """Sorted, chunked and cut to each chunk's own columns, the values at every real position are those of one
+    forward over the whole padded batch; positions no row of a chunk reaches are 0."""
+    trainer = make_trainer(
+        tiny_model_path, tokenizer, dataset, tmp_path, lenvm_model_path=lenvm_path, lenvm_batch_size=2
+    )
+    pad = tokenizer.pad_token_id
+    prompt_ids = torch.tensor([[pad, pad, 5, 6], [7, 8, 9, 10], [pad, 3, 4, 5]])
+    prompt_mask = (prompt_ids != pad).long()
+    completion_ids = torch.tensor([[11, pad, pad, pad, pad], [14, 15, 16, 17, 18], [19, 20, pad, pad, pad]])
+    completion_mask = (completion_ids != pad).long()
+    chunked = trainer.lenvm_values(prompt_ids, prompt_mask, completion_ids, completion_mask)  # (3, 9)
+    attention_mask = torch.cat([prompt_mask, completion_mask], 1)
+    with torch.no_grad():
+        whole = trainer.lenvm(
+            input_ids=torch.cat([prompt_ids, completion_ids], 1),
+            attention_mask=attention_mask,
+            position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0),
+            use_cache=False,
+        ).length_values
+    real = attention_mask.bool()
+    torch.testing.assert_close(chunked[real], whole[real], atol=1e-5, rtol=1e-5)
+    assert chunked[0, :1].eq(0).all() and chunked[0, 6:].eq(0).all()  # rows 0 and 2 share a chunk: columns 1-5
+
+
 # ------------------------------------------------------------------------------------------ training
 
 MODES = {

@@ -1,0 +1,53 @@
+"""benchmarks/smollm2_rl.py: held-out curves against generated tokens (fast), and the whole study at a tiny size on
+the real SmolLM2-135M-Instruct, run twice: the second run finds every stage done and only rewrites the summary
+(slow)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import smollm2_rl  # noqa: E402
+
+
+def test_curve_counts_completion_tokens_generated_before_each_evaluation():
+    log_history = [
+        {"step": 0, "eval_length/mean_length_score": 0.2, "eval_rewards/accuracy/mean": 0.5, "eval_loss": 0.0},
+        {"step": 1, "completions/mean_length": 10.0},
+        {"step": 2, "completions/mean_length": 30.0},
+        {"step": 2, "eval_length/mean_length_score": 0.4, "eval_rewards/accuracy/mean": 0.25, "eval_loss": 0.0},
+    ]
+    points = smollm2_rl.curve(log_history, batch=4)
+    assert points == [
+        {"step": 0, "generated_tokens": 0.0, "length_score": 0.2, "accuracy": 0.5},
+        {"step": 2, "generated_tokens": 160.0, "length_score": 0.4, "accuracy": 0.25},  # (10 + 30) x 4
+    ]
+
+
+@pytest.mark.slow
+def test_tiny_study_runs_and_resumes(tmp_path):
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "smollm2_rl.py"), "--output", str(tmp_path), "--seeds", "0",
+        "--steps", "2", "--eval_steps", "1", "--eval_prompts", "2", "--batch", "4", "--lenvm_prompts", "2",
+        "--lenvm_eval_prompts", "2", "--lenvm_flags", "--num_train_epochs 1", "--grpo_flags",
+        "--max_completion_length 16",
+    ]  # fmt: skip
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    for attempt in range(2):
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert ("started" in done.stdout) == (attempt == 0)  # the rerun resumes: nothing left to run
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["complete"] and 0.0 <= summary["base_length_score"] <= 1.0
+    for arm in smollm2_rl.ARMS:
+        result = summary["arms"][arm]
+        assert result["seeds"] == [0] and len(result["heldout_length_score"]) == 1
+        steps = [point["step"] for point in result["curves"]["0"]]
+        assert steps == [0, 1, 2]  # the base model, then every eval_steps
+        assert 0 < result["curves"]["0"][-1]["generated_tokens"] <= 2 * 4 * 16
