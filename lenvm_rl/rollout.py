@@ -9,7 +9,8 @@ one would have.
 Row columns: ``prompt_id``, ``sample_index``, ``prompt`` (chat messages), ``prompt_ids``,
 ``completion_ids`` (EOS stripped), ``completion`` (text), ``completion_tokens`` (L, EOS excluded),
 ``finished`` (ended with EOS within the limit; False = truncated), and the source's other columns
-(``answer``, ``budget_tokens``, ``budget_kind``, ...).
+(``answer``, ``budget_tokens``, ``budget_kind``, ...). A recipe with thinking budgets or ``thinking_markers`` adds
+``thinking_tokens``, ``answer_tokens`` and ``thinking_closed`` (``rewards.segments``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from lenvm_rl.generation import VLLMArguments, generate_hf, require_vllm, tokeni
 from lenvm_rl.loading import inference_device, load_causal_lm, load_tokenizer
 from lenvm_rl.outputs import changed_setting
 from lenvm_rl.rollout_data import MANIFEST, load_rollouts
+from lenvm_rl.thinking import SegmentRecorder
 
 
 @dataclass
@@ -129,6 +131,7 @@ def run_rollouts(
 
     ranks.main_first(prepare)
     tokenizer = load_tokenizer(model_name_or_path)
+    record_segments = SegmentRecorder.for_recipe(args, tokenizer, prompts[0]["prompt"])
     num_shards = -(-len(prompts) // args.shard_size)
     todo = ranks.share([i for i in range(num_shards) if not (shard_dir / f"shard-{i:05d}").exists()])
     if not todo:
@@ -183,6 +186,7 @@ def run_rollouts(
                             "completion": tokenizer.decode(completion_ids, skip_special_tokens=True),
                             "completion_tokens": len(completion_ids),
                             "finished": finished,
+                            **(record_segments(completion_ids) if record_segments else {}),
                             **{c: row[c] for c in extra_columns},
                         }
                     )

@@ -40,8 +40,10 @@ def train_policy(argv: list[str] | None, stage: str, config_class: type, trainer
     from lenvm_rl.loading import load_causal_lm, load_tokenizer
     from lenvm_rl.outputs import check_output_dir, final_save
     from lenvm_rl.recipe import parse_recipe
+    from lenvm_rl.thinking import SegmentRecorder
     from rewards import REWARDS, get_reward
     from rewards.base import TokenLengthReward
+    from rewards.length import ThinkingLengthScore
 
     script_args, config, model_args = parse_recipe((GRPOScriptArguments, config_class, ModelConfig), argv)
     inputs = {
@@ -77,6 +79,12 @@ def train_policy(argv: list[str] | None, stage: str, config_class: type, trainer
                 f"lacks (columns: {', '.join(dataset.column_names)}); add it (budgets: [...] adds budget_tokens and "
                 f"budget_kind) or drop the reward"
             )
+    if "thinking_budget_tokens" in dataset.column_names and config.length_objective != "none":
+        raise ConfigError(
+            f"length_objective: {config.length_objective!r} scores the whole completion against budget_tokens, but "
+            f"these prompts carry thinking budgets (budget_tokens is the answer's budget); set length_objective: none "
+            f"and train on thinking_length_score and answer_length_score"
+        )
 
     ################ Tokenizer and policy
     from lenvm_rl.precision import resolve_dtype, training_device
@@ -90,6 +98,17 @@ def train_policy(argv: list[str] | None, stage: str, config_class: type, trainer
     ################ Rewards
     # Length rewards count tokens without the EOS that ended the completion: any id TRL stops on.
     eos_ids = sorted(eos_token_ids(tokenizer, model.generation_config))
+    # Segment rewards read the thinking markers in the token ids, knowing whether the chat template opened the section.
+    wants_segments = any(
+        issubclass(REWARDS.get(name, object), ThinkingLengthScore) for name in script_args.reward_funcs
+    )
+    segments = SegmentRecorder.for_recipe(
+        script_args,
+        tokenizer,
+        dataset[0]["prompt"],
+        config.chat_template_kwargs,
+        "reward_funcs" if wants_segments else None,
+    )
     reward_funcs = []
     for name in script_args.reward_funcs:
         reward_class, params = REWARDS.get(name), {}
@@ -97,6 +116,10 @@ def train_policy(argv: list[str] | None, stage: str, config_class: type, trainer
             params["eos_token_id"] = eos_ids
             if "max_completion_tokens" in inspect.signature(reward_class).parameters:
                 params["max_completion_tokens"] = config.max_completion_length
+        if reward_class is not None and issubclass(reward_class, ThinkingLengthScore):
+            params.update(
+                tokenizer=tokenizer, thinking_markers=segments.markers, starts_in_thinking=segments.starts_inside
+            )
         reward_funcs.append(get_reward(name, **params))
 
     ################ Trainer
