@@ -122,6 +122,56 @@ def value_targets(
     return torch.where(mask, targets, 0.0).float(), mask
 
 
+def segment_value_targets(
+    completion_lengths: torch.Tensor,
+    thinking_lengths: torch.Tensor,
+    thinking_closed: torch.Tensor,
+    finished: torch.Tensor,
+    num_states: int,
+    gamma: float,
+    bootstrap_values: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets of the two-segment LenVM's two values, remaining thinking tokens and remaining answer tokens.
+
+    A completion of L tokens is T thinking tokens, then L - T answer tokens (``rewards.segments``). Each value is a
+    length return of its own segment: the thinking value's reward is -(1 - γ) on thinking tokens, the answer
+    value's on answer tokens, and a step discounts a value only on a token of that value's segment (γ), not on the
+    other's (1). So, for t <= L, with n_think = max(T - t, 0) and n_answer = L - max(t, T):
+
+        G_think_t = -(1 - γ^n_think)     G_answer_t = -(1 - γ^n_answer)
+
+    While thinking, the answer value is the whole answer to come; from the closing marker on, the thinking value is 0
+    and the answer value is the one-segment return of the rest. Both satisfy G_t = r_t + γ_t G_{t+1}.
+
+    A return is known when the row finished (EOS), and the thinking's also once the thinking closed. An unknown
+    return (a truncated row: the answer's always, the thinking's when still open) is dropped (mask False) when
+    ``bootstrap_values`` is None, else bootstrapped from the model's own values at the cut, as ``value_targets``
+    does: G_t = -(1 - γ^n) + γ^n V_boot.
+
+    Shapes: completion_lengths, thinking_lengths (B,) with T <= L; thinking_closed, finished (B,) bool;
+    bootstrap_values (B, 2) = (V_think(s_L), V_answer(s_L)). Returns targets (B, num_states, 2) float32, 0 where
+    unlabelled, and mask (B, num_states, 2) bool; index 0 is the thinking value, 1 the answer value.
+    """
+    if (thinking_lengths > completion_lengths).any() or (thinking_lengths < 0).any():
+        raise ValueError("thinking_tokens: must lie in [0, completion_tokens] for every row")
+    device = completion_lengths.device
+    steps = torch.arange(num_states, device=device, dtype=torch.float64)  # t
+    length, thinking = completion_lengths.double()[:, None], thinking_lengths.double()[:, None]  # (B, 1)
+    remaining = torch.stack(
+        [(thinking - steps).clamp(min=0), (length - torch.maximum(steps, thinking)).clamp(min=0)], dim=-1
+    )  # (B, S, 2)
+    targets = value_from_remaining(remaining, gamma)  # (B, S, 2) float64
+    finished = finished.bool()
+    known = torch.stack([finished | thinking_closed.bool(), finished], dim=-1)[:, None, :]  # (B, 1, 2)
+    mask = (steps <= length)[..., None].expand_as(targets)  # (B, S, 2)
+    if bootstrap_values is None:
+        mask = mask & known
+    else:
+        bootstrapped = targets + (1 + targets) * bootstrap_values.double()[:, None, :]  # 1 + target = γ^n
+        targets = torch.where(known, targets, bootstrapped)
+    return torch.where(mask, targets, 0.0).float(), mask
+
+
 # ------------------------------------------------------------------------------- advantages and TD
 
 
