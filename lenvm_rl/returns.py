@@ -163,7 +163,7 @@ def segment_value_targets(
     targets = value_from_remaining(remaining, gamma)  # (B, S, 2) float64
     finished = finished.bool()
     known = torch.stack([finished | thinking_closed.bool(), finished], dim=-1)[:, None, :]  # (B, 1, 2)
-    mask = (steps <= length)[..., None].expand_as(targets)  # (B, S, 2)
+    mask = (steps <= length)[..., None].expand_as(targets).clone()  # (B, S, 2), writable by the caller
     if bootstrap_values is None:
         mask = mask & known
     else:

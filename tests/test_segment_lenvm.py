@@ -1,0 +1,90 @@
+"""The two-value LenVM (``segment_values``): it trains on rollouts with thinking segments, counts its labelled
+(state, value) pairs as its loss does, reports per-segment metrics, and the stages that read one value refuse it."""
+
+import math
+
+import pytest
+import torch
+from trl import ModelConfig
+
+from lenvm_rl.critic_metrics import collate_states, labelled_states
+from lenvm_rl.errors import ConfigError
+from lenvm_rl.modeling import load_lenvm
+from lenvm_rl.rollout_data import load_rollouts
+from lenvm_rl.train_lenvm import LenVMTrainer, LenVMTrainingConfig, build_lenvm
+
+TRAIN_LENGTHS = torch.tensor([2.0, 3.0, 4.0], dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def segment_rows(rollouts_dir):
+    """The tiny rollouts with made-up segments: the first half thinking, every third row's thinking never closed."""
+
+    def segments(row, index):
+        length = row["completion_tokens"]
+        unclosed = index % 3 == 0
+        return {"thinking_tokens": length if unclosed else length // 2, "thinking_closed": not unclosed}
+
+    return load_rollouts(rollouts_dir).map(segments, with_indices=True)
+
+
+def make_trainer(model_path, tokenizer, rows, output_dir, **overrides):
+    settings = dict(
+        output_dir=str(output_dir),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=1,
+        gamma="0.9",
+        disable_tqdm=True,
+        segment_values=True,
+        truncated_rollouts="bootstrap",
+    )
+    config = LenVMTrainingConfig(**{**settings, **overrides})
+    model = build_lenvm(ModelConfig(model_name_or_path=model_path), config, 0.9, TRAIN_LENGTHS)
+    finished = rows.filter(lambda row: row["finished"])
+    return LenVMTrainer(model, config, train_dataset=rows, eval_dataset=finished, processing_class=tokenizer)
+
+
+def test_two_values_train_and_report_per_segment(tiny_model_path, tokenizer, segment_rows, tmp_path):
+    trainer = make_trainer(tiny_model_path, tokenizer, segment_rows, tmp_path)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    assert all(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if p.requires_grad)
+    assert trainer.model.head.out.weight.shape[0] == 2
+    metrics = trainer.evaluate()
+    for name in ("value_mse", "thinking_boundary_value_mae", "answer_boundary_value_mae", "thinking_boundary_mre"):
+        assert math.isfinite(metrics[f"eval_{name}"]), name
+    trainer.save_model(str(tmp_path / "lenvm"))
+    with pytest.raises(ConfigError, match=r"^lenvm_model_path: .* is a two-value LenVM"):
+        load_lenvm(str(tmp_path / "lenvm"))
+    assert load_lenvm(str(tmp_path / "lenvm"), two_values=True).config.segment_values
+
+
+@pytest.mark.parametrize("drop", [True, False])
+def test_labelled_pairs_are_counted_as_the_loss_labels_them(tokenizer, segment_rows, drop):
+    rows = [segment_rows[i] for i in range(len(segment_rows))]
+    batch = collate_states(rows, tokenizer.pad_token_id)
+    expected = 0
+    for row in rows:
+        states = row["completion_tokens"] + 1
+        thinking_known = row["finished"] or row["thinking_closed"]
+        expected += states * ((thinking_known or not drop) + (row["finished"] or not drop))
+    assert int(labelled_states(batch, drop, segment_values=True)) == expected
+    assert not all(row["finished"] for row in rows)  # the truncated rows are what the count is about
+
+
+def test_two_values_need_rollouts_with_segments(tiny_model_path, tokenizer, rollouts_dir, tmp_path):
+    rows = load_rollouts(rollouts_dir)
+    trainer = make_trainer(tiny_model_path, tokenizer, rows, tmp_path)
+    with pytest.raises(ConfigError, match=r"^rollouts_path: a segment_values LenVM trains on rollouts with thinking"):
+        trainer.model(**collate_states([rows[0]], tokenizer.pad_token_id))
+    from lenvm_rl.critic_metrics import require_segments
+
+    with pytest.raises(ConfigError, match=r"^rollouts_path: these rollouts have no thinking_tokens"):
+        require_segments(rows, "rollouts_path")
