@@ -1,10 +1,12 @@
 """The two-value LenVM (``segment_values``): it trains on rollouts with thinking segments, counts its labelled
 (state, value) pairs as its loss does, reports per-segment metrics, and the stages that read one value refuse it."""
 
+import json
 import math
 
 import pytest
 import torch
+from conftest import write_rollout_shard
 from trl import ModelConfig
 
 from lenvm_rl.critic_metrics import collate_states, labelled_states
@@ -61,9 +63,23 @@ def test_two_values_train_and_report_per_segment(tiny_model_path, tokenizer, seg
     for name in ("value_mse", "thinking_boundary_value_mae", "answer_boundary_value_mae", "thinking_boundary_mre"):
         assert math.isfinite(metrics[f"eval_{name}"]), name
     trainer.save_model(str(tmp_path / "lenvm"))
+    tokenizer.save_pretrained(str(tmp_path / "lenvm"))
     with pytest.raises(ConfigError, match=r"^lenvm_model_path: .* is a two-value LenVM"):
         load_lenvm(str(tmp_path / "lenvm"))
-    assert load_lenvm(str(tmp_path / "lenvm"), two_values=True).config.segment_values
+
+    # predict-length reads it per segment.
+    from lenvm_rl.predict_length import main as predict_length
+
+    rollouts = write_rollout_shard(tmp_path / "rollouts", segment_rows.to_list())
+    out = tmp_path / "predict"
+    predict_length(
+        ["--lenvm_model_path", str(tmp_path / "lenvm"), "--rollouts_path", str(rollouts), "--output_dir", str(out)]
+    )
+    result = json.loads((out / "predictions.json").read_text())
+    assert math.isfinite(result["metrics"]["thinking_boundary_mre"]) and "boundary_mre" not in result["metrics"]
+    for prompt in result["prompts"]:
+        assert prompt["thinking_predicted_tokens"] >= 0 and prompt["answer_ground_truth_tokens"] >= 0
+    assert (out / "value_trace_thinking.png").stat().st_size > 0 and (out / "value_trace_answer.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("drop", [True, False])
