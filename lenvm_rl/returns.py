@@ -217,6 +217,26 @@ def td_residuals(values: torch.Tensor, mask: torch.Tensor, gamma: float) -> torc
     return torch.where(mask.bool(), residuals, 0.0)
 
 
+def segment_td_residuals(
+    values: torch.Tensor, mask: torch.Tensor, thinking_lengths: torch.Tensor, gamma: float
+) -> torch.Tensor:
+    """TD residuals of the two-segment values (``segment_value_targets``): for the token at index t and value h,
+    s_t,h = r_t,h + γ_t,h V_h(s_{t+1}) - V_h(s_t), where a token of h's segment has r = -(1 - γ), γ_t,h = γ, and a
+    token of the other segment r = 0, γ_t,h = 1 (token t is thinking when t < T). 0 where mask is False.
+
+    Shapes: values (B, T + 1, 2) (thinking, answer), mask (B, T) bool, thinking_lengths (B,) -> (B, T, 2).
+    """
+    dtype = torch.promote_types(values.dtype, torch.float32)
+    values = values.to(dtype)
+    steps = torch.arange(mask.size(1), device=values.device)
+    thinking = steps[None, :] < thinking_lengths[:, None]  # (B, T)
+    own = torch.stack([thinking, ~thinking], dim=-1)  # (B, T, 2): the token is of value h's segment
+    reward = torch.where(own, -(1.0 - gamma), 0.0).to(dtype)
+    discount = torch.where(own, gamma, 1.0).to(dtype)
+    residuals = reward + discount * values[:, 1:] - values[:, :-1]  # (B, T, 2)
+    return torch.where(mask.bool()[..., None], residuals, 0.0)
+
+
 # ---------------------------------------------------------------------------- prompt-boundary metric
 
 

@@ -81,6 +81,25 @@ def test_two_values_train_and_report_per_segment(tiny_model_path, tokenizer, seg
         assert prompt["thinking_predicted_tokens"] >= 0 and prompt["answer_ground_truth_tokens"] >= 0
     assert (out / "value_trace_thinking.png").stat().st_size > 0 and (out / "value_trace_answer.png").stat().st_size > 0
 
+    # length-tokens gives each token the residual of its own segment's value.
+    from lenvm_rl.length_tokens import main as length_tokens
+
+    out = tmp_path / "tokens"
+    length_tokens(
+        [
+            "--lenvm_model_path",
+            str(tmp_path / "lenvm"),
+            "--rollouts_path",
+            str(rollouts),
+            "--output_dir",
+            str(out),
+            "--min_count",
+            "1",
+        ]
+    )
+    stats = json.loads((out / "length_tokens.json").read_text())
+    assert stats
+
 
 @pytest.mark.parametrize("drop", [True, False])
 def test_labelled_pairs_are_counted_as_the_loss_labels_them(tokenizer, segment_rows, drop):
@@ -104,3 +123,23 @@ def test_two_values_need_rollouts_with_segments(tiny_model_path, tokenizer, roll
 
     with pytest.raises(ConfigError, match=r"^rollouts_path: these rollouts have no thinking_tokens"):
         require_segments(rows, "rollouts_path")
+
+
+def test_each_token_gets_its_own_segments_residual(tokenizer):
+    from lenvm_rl.length_tokens import token_residual_stats
+    from lenvm_rl.returns import segment_value_targets
+
+    ids = tokenizer.encode("ab|cd", add_special_tokens=False)  # "a", "b", "|" thinking; "c", "d" the answer
+    row = {"completion_ids": ids, "completion_tokens": 5, "thinking_tokens": 3}
+    one, two = torch.tensor([True]), torch.tensor([5])
+    exact = segment_value_targets(two, torch.tensor([3]), one, one, 6, 0.9)[0][0]  # (6, 2)
+    stats = token_residual_stats([exact], [row], tokenizer, 0.9, 0.01, two_values=True)
+    assert all(entry["up"] == entry["down"] == 0 for entry in stats.values())
+    # Raise the thinking value after "b" (the rest of the thinking looks shorter): "b" moves it up, "|" down; a change
+    # to the answer value there is not the thinking token's.
+    moved = exact.clone()
+    moved[2, 0] += 0.2
+    moved[2, 1] += 0.3
+    stats = token_residual_stats([moved], [row], tokenizer, 0.9, 0.01, two_values=True)
+    assert stats["b"]["up"] == 1 and stats["|"]["down"] == 1
+    assert stats["a"]["up"] == stats["c"]["up"] == stats["c"]["down"] == 0

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from lenvm_rl.returns import segment_value_targets, value_targets
+from lenvm_rl.returns import segment_td_residuals, segment_value_targets, td_residuals, value_targets
 
 
 def reference_segment_targets(length, thinking, closed, finished, num_states, gamma, bootstrap=None):
@@ -79,3 +79,31 @@ def test_no_thinking_gives_the_one_segment_targets_for_the_answer():
 def test_thinking_longer_than_the_completion_is_refused():
     with pytest.raises(ValueError, match="thinking_tokens"):
         segment_value_targets(torch.tensor([2]), torch.tensor([3]), torch.tensor([True]), torch.tensor([True]), 4, 0.5)
+
+
+def test_segment_td_residuals_match_a_loop_and_vanish_on_exact_targets():
+    rng = random.Random(1)
+    batch, steps, gamma = 5, 7, 0.8
+    values = torch.tensor([[[rng.uniform(-1, 0) for _ in range(2)] for _ in range(steps + 1)] for _ in range(batch)])
+    thinking = torch.tensor([rng.randint(0, steps) for _ in range(batch)])
+    mask = torch.tensor([[t < rng.randint(1, steps) for t in range(steps)] for _ in range(batch)])
+    residuals = segment_td_residuals(values, mask, thinking, gamma)
+    for b in range(batch):
+        for t in range(steps):
+            for h in (0, 1):
+                own = (t < thinking[b]) == (h == 0)
+                expected = (
+                    (-(1 - gamma) if own else 0.0) + (gamma if own else 1.0) * values[b, t + 1, h] - values[b, t, h]
+                )
+                assert float(residuals[b, t, h]) == pytest.approx(float(expected) if mask[b, t] else 0.0, abs=1e-6)
+    # The exact targets of a finished row have zero residual on every token; without thinking, the answer's
+    # residuals are the one-segment ones.
+    targets, _ = segment_value_targets(
+        torch.tensor([5]), torch.tensor([3]), torch.tensor([True]), torch.tensor([True]), 6, gamma
+    )
+    assert (
+        segment_td_residuals(targets, torch.ones(1, 5, dtype=torch.bool), torch.tensor([3]), gamma).abs().max() < 1e-6
+    )
+    one = td_residuals(values[..., 1], mask, gamma)
+    two = segment_td_residuals(values, mask, torch.zeros(batch, dtype=torch.long), gamma)
+    assert torch.allclose(two[..., 1], one)
