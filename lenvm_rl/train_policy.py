@@ -85,6 +85,11 @@ def train_policy(argv: list[str] | None, stage: str, config_class: type, trainer
             f"these prompts carry thinking budgets (budget_tokens is the answer's budget); set length_objective: none "
             f"and train on thinking_length_score and answer_length_score"
         )
+    if "thinking_budget_tokens" in dataset.column_names and config.lenvm_model_path is not None:
+        raise ConfigError(
+            "lenvm_model_path: the LenVM's length/* metrics score whole completions against budget_tokens, which "
+            "is the answer's budget for these prompts with thinking budgets; unset lenvm_model_path"
+        )
 
     ################ Tokenizer and policy
     from lenvm_rl.precision import resolve_dtype, training_device

@@ -115,6 +115,12 @@ CASES = {
         [],
         "thinking_budgets: evaluate reports whole",
     ),
+    "thinking-budgets-with-a-metrics-lenvm": (
+        "grpo",
+        {"thinking_budgets": [8], "length_objective": "none"},
+        [],
+        "lenvm_model_path: the LenVM's length/* metrics",
+    ),
     "thinking-budget-kinds-without-budgets": (
         "rollout",
         {"thinking_budget_kinds": ["exact"]},

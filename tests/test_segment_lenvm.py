@@ -7,13 +7,14 @@ import math
 import pytest
 import torch
 from conftest import write_rollout_shard
+from test_train_lenvm import training_config
 from trl import ModelConfig
 
 from lenvm_rl.critic_metrics import collate_states, labelled_states
 from lenvm_rl.errors import ConfigError
 from lenvm_rl.modeling import load_lenvm
 from lenvm_rl.rollout_data import load_rollouts
-from lenvm_rl.train_lenvm import LenVMTrainer, LenVMTrainingConfig, build_lenvm
+from lenvm_rl.train_lenvm import LenVMTrainer, build_lenvm
 
 TRAIN_LENGTHS = torch.tensor([2.0, 3.0, 4.0], dtype=torch.float64)
 
@@ -30,22 +31,8 @@ def segment_rows(rollouts_dir):
     return load_rollouts(rollouts_dir).map(segments, with_indices=True)
 
 
-def make_trainer(model_path, tokenizer, rows, output_dir, **overrides):
-    settings = dict(
-        output_dir=str(output_dir),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        logging_steps=1,
-        gamma="0.9",
-        disable_tqdm=True,
-        segment_values=True,
-        truncated_rollouts="bootstrap",
-    )
-    config = LenVMTrainingConfig(**{**settings, **overrides})
+def make_trainer(model_path, tokenizer, rows, output_dir):
+    config = training_config(output_dir, segment_values=True, truncated_rollouts="bootstrap")
     model = build_lenvm(ModelConfig(model_name_or_path=model_path), config, 0.9, TRAIN_LENGTHS)
     finished = rows.filter(lambda row: row["finished"])
     return LenVMTrainer(model, config, train_dataset=rows, eval_dataset=finished, processing_class=tokenizer)
