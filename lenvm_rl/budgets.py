@@ -55,6 +55,35 @@ def check_budget_choices(budgets, budget_range, kinds, kinds_field: str = "kinds
         raise ConfigError(f"{kinds_field}: {unknown} not budget kinds; use some of {', '.join(BUDGET_KINDS)}")
 
 
+def check_reachable_budgets(budgets, budget_range, kinds, max_tokens: int, max_field: str) -> None:
+    """Refuse budgets of which none can be met within the generation limit ``max_tokens`` (``max_field``), and warn
+    (one line on stderr) about each that cannot: an exact budget beyond its 10 % tolerance, an at_least budget above
+    the limit (an at_most budget always can). Its hit and length reward would never be earned, without a word."""
+    import sys
+
+    import torch
+
+    from rewards.scores import budget_hit, budget_kind_codes
+
+    name, candidates = ("budgets", budgets) if budgets else ("budget_range", budget_range)
+    pairs = [(budget, kind) for budget in candidates or [] for kind in kinds]
+    unreachable = [
+        (budget, kind)
+        for budget, kind in pairs  # the length nearest the budget that a completion can have is min(N, max_tokens)
+        if not budget_hit(torch.tensor([min(budget, max_tokens)]), torch.tensor([budget]), budget_kind_codes([kind]))
+    ]
+    if not unreachable:
+        return
+    budget, kind = unreachable[0] if len(unreachable) == len(pairs) else unreachable[-1]
+    problem = (
+        f"{name}: the {kind} budget of {budget} tokens cannot be met within {max_field} {max_tokens}, so its reward "
+        f"would never be earned; raise {max_field} or lower the budgets"
+    )
+    if len(unreachable) == len(pairs):
+        raise ConfigError(problem.replace("the ", "even the smallest " if len(pairs) > 1 else "the ", 1))
+    print(f"lenvm-rl: warning: {problem}", file=sys.stderr)
+
+
 def add_budgets(
     dataset: Dataset,
     budgets: Sequence[int] | None = None,

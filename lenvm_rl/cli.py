@@ -2,7 +2,8 @@
 
 Every stage parses its recipe with TRL's ``TrlParser``: YAML values become defaults, flags override
 them. A mistake a user can fix (``ConfigError``, or a recipe field the stage does not know) is printed
-as one line naming the field and the fix, with exit status 2 and no traceback.
+as one line naming the field and the fix, with exit status 2 and no traceback; so is a disk that fills up
+(rollout shards are renamed in whole and evaluate's lines fsynced, so the same command finishes the work).
 """
 
 from __future__ import annotations
@@ -64,4 +65,16 @@ def main(argv: list[str] | None = None) -> None:
             importlib.import_module(STAGES[stage][0]).main(rest)
     except ConfigError as error:
         print(f"lenvm-rl {stage}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as error:  # a full disk in any stage (training stages say which checkpoint themselves)
+        from lenvm_rl.outputs import full_disk
+
+        if not full_disk(error):
+            raise
+        detail = str(error).splitlines()[0][:120]
+        print(
+            f"lenvm-rl {stage}: error: output_dir: the disk is full ({detail}); what was written before is kept "
+            f"whole: free space and rerun the same command",
+            file=sys.stderr,
+        )
         sys.exit(2)

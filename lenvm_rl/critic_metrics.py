@@ -175,6 +175,14 @@ def segment_length_metrics(rows, values: list[torch.Tensor], gamma: float) -> di
     return metrics
 
 
+def lenvm_metrics(config, rows, values: list[torch.Tensor]) -> dict[str, float]:
+    """The held-out metrics of a LenVM with ``config``: ``segment_length_metrics`` for a two-value one, else
+    ``length_metrics`` with its constant baselines."""
+    if config.segment_values:
+        return segment_length_metrics(rows, values, config.gamma)
+    return length_metrics(rows, values, config.gamma, constant_baselines(config))
+
+
 def constant_baselines(config) -> dict[str, float | None]:
     """The two constant predictors a LenVM config records from its training rollouts."""
     return {"constant_mre": config.train_length_mean, "constant_value_mre": config.train_boundary_tokens}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,12 +113,27 @@ def parts_of(path: Path) -> list[Path]:
     return sorted(path.parent.glob(f"{path.stem}.part-*{path.suffix}"))
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The complete records of a jsonl file; a torn last line (an interrupted write) is left out."""
+def read_jsonl(path: Path, key: Callable[[dict], tuple] | None = None) -> list[dict]:
+    """The complete records of a jsonl file. A torn last line (an interrupted write) is left out; so is a damaged line
+    anywhere (not a JSON object, or without the fields ``key`` reads), with a notice on stderr: the records are keyed,
+    so the work it held is simply done again."""
     if not path.exists():
         return []
-    lines = path.read_text().splitlines(keepends=True)
-    return [json.loads(line) for line in lines if line.endswith("\n")]
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(keepends=True), 1):
+        if not line.endswith("\n"):
+            continue
+        try:
+            record = json.loads(line)
+            if key is not None:
+                key(record)
+        except (ValueError, KeyError, TypeError):  # TypeError: a JSON value that is not an object
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            print(f"lenvm-rl: {path}: line {number} is damaged; left out, and generated again", file=sys.stderr)
+    return records
 
 
 def merge_records(path: Path, key: Callable[[dict], tuple]) -> list[dict]:
@@ -126,7 +142,7 @@ def merge_records(path: Path, key: Callable[[dict], tuple]) -> list[dict]:
     parts = parts_of(path)
     records, seen = [], set()
     for source in [path, *parts]:
-        for record in read_jsonl(source):
+        for record in read_jsonl(source, key):
             if key(record) not in seen:
                 seen.add(key(record))
                 records.append(record)

@@ -31,11 +31,13 @@ from pathlib import Path
 import torch
 from datasets import Dataset, concatenate_datasets
 
+from lenvm_rl.budgets import check_reachable_budgets
 from lenvm_rl.data import DatasetArguments, load_prompts, source_fingerprint
 from lenvm_rl.data_parallel import Ranks, launched_ranks
 from lenvm_rl.errors import ConfigError
 from lenvm_rl.generation import (
     VLLMArguments,
+    check_adapter,
     generate_rows,
     hf_sampler,
     load_policy,
@@ -191,6 +193,7 @@ class EvaluateArguments(DatasetArguments, VLLMArguments):
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.temperature < 0:
             raise ConfigError(f"temperature: must be >= 0 (0 = greedy), got {self.temperature}")
+        check_reachable_budgets(self.budgets, None, self.budget_kinds, self.max_new_tokens, "max_new_tokens")
         if self.temperature == 0 and self.num_samples > 1:
             raise ConfigError(
                 f"num_samples: greedy decoding (temperature 0) gives one completion, got {self.num_samples}; set 1"
@@ -319,11 +322,8 @@ def run_evaluation(args: EvaluateArguments, ranks: Ranks = Ranks()) -> dict[str,
             f"{settings.get(key)!r} now; {manifest}); use another output_dir"
             + (", or set use_vllm to match" if key == "generator" else "")
         )
-    missing = [adapter for adapter in args.adapters if not Path(adapter, "adapter_config.json").is_file()]
-    if missing:  # before the base model is evaluated, not after
-        raise ConfigError(
-            f"adapters: {missing[0]!r} holds no adapter_config.json; give a LoRA output_dir of `lenvm-rl grpo`"
-        )
+    for adapter in args.adapters:  # before the base model is evaluated, not after
+        check_adapter(adapter)
     prompts = budgeted_prompts(args)
     tokenizer = load_tokenizer(args.model_name_or_path)
     results, costs, backends, loaded = {}, {}, {}, {}
@@ -373,7 +373,7 @@ def run_evaluation(args: EvaluateArguments, ranks: Ranks = Ranks()) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
-    from lenvm_rl.outputs import check_output_dir
+    from lenvm_rl.outputs import check_output_dir, claim_output_dir
     from lenvm_rl.recipe import parse_recipe
 
     (args,) = parse_recipe((EvaluateArguments,), argv)
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         "lenvm_model_path": args.lenvm_model_path,
         "dataset_name": args.dataset_name,
     }
-    ranks.main_first(lambda: check_output_dir(args.output_dir, inputs))
+    ranks.main_first(lambda: (check_output_dir(args.output_dir, inputs), claim_output_dir(args.output_dir)))
     results = run_evaluation(args, ranks)
     if not ranks.is_main:
         return results

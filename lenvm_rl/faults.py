@@ -95,12 +95,9 @@ def checkpoint_problem(folder: Path) -> str | None:
     """Why ``folder`` is not a complete checkpoint, or None when it is.
 
     Complete means verifiably so, not merely present: ``trainer_state.json`` parses and holds ``global_step``
-    (a Ctrl-C during a save can leave it empty), every ``*.safetensors`` file's header covers the whole file, and
-    every ``*.pt`` / ``*.pth`` / ``*.bin`` torch file has its zip directory, which torch writes last. Both checks
-    read a few bytes, not the tensors.
+    (a Ctrl-C during a save can leave it empty), every file reads whole (``file_is_whole``), and a live critic's files
+    are all there (``critic_checkpoints.live_critic_problem``). The checks read a few bytes, not the tensors.
     """
-    from safetensors import safe_open
-
     state = folder / "trainer_state.json"
     if not state.is_file():
         return "no trainer_state.json"
@@ -108,16 +105,31 @@ def checkpoint_problem(folder: Path) -> str | None:
         json.loads(state.read_text())["global_step"]
     except (ValueError, KeyError, TypeError):
         return "trainer_state.json is empty or cut off"
-    for path in sorted(folder.rglob("*")):
-        try:
-            if path.suffix == ".safetensors":
-                with safe_open(str(path), "pt"):
-                    pass
-            elif path.suffix in (".pt", ".pth", ".bin"):
-                zipfile.ZipFile(path).close()
-        except Exception:  # safetensors raises its own error type, zipfile BadZipFile
-            return f"{path.relative_to(folder)} is cut off or corrupt"
-    return None
+    damaged = next((path for path in sorted(folder.rglob("*")) if not file_is_whole(path)), None)
+    if damaged is not None:
+        return f"{damaged.relative_to(folder)} is cut off or corrupt"
+    from lenvm_rl.critic_checkpoints import live_critic_problem
+
+    return live_critic_problem(folder)
+
+
+def file_is_whole(path: Path) -> bool:
+    """Whether a saved file reads whole, from a few bytes: a ``.safetensors`` header covers the file, a torch file
+    (``.pt`` / ``.pth`` / ``.bin``) has its zip directory, which torch writes last, a ``.json`` file parses. Other
+    files, and folders, count as whole."""
+    from safetensors import safe_open
+
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), "pt"):
+                pass
+        elif path.suffix in (".pt", ".pth", ".bin"):
+            zipfile.ZipFile(path).close()
+        elif path.suffix == ".json" and path.is_file():
+            json.loads(path.read_text())
+    except Exception:  # safetensors raises its own error type, zipfile BadZipFile, json ValueError
+        return False
+    return True
 
 
 def resume_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: str) -> str | None:

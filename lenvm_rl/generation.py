@@ -263,6 +263,22 @@ def vllm_sampler(generate: Callable, args, adapter: str | None) -> Sampler:
     return sample
 
 
+def check_adapter(adapter: str) -> None:
+    """Refuse a LoRA adapter folder without its config, or whose files do not read whole (a copy that did not finish)."""
+    from lenvm_rl.faults import file_is_whole
+
+    if not Path(adapter, "adapter_config.json").is_file():
+        raise ConfigError(
+            f"adapters: {adapter!r} holds no adapter_config.json; give a LoRA output_dir of `lenvm-rl grpo`"
+        )
+    files = [Path(adapter, "adapter_config.json"), *sorted(Path(adapter).glob("adapter_model.*"))]
+    damaged = next((f.name for f in files if not file_is_whole(f)), None if len(files) > 1 else "adapter_model")
+    if damaged is not None:
+        raise ConfigError(
+            f"adapters: {damaged} in {adapter!r} is missing, cut off or corrupt; copy or save the adapter again"
+        )
+
+
 def load_policy(model_name_or_path: str, adapter: str | None, dtype: str):
     """The base model, or the base with a LoRA adapter merged into it, in eval mode on the inference device."""
     from lenvm_rl.loading import inference_device, load_causal_lm
@@ -271,11 +287,18 @@ def load_policy(model_name_or_path: str, adapter: str | None, dtype: str):
     if adapter is not None:
         from peft import PeftModel
 
-        if not Path(adapter, "adapter_config.json").is_file():
+        from lenvm_rl.loading import mismatched_shapes
+
+        check_adapter(adapter)
+        try:
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        except RuntimeError as error:
+            if not mismatched_shapes(error):
+                raise
             raise ConfigError(
-                f"adapters: {adapter!r} holds no adapter_config.json; give a LoRA output_dir of `lenvm-rl grpo`"
-            )
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+                f"adapters: {adapter!r} does not fit {model_name_or_path!r} (its tensor shapes differ: it was trained "
+                f"on another base model); evaluate it with the model_name_or_path it was trained on"
+            ) from None
     return model.to(inference_device()).eval()
 
 

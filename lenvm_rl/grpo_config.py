@@ -164,6 +164,8 @@ class LenVMGRPOConfig(GRPOConfig):
         for name in ("num_generations", "max_completion_length"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.temperature <= 0:  # TRL always samples: 0 would divide the logits by zero at the first generation
+            raise ConfigError(f"temperature: must be > 0 (GRPO samples its completions), got {self.temperature}")
         try:
             super().__post_init__()
         except ValueError as error:  # TRL's group-size checks speak of generation_batch_size, rarely set by hand

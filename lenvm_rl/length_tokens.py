@@ -98,12 +98,13 @@ def main(argv: list[str] | None = None) -> dict:
     from lenvm_rl.critic_metrics import check_lenvm_reads_rollouts, require_segments, score_rollouts
     from lenvm_rl.loading import inference_device, load_tokenizer
     from lenvm_rl.modeling import load_lenvm
-    from lenvm_rl.outputs import check_output_dir
+    from lenvm_rl.outputs import check_output_dir, claim_output_dir
     from lenvm_rl.recipe import parse_recipe
     from lenvm_rl.rollout_data import load_rollouts
 
     (args,) = parse_recipe((LengthTokenArguments,), argv)
     check_output_dir(args.output_dir, {"lenvm_model_path": args.lenvm_model_path, "rollouts_path": args.rollouts_path})
+    claim_output_dir(args.output_dir)
     model = load_lenvm(args.lenvm_model_path, two_values=True).to(inference_device())
     tokenizer = load_tokenizer(args.lenvm_model_path)
     rows = load_rollouts(args.rollouts_path)

@@ -59,7 +59,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     path = resolve_model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: a folder without tokenizer files
         raise ConfigError(_unreachable(name_or_path, error)) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -78,6 +78,8 @@ def load_causal_lm(name_or_path: str, dtype: str | None = None, **kwargs) -> Pre
         raise ConfigError(_unreachable(name_or_path, error)) from None
     except SafetensorError as error:
         raise ConfigError(corrupt_weights("model_name_or_path", name_or_path, error)) from None
+    except RuntimeError as error:
+        raise foreign_config("model_name_or_path", name_or_path, error) from None
 
 
 def model_vocab_size(name_or_path: str) -> int:
@@ -98,12 +100,33 @@ def corrupt_weights(name: str, path: str, error: Exception) -> str:
     )
 
 
+def foreign_config(name: str, path: str, error: RuntimeError) -> Exception:
+    """The ConfigError for weights that do not fit the folder's config.json (another model's config copied in), or
+    ``error`` itself when it is something else."""
+    if not mismatched_shapes(error):
+        return error
+    return ConfigError(
+        f"{name}: the weights in {path!r} do not fit its config.json, which belongs to another model (the tensor "
+        f"shapes differ); copy the whole model folder again"
+    )
+
+
+def mismatched_shapes(error: RuntimeError) -> bool:
+    """Whether loading failed because saved tensors have other shapes than the model built from its config."""
+    return "size mismatch" in str(error) or "ignore_mismatched_sizes" in str(error)
+
+
 def inference_device() -> torch.device:
     """Where generation and LenVM scoring outside a Trainer run: the GPU when one is visible, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _unreachable(name_or_path: str, error: OSError) -> str:
+def _unreachable(name_or_path: str, error: Exception) -> str:
+    if Path(name_or_path).is_dir() and not Path(name_or_path, "config.json").is_file():
+        return (
+            f"model_name_or_path: cannot load {name_or_path!r}: the folder holds no model (no config.json); give a "
+            f"model folder, a Hub id, or the embedded default 'smollm2-135m-instruct'"
+        )
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return (
         f"model_name_or_path: cannot load {name_or_path!r} ({first_line}); give a local folder, a Hub id "

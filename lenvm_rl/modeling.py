@@ -254,7 +254,7 @@ def load_lenvm(path: str, dtype: torch.dtype | None = None, two_values: bool = F
         )
     from safetensors import SafetensorError
 
-    from lenvm_rl.loading import corrupt_weights
+    from lenvm_rl.loading import corrupt_weights, foreign_config
 
     try:
         return LenVMModel.from_pretrained(path, dtype=dtype or torch.float32)
@@ -262,6 +262,8 @@ def load_lenvm(path: str, dtype: torch.dtype | None = None, two_values: bool = F
         raise ConfigError(
             corrupt_weights("lenvm_model_path", path, error) + " (`lenvm-rl train-lenvm` writes it)"
         ) from None
+    except RuntimeError as error:
+        raise foreign_config("lenvm_model_path", path, error) from None
 
 
 def check_lenvm_tokenizer(path: str, policy_tokenizer) -> None:

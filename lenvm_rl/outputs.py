@@ -5,6 +5,10 @@ file, that is, contains or lies inside one of the stage's inputs (a model, LenVM
 that cannot be written (a read-only mount is found now, not after the training run), or, for a training stage,
 that holds a file a final save would replace but lenvm-rl did not write (the user's own README.md).
 
+``claim_output_dir`` makes the folder the run's own once its recipe has passed every check, before anything loads:
+a lock a second process sees (a second run into the folder is refused while the first lives), and for a training
+stage the refusal of a folder that holds an earlier run it would silently replace (docs/DESIGN.md §2.3).
+
 ``final_save`` writes a training run's final files into ``output_dir/.final-save`` and only then moves them into
 ``output_dir`` (a rename within one file system, not a copy): a save that fails half-way (a full disk, a crash)
 leaves the model that was there before untouched. The files it moved in are recorded with their size and mtime in
@@ -14,9 +18,12 @@ leaves the model that was there before untouched. The files it moved in are reco
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from fnmatch import fnmatch
@@ -98,6 +105,73 @@ def check_output_dir(output_dir: str, inputs: dict[str, str | list[str] | None],
                 f"output_dir: {output_dir!r} holds {', '.join(foreign)}, which lenvm-rl did not write and the final "
                 f"save would replace; move it away or give another output_dir"
             )
+
+
+# The output_dirs this process holds: (device, inode) -> the open descriptor its flock lives on.
+HELD: dict[tuple[int, int], int] = {}
+
+
+def claim_output_dir(output_dir: str, training: bool = False, resuming: bool = False, overwrite: bool = False) -> None:
+    """Make ``output_dir`` (created if missing) this run's own; call on the main process only.
+
+    The lock is a ``flock`` on the folder itself, held until the process exits: the kernel releases it however the
+    process ends (SIGKILL included), so no stale lock is left and a rerun after a crash is accepted. A second run into
+    a held folder is refused; the same process may claim it again (a test that runs two stages in-process).
+
+    ``training`` (grpo, ppo, train-lenvm): a folder holding an earlier run (``checkpoint-N`` folders, a final save) is
+    refused unless the run resumes it (``resuming``) or ``overwrite`` is set, which deletes the earlier checkpoints so
+    that a later ``--resume_from_checkpoint true`` cannot pick one of them up.
+    """
+    if resuming and overwrite:
+        raise ConfigError(
+            "overwrite_output_dir: true replaces the earlier run that resume_from_checkpoint continues; drop one of them"
+        )
+    out = Path(output_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    status = out.stat()
+    if (status.st_dev, status.st_ino) not in HELD:
+        descriptor = os.open(out, os.O_RDONLY)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            holder = lock_holder(status.st_ino)
+            raise ConfigError(
+                f"output_dir: another lenvm-rl run{f' (pid {holder})' if holder else ''} is writing to "
+                f"{output_dir!r}; wait for it to end, or give another output_dir"
+            ) from None
+        except OSError as error:  # a file system without locks (some network mounts): run, and say what is lost
+            print(
+                f"lenvm-rl: warning: cannot lock {output_dir!r} ({error.strerror}); a second run into it would not "
+                f"be refused",
+                file=sys.stderr,
+            )
+        HELD[status.st_dev, status.st_ino] = descriptor
+    if not training or resuming:
+        return
+    checkpoints = sorted((p for p in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)), key=str)
+    earlier = [p.name for p in checkpoints] + (["a final model"] if (out / WRITTEN).is_file() else [])
+    if earlier and not overwrite:
+        listed = ", ".join(earlier[:3]) + (f" and {len(earlier) - 3} more" if len(earlier) > 3 else "")
+        raise ConfigError(
+            f"output_dir: {output_dir!r} holds an earlier run ({listed}) that this run would replace; resume it with "
+            f"--resume_from_checkpoint true, give another output_dir, or set overwrite_output_dir: true to replace it"
+        )
+    for checkpoint in checkpoints:
+        shutil.rmtree(checkpoint)
+
+
+def lock_holder(inode: int) -> str | None:
+    """The pid holding a flock on the file with this inode, from /proc/locks (Linux); None where unknown."""
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if "FLOCK" in fields and len(fields) > 5 and fields[5].rsplit(":", 1)[-1] == str(inode):
+            return fields[4]
+    return None
 
 
 def foreign_files(output_dir: Path, entries: list[Path]) -> list[Path]:

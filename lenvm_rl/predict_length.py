@@ -57,21 +57,20 @@ def plot_value_trace(values: torch.Tensor, remaining: torch.Tensor, gamma: float
 def main(argv: list[str] | None = None) -> dict:
     from lenvm_rl.critic_metrics import (
         check_lenvm_reads_rollouts,
-        constant_baselines,
-        length_metrics,
+        lenvm_metrics,
         require_segments,
         score_rollouts,
-        segment_length_metrics,
     )
     from lenvm_rl.loading import inference_device, load_tokenizer
     from lenvm_rl.modeling import load_lenvm
-    from lenvm_rl.outputs import check_output_dir
+    from lenvm_rl.outputs import check_output_dir, claim_output_dir
     from lenvm_rl.recipe import parse_recipe
     from lenvm_rl.returns import prompt_boundary_ground_truth, remaining_from_value
     from lenvm_rl.rollout_data import load_rollouts
 
     (args,) = parse_recipe((PredictArguments,), argv)
     check_output_dir(args.output_dir, {"lenvm_model_path": args.lenvm_model_path, "rollouts_path": args.rollouts_path})
+    claim_output_dir(args.output_dir)
     model = load_lenvm(args.lenvm_model_path, two_values=True).to(inference_device())
     two_values = model.config.segment_values
     tokenizer = load_tokenizer(args.lenvm_model_path)
@@ -110,10 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
             entry[f"{prefix}predicted_tokens"] = float(remaining_from_value(value, gamma))
             lengths = torch.tensor(entry[f"{prefix}lengths"], dtype=torch.float64)
             entry[f"{prefix}ground_truth_tokens"] = float(prompt_boundary_ground_truth([lengths], gamma)[0])
-    if two_values:
-        metrics = segment_length_metrics(rows, values, gamma)
-    else:
-        metrics = length_metrics(rows, values, gamma, constant_baselines(model.config))
+    metrics = lenvm_metrics(model.config, rows, values)
 
     for prefix, _, _ in heads:
         print(f"{'prompt':>6}  {'predicted':>9}  {'L_GT':>7}  {'rel.err':>7}  sampled {prefix}lengths")

@@ -38,7 +38,7 @@ def parse_recipe(dataclass_types: tuple, argv: list[str] | None):
     if recipes and Path(recipes[0]).is_dir():
         raise ConfigError(f"config: {recipes[0]!r} is a folder; give the recipe's YAML file inside it")
     try:
-        return parser.parse_args_and_config(argv)
+        parsed = parser.parse_args_and_config(argv)
     except ConfigError:
         raise
     except FileNotFoundError as error:
@@ -64,6 +64,52 @@ def parse_recipe(dataclass_types: tuple, argv: list[str] | None):
             mentioned = [w for w in dict.fromkeys(re.findall(r"\w+", message)) if w in names] or ["recipe"]
             message = f"{' / '.join(mentioned)}: {message}"
         raise ConfigError(message) from None
+    for instance in parsed:
+        if dataclasses.is_dataclass(instance):
+            check_numbers(instance)
+    return parsed
+
+
+# Ranges by field name, wherever the field appears: a name means the same in every stage's dataclasses (TRL's,
+# transformers' and PEFT's included). None (unset) always passes; stage-specific bounds live in each __post_init__.
+RANGES = {
+    "top_p": (lambda v: 0 < v <= 1, "lie in (0, 1]"),
+    "temperature": (lambda v: v >= 0, "be >= 0"),
+    "beta": (lambda v: v >= 0, "be >= 0 (0 turns the KL term off)"),
+    "epsilon": (lambda v: v > 0, "be > 0 (the clip range)"),
+    "epsilon_high": (lambda v: v > 0, "be > 0 (the upper clip range)"),
+    "max_grad_norm": (lambda v: v >= 0, "be >= 0 (0 turns clipping off)"),
+    "num_iterations": (lambda v: v >= 1, "be a positive number of passes"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, "be a positive number of steps"),
+    "lora_r": (lambda v: v >= 1, "be a positive rank"),
+    "lora_alpha": (lambda v: v > 0, "be > 0"),
+    "save_steps": (lambda v: v > 0, "be positive (steps, or a fraction of the run below 1)"),
+    "logging_steps": (lambda v: v > 0, "be positive (steps, or a fraction of the run below 1)"),
+    "eval_steps": (lambda v: v > 0, "be positive (steps, or a fraction of the run below 1)"),
+    "warmup_steps": (lambda v: v >= 0, "be >= 0"),
+    "num_train_epochs": (lambda v: v > 0, "be > 0"),
+    "head_hidden_size": (lambda v: v >= 1, "be a positive width, or unset"),
+    "max_sequence_tokens": (lambda v: v >= 1, "be a positive number of tokens, or unset"),
+}
+
+
+def check_numbers(instance) -> None:
+    """Refuse, in any stage's dataclass and before any model loads: a NaN or infinite number in any field (a
+    comparison with NaN is False, so a range check lets it through and it poisons the first step), a seed outside
+    numpy's [0, 2**32 - 1], and a value outside its field's ``RANGES``."""
+    import math
+
+    for field in dataclasses.fields(instance):
+        value = getattr(instance, field.name)
+        for number in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(number, float) and not math.isfinite(number):
+                raise ConfigError(f"{field.name}: must be a finite number, got {value!r}")
+        is_seed = field.name == "seed" or field.name.endswith("_seed")
+        if is_seed and isinstance(value, int) and not 0 <= value < 2**32:
+            raise ConfigError(f"{field.name}: must be an integer in [0, 2**32 - 1], got {value}")
+        in_range, bound = RANGES.get(field.name, (None, None))
+        if in_range and isinstance(value, (int, float)) and not isinstance(value, bool) and not in_range(value):
+            raise ConfigError(f"{field.name}: must {bound}, got {value}")
 
 
 def _flag_error(message: str):

@@ -25,12 +25,13 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
+from lenvm_rl.budgets import check_reachable_budgets
 from lenvm_rl.data import DatasetArguments, load_prompts, source_fingerprint
 from lenvm_rl.data_parallel import Ranks, launched_ranks
 from lenvm_rl.errors import ConfigError
 from lenvm_rl.generation import VLLMArguments, generate_hf, require_vllm, tokenize_prompts, vllm_engine, vllm_seeds
 from lenvm_rl.loading import inference_device, load_causal_lm, load_tokenizer
-from lenvm_rl.outputs import changed_setting
+from lenvm_rl.outputs import changed_setting, claim_output_dir
 from lenvm_rl.rollout_data import MANIFEST, load_rollouts
 from lenvm_rl.thinking import SegmentRecorder
 
@@ -83,11 +84,15 @@ class RolloutArguments(DatasetArguments, VLLMArguments):
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature: must be positive (sampling), got {self.temperature}")
+        check_reachable_budgets(
+            self.budgets, self.budget_range, self.budget_kinds, self.max_completion_tokens, "max_completion_tokens"
+        )
         require_vllm(self.use_vllm)
 
 
-def check_manifest(output_dir: Path, args: RolloutArguments, model_name: str, dtype: str | None) -> None:
-    """Refuse to resume into a folder written with other settings: the shards would not match."""
+def check_manifest(output_dir: Path, args: RolloutArguments, model_name: str, dtype: str | None) -> dict:
+    """Refuse to resume into a folder written with other settings: the shards would not match. Returns the settings
+    the manifest records (written once the model has loaded: a failed start leaves none behind)."""
     settings = {**asdict(args), "model_name_or_path": model_name, "dtype": dtype}
     settings["dataset_sha256"] = source_fingerprint(args.dataset_name)  # an edited file keeps its name
     settings.pop("output_dir")
@@ -106,9 +111,7 @@ def check_manifest(output_dir: Path, args: RolloutArguments, model_name: str, dt
                 f"output_dir: {output_dir} holds rollouts made with other settings ({k}: {previous.get(k)!r} "
                 f"there, {settings.get(k)!r} now); use a new output_dir to sample afresh"
             )
-    else:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        manifest.write_text(json.dumps(settings, indent=2))
+    return settings
 
 
 def run_rollouts(
@@ -123,30 +126,38 @@ def run_rollouts(
     prompts = load_prompts(args)
     shard_dir = output_dir / "shards"
 
-    def prepare() -> None:
-        check_manifest(output_dir, args, model_name_or_path, dtype)
+    def claim() -> dict:  # the folder is this run's (a second run is refused), and its recipe must match
+        claim_output_dir(args.output_dir)
+        return check_manifest(output_dir, args, model_name_or_path, dtype)
+
+    tokenizer = load_tokenizer(model_name_or_path)  # a model path that holds no model fails here, before any write
+    record_segments = SegmentRecorder.for_recipe(args, tokenizer, prompts[0]["prompt"])  # refused before any write
+    settings = ranks.main_first(claim)
+    num_shards = -(-len(prompts) // args.shard_size)
+    missing = [i for i in range(num_shards) if not (shard_dir / f"shard-{i:05d}").exists()]
+    if not missing:
+        ranks.barrier()
+        return output_dir
+    todo = ranks.share(missing)
+
+    def shard_rows(shard: int) -> range:
+        return range(shard * args.shard_size, min((shard + 1) * args.shard_size, len(prompts)))
+
+    if args.use_vllm and todo:
+        generate_vllm = vllm_engine(
+            model_name_or_path, tokenizer, args, args.num_samples_per_prompt, dtype, ranks=ranks
+        )
+    elif todo:
+        model = load_causal_lm(model_name_or_path, dtype=dtype).to(inference_device()).eval()
+
+    def prepare() -> None:  # the model loaded: from here on the folder is written
+        if not any(shard_dir.glob("shard-*")):
+            (output_dir / MANIFEST).write_text(json.dumps(settings, indent=2))
         shard_dir.mkdir(exist_ok=True)
         for stale in output_dir.glob(".staging-*"):  # a shard an interrupted run did not finish writing
             shutil.rmtree(stale)
 
     ranks.main_first(prepare)
-    tokenizer = load_tokenizer(model_name_or_path)
-    record_segments = SegmentRecorder.for_recipe(args, tokenizer, prompts[0]["prompt"])
-    num_shards = -(-len(prompts) // args.shard_size)
-    todo = ranks.share([i for i in range(num_shards) if not (shard_dir / f"shard-{i:05d}").exists()])
-    if not todo:
-        ranks.barrier()
-        return output_dir
-
-    def shard_rows(shard: int) -> range:
-        return range(shard * args.shard_size, min((shard + 1) * args.shard_size, len(prompts)))
-
-    if args.use_vllm:
-        generate_vllm = vllm_engine(
-            model_name_or_path, tokenizer, args, args.num_samples_per_prompt, dtype, ranks=ranks
-        )
-    else:
-        model = load_causal_lm(model_name_or_path, dtype=dtype).to(inference_device()).eval()
     extra_columns = [c for c in prompts.column_names if c != "prompt"]
     remaining = sum(len(shard_rows(i)) for i in todo)
     share = sum(len(shard_rows(i)) for i in ranks.share(range(num_shards)))

@@ -21,12 +21,10 @@ from transformers import Trainer, TrainingArguments
 
 from lenvm_rl.critic_metrics import (
     collate_states,
-    constant_baselines,
     labelled_states,
-    length_metrics,
+    lenvm_metrics,
     require_segments,
     score_rollouts,
-    segment_length_metrics,
 )
 from lenvm_rl.errors import ConfigError, check_training_counts
 from lenvm_rl.hub import defer_push, model_card, push_folder, record_run
@@ -41,6 +39,10 @@ class LenVMScriptArguments:
         default=None, metadata={"help": "Held-out rollouts; unset = hold out eval_prompt_fraction of the prompts."}
     )
     eval_prompt_fraction: float = field(default=0.1, metadata={"help": "Share of prompts held out when no eval set."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace an earlier run in output_dir (its checkpoints are deleted); else one is refused."},
+    )
 
     def __post_init__(self):
         if not 0 < self.eval_prompt_fraction < 1:
@@ -166,10 +168,7 @@ class LenVMTrainer(Trainer):
             values = score_rollouts(
                 model, dataset, self.processing_class.pad_token_id, self.args.per_device_eval_batch_size
             )
-        if model.config.segment_values:
-            metrics = segment_length_metrics(dataset, values, model.config.gamma)
-        else:
-            metrics = length_metrics(dataset, values, model.config.gamma, constant_baselines(model.config))
+        metrics = lenvm_metrics(model.config, dataset, values)
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
@@ -293,10 +292,11 @@ def main(argv: list[str] | None = None) -> None:
     from trl import ModelConfig
 
     from lenvm_rl.critic_metrics import check_token_ids
+    from lenvm_rl.data_parallel import launched_ranks
     from lenvm_rl.errors import require_launched_world
     from lenvm_rl.faults import SaveOnSigterm, resume_checkpoint, train
     from lenvm_rl.loading import load_tokenizer, model_vocab_size
-    from lenvm_rl.outputs import check_output_dir, final_save
+    from lenvm_rl.outputs import check_output_dir, claim_output_dir, final_save
     from lenvm_rl.recipe import parse_recipe
     from lenvm_rl.returns import auto_gamma
     from lenvm_rl.rollout_data import load_rollouts
@@ -342,6 +342,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:  # e.g. every finished completion is empty
         raise ConfigError(str(error)) from None
     print(f"train rollouts: {len(train_rows)}, eval rollouts: {len(eval_rows)}, γ = {gamma:.5f}")
+    claim = lambda: claim_output_dir(config.output_dir, True, resume_from is not None, script_args.overwrite_output_dir)
+    launched_ranks().main_first(claim)  # the recipe passed every check: the folder is this run's from here on
 
     ################ Model and tokenizer (the rollouts' token ids must mean the same to the LenVM)
     model_args.dtype = resolve_dtype(model_args.dtype, training_device(config.use_cpu))  # recorded as resolved

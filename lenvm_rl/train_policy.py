@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 
+from lenvm_rl.budgets import check_reachable_budgets
 from lenvm_rl.data import DatasetArguments
 from lenvm_rl.errors import ConfigError, require_launched_world
 from lenvm_rl.hub import defer_push, model_card, push_folder, record_run
@@ -19,6 +20,10 @@ class GRPOScriptArguments(DatasetArguments):
     reward_funcs: list[str] = field(
         default_factory=lambda: ["accuracy"],
         metadata={"help": "Rewards by registry name (`lenvm-rl rewards` lists them) or module:function path."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace an earlier run in output_dir (its checkpoints are deleted); else one is refused."},
     )
     eval_num_prompts: int = field(
         default=0,
@@ -34,11 +39,13 @@ def train_policy(argv: list[str] | None, stage: str, config_class: type, trainer
     from transformers import set_seed
     from trl import ModelConfig, get_peft_config
 
+    from lenvm_rl.critic_checkpoints import check_resumed_critic
     from lenvm_rl.data import load_prompt_splits
+    from lenvm_rl.data_parallel import launched_ranks
     from lenvm_rl.faults import SaveOnSigterm, resume_checkpoint, train
     from lenvm_rl.generation import eos_token_ids
     from lenvm_rl.loading import load_causal_lm, load_tokenizer
-    from lenvm_rl.outputs import check_output_dir, final_save
+    from lenvm_rl.outputs import check_output_dir, claim_output_dir, final_save
     from lenvm_rl.recipe import parse_recipe
     from lenvm_rl.thinking import SegmentRecorder
     from rewards import REWARDS, get_reward
@@ -46,6 +53,13 @@ def train_policy(argv: list[str] | None, stage: str, config_class: type, trainer
     from rewards.length import ThinkingLengthScore
 
     script_args, config, model_args = parse_recipe((GRPOScriptArguments, config_class, ModelConfig), argv)
+    if config.reward_weights is not None and len(config.reward_weights) != len(script_args.reward_funcs):
+        raise ConfigError(
+            f"reward_weights: {len(config.reward_weights)} weight(s) for {len(script_args.reward_funcs)} reward_funcs "
+            f"({', '.join(script_args.reward_funcs)}); give one weight per reward, or drop reward_weights"
+        )
+    budgets = (script_args.budgets, script_args.budget_range, script_args.budget_kinds)
+    check_reachable_budgets(*budgets, config.max_completion_length, "max_completion_length")
     inputs = {
         "model_name_or_path": model_args.model_name_or_path,
         "lenvm_model_path": config.lenvm_model_path,
@@ -54,6 +68,7 @@ def train_policy(argv: list[str] | None, stage: str, config_class: type, trainer
     check_output_dir(config.output_dir, inputs, final_save=True)  # before any model loads, as are the checks below
     require_launched_world(config.world_size)
     resume_from = resume_checkpoint(config.resume_from_checkpoint, config.output_dir)
+    check_resumed_critic(resume_from, config.lenvm_update)
     set_seed(config.seed)
     hub_model_id = defer_push(config)  # pushed once after saving, never by the Trainer (hub.defer_push)
 
@@ -90,6 +105,8 @@ def train_policy(argv: list[str] | None, stage: str, config_class: type, trainer
             "lenvm_model_path: the LenVM's length/* metrics score whole completions against budget_tokens, which "
             "is the answer's budget for these prompts with thinking budgets; unset lenvm_model_path"
         )
+    claim = lambda: claim_output_dir(config.output_dir, True, resume_from is not None, script_args.overwrite_output_dir)
+    launched_ranks().main_first(claim)  # the recipe passed every check: the folder is this run's from here on
 
     ################ Tokenizer and policy
     from lenvm_rl.precision import resolve_dtype, training_device

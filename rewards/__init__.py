@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 
+from rewards.base import AsyncCheckedReward, CheckedReward
 from rewards.correctness import Accuracy, extract_final_answer, is_correct
 from rewards.errors import ConfigError
 from rewards.format import AnswerFormat
@@ -62,12 +63,17 @@ def get_reward(spec: str, **params):
     if not inspect.isclass(reward):
         if params:
             raise ConfigError(f"reward_funcs: {spec!r} is a function and takes no parameters, got {sorted(params)}")
+    else:
+        try:
+            inspect.signature(reward).bind(**params)
+        except TypeError as error:
+            raise ConfigError(f"reward_funcs: bad parameters for {spec!r}: {error}") from None
+        reward = reward(**params)
+    if type(reward) in REWARDS.values():  # a built-in, by name or by path
         return reward
-    try:
-        inspect.signature(reward).bind(**params)
-    except TypeError as error:
-        raise ConfigError(f"reward_funcs: bad parameters for {spec!r}: {error}") from None
-    return reward(**params)
+    # A user's reward: its outputs are checked at every call (one line naming it, not a traceback inside TRL).
+    asynchronous = inspect.iscoroutinefunction(reward) or inspect.iscoroutinefunction(type(reward).__call__)
+    return (AsyncCheckedReward if asynchronous else CheckedReward)(reward, spec)
 
 
 def describe_rewards() -> list[dict]:

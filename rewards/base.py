@@ -7,6 +7,8 @@ value per completion. Dataset columns arrive as kwargs (one value per completion
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -69,3 +71,59 @@ class TokenLengthReward:
             [len(ids) - (len(ids) > 0 and ids[-1] in self.eos_token_ids) for ids in completion_ids],
             dtype=torch.float64,
         )
+
+
+def check_reward_values(values, count: int, spec: str) -> list:
+    """A user reward's output as TRL reads it, refused with one line naming the reward unless it is one real number or
+    None per completion. None means "no reward for this completion" (TRL leaves it out of the sum); NaN, which TRL
+    reads the same way, and infinities are refused, as they come from a bug far more often than on purpose."""
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
+        raise ConfigError(
+            f"reward_funcs: {spec!r} returned a {type(values).__name__}, not a list; return one number (or None) "
+            f"per completion"
+        )
+    values = list(values)
+    if len(values) != count:
+        raise ConfigError(
+            f"reward_funcs: {spec!r} returned {len(values)} rewards for {count} completions; return one number "
+            f"(or None) per completion"
+        )
+    for index, value in enumerate(values):
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = values[index] = value.item()
+        if value is None:
+            continue
+        if not isinstance(value, numbers.Real):
+            raise ConfigError(
+                f"reward_funcs: {spec!r} returned {type(value).__name__} {value!r} for completion {index}; return a "
+                f"number, or None for no reward"
+            )
+        if not math.isfinite(value):
+            raise ConfigError(
+                f"reward_funcs: {spec!r} returned {value} for completion {index}; return finite numbers, or None "
+                f"where a completion has no reward"
+            )
+    return values
+
+
+class CheckedReward:
+    """A user's reward (a ``module:function`` path) whose every output is checked by ``check_reward_values``. Keeps
+    the reward's ``__name__``, under which TRL logs it."""
+
+    def __init__(self, reward, spec: str):
+        self.reward, self.spec = reward, spec
+        self.__name__ = getattr(reward, "__name__", type(reward).__name__)
+
+    def __call__(self, *args, **kwargs):  # TRL passes keywords; the contract's order is (prompts, completions, ...)
+        return check_reward_values(self.reward(*args, **kwargs), completion_count(args, kwargs), self.spec)
+
+
+class AsyncCheckedReward(CheckedReward):
+    """``CheckedReward`` for an async reward, which TRL awaits alongside the others."""
+
+    async def __call__(self, *args, **kwargs):
+        return check_reward_values(await self.reward(*args, **kwargs), completion_count(args, kwargs), self.spec)
+
+
+def completion_count(args: tuple, kwargs: dict) -> int:
+    return len(kwargs["completions"] if "completions" in kwargs else args[1])

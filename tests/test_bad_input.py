@@ -46,7 +46,7 @@ GOOD = {
         model_name_or_path="{model}",
         lenvm_model_path="{lenvm}",
         num_prompts=4,
-        budgets=[3, 6],
+        budgets=[3, 4],
         reward_funcs=["accuracy"],
         num_generations=2,
         per_device_train_batch_size=4,
@@ -301,6 +301,104 @@ CASES = {
         [],
         "rollouts_path: {moved} was sampled from the policy '{tmp}/gone'",
     ),
+    # Issue 27. Numbers, before any model loads: NaN / inf anywhere, seeds, counts that must agree, unreachable budgets.
+    "coef-nan": (
+        "grpo",
+        {"length_advantage_coef": "nan"},
+        [],
+        "length_advantage_coef: must be a finite number, got nan",
+    ),
+    "coef-inf-flag": ("grpo", {}, ["--length_advantage_coef", "inf"], "length_advantage_coef: must be a finite number"),
+    "learning-rate-nan": ("train-lenvm", {"learning_rate": "nan"}, [], "learning_rate: must be a finite number"),
+    "temperature-inf": ("evaluate", {"temperature": "inf"}, [], "temperature: must be a finite number"),
+    "reward-weights-count": (
+        "grpo",
+        {"reward_weights": [1.0, 0.5]},
+        [],
+        "reward_weights: 2 weight(s) for 1 reward_funcs (accuracy)",
+    ),
+    "reward-weight-nan": (
+        "grpo",
+        {"reward_weights": [float("nan")]},
+        [],
+        "reward_weights: must be a finite number, got [nan]",
+    ),
+    "top-p-above-one": ("rollout", {"top_p": 1.5}, [], "top_p: must lie in (0, 1], got 1.5"),
+    "grpo-temperature-zero": ("grpo", {"temperature": 0}, [], "temperature: must be > 0 (GRPO samples"),
+    "save-steps-zero": ("train-lenvm", {"save_strategy": "steps", "save_steps": 0}, [], "save_steps: must be positive"),
+    "lora-rank-zero": ("grpo", {"use_peft": True, "lora_r": 0}, [], "lora_r: must be a positive rank, got 0"),
+    "seed-negative": ("grpo", {"seed": -1}, [], "seed: must be an integer in [0, 2**32 - 1], got -1"),
+    "dataset-seed-negative": ("rollout", {"dataset_seed": -1}, [], "dataset_seed: must be an integer in [0, 2**32"),
+    "budget-unreachable": (
+        "grpo",
+        {"budgets": [1000000000]},
+        [],
+        "budgets: the exact budget of 1000000000 tokens cannot be met within max_completion_length 4",
+    ),
+    "budget-range-unreachable": (
+        "rollout",
+        {"budget_range": [8, 64], "budget_kinds": ["at_least"]},
+        [],
+        "budget_range: even the smallest at_least budget of 8 tokens cannot be met within max_completion_tokens 4",
+    ),
+    "evaluate-budget-unreachable": (
+        "evaluate",
+        {"budgets": [16, 32]},
+        [],
+        "budgets: even the smallest exact budget of 16 tokens cannot be met within max_new_tokens 4",
+    ),
+    # A run owns its output_dir: an earlier run there is not replaced without resume or overwrite_output_dir.
+    "grpo-into-a-finished-run": (
+        "grpo",
+        {"output_dir": "{finished}"},
+        [],
+        "output_dir: '{finished}' holds an earlier run (checkpoint-2, a final model) that this run would replace",
+    ),
+    "train-lenvm-into-checkpoints": (
+        "train-lenvm",
+        {"output_dir": "{finished}"},
+        [],
+        "output_dir: '{finished}' holds an earlier run (checkpoint-2, a final model)",
+    ),
+    # The live critic's checkpoints.
+    "resume-live-checkpoint-frozen": (
+        "grpo",
+        {},
+        ["--resume_from_checkpoint", "{live_checkpoint}"],
+        "lenvm_update: {live_checkpoint} holds a live critic trained with the policy (lenvm/)",
+    ),
+    "resume-checkpoint-scale-zero": (
+        "grpo",
+        {"lenvm_update": "live", "length_advantage_scale": "first"},
+        ["--resume_from_checkpoint", "{scale_zero}"],
+        "resume_from_checkpoint: '{scale_zero}' is not a complete checkpoint folder (length_advantage_scale.json "
+        "holds 0.0, not a positive finite scale)",
+    ),
+    "resume-frozen-checkpoint-live": (
+        "grpo",
+        {"lenvm_update": "live"},
+        ["--resume_from_checkpoint", "{finished}/checkpoint-2"],
+        "resume_from_checkpoint: {finished}/checkpoint-2 has no lenvm/model.safetensors",
+    ),
+    # Models that are not what their folder says.
+    "model-path-empty-folder": (
+        "rollout",
+        {"model_name_or_path": "{emptydir}"},
+        [],
+        "model_name_or_path: cannot load '{emptydir}': the folder holds no model",
+    ),
+    "lenvm-config-of-another-model": (
+        "grpo",
+        {"lenvm_model_path": "{lenvm_foreign}"},
+        [],
+        "lenvm_model_path: the weights in '{lenvm_foreign}' do not fit its config.json",
+    ),
+    "evaluate-half-written-adapter": (
+        "evaluate",
+        {"adapters": ["{adapter_cut}"]},
+        [],
+        "adapters: adapter_model.safetensors in '{adapter_cut}' is missing, cut off or corrupt",
+    ),
 }
 
 
@@ -334,6 +432,34 @@ def world(tiny_model_path, tokenizer, rollouts_dir, tmp_path_factory):
     arrow = next((root / "corrupt" / "shards" / "shard-00000").glob("data-*.arrow"))
     arrow.write_bytes(arrow.read_bytes()[:100])
     shutil.copytree(rollouts_dir, root / "moved")
+    # An earlier run's output_dir: a checkpoint and a final save; a live run's checkpoint; one with a zero scale.
+    checkpoint = root / "finished" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    (root / "finished" / ".lenvm_rl_written.json").write_text("{}")
+    shutil.copytree(checkpoint, root / "live_checkpoint")
+    shutil.copytree(root / "lenvm", root / "live_checkpoint" / "lenvm")
+    torch.save({"state": {}, "param_groups": []}, root / "live_checkpoint" / "lenvm_optimizer.pt")
+    shutil.copytree(root / "live_checkpoint", root / "scale_zero")
+    (root / "scale_zero" / "length_advantage_scale.json").write_text(json.dumps({"length_advantage_scale": 0.0}))
+    (root / "emptydir").mkdir()
+    # A LenVM folder whose config.json is another LenVM's (another width): the weights do not fit it.
+    shutil.copytree(root / "lenvm", root / "lenvm_foreign")
+    wide = make_tiny_llama(tokenizer).config.to_dict() | {"hidden_size": 48, "intermediate_size": 96}
+    LenVMModel.from_backbone(
+        transformers.LlamaForCausalLM(transformers.LlamaConfig(**wide)), gamma=0.9
+    ).config.to_json_file(root / "lenvm_foreign" / "config.json")
+    # A LoRA adapter whose weights were cut off mid-copy.
+    import peft
+
+    lora = peft.get_peft_model(make_tiny_llama(tokenizer), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    lora.save_pretrained(root / "adapter_cut")
+    weights = root / "adapter_cut" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-32])
+    wide_policy = transformers.LlamaForCausalLM(transformers.LlamaConfig(**wide))
+    peft.get_peft_model(wide_policy, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+        root / "adapter_wide"
+    )
     return {
         "model": tiny_model_path,
         "rollouts": str(rollouts_dir),
@@ -345,6 +471,13 @@ def world(tiny_model_path, tokenizer, rollouts_dir, tmp_path_factory):
         "empty_completions": str(root / "empty_completions"),
         "corrupt": str(root / "corrupt"),
         "moved": str(root / "moved"),
+        **{
+            name: str(root / name)
+            for name in (
+                *("finished", "live_checkpoint", "scale_zero", "emptydir", "lenvm_foreign"),
+                *("adapter_cut", "adapter_wide"),
+            )
+        },
     }
 
 
@@ -500,3 +633,22 @@ def test_a_launch_of_two_processes_that_run_alone_is_refused(world, tmp_path, mo
         "lenvm-rl grpo: error: use_cpu: launched as 2 processes (WORLD_SIZE) but this run sees 1"
     ), stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_of_another_base_is_one_line(world, tmp_path, capsys):
+    """Found when the adapter loads, after the base model's arm: one line, and the base's generations are kept."""
+    recipe = {**GOOD["evaluate"], "model_name_or_path": world["model"], "output_dir": str(tmp_path / "out")}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({**recipe, "adapters": [world["adapter_wide"]]}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--config", str(tmp_path / "recipe.yaml")])
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in stderr
+    assert (
+        stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"lenvm-rl evaluate: error: adapters: {world['adapter_wide']!r} does not fit {world['model']!r} (its tensor "
+            f"shapes differ"
+        )
+    )
+    assert (tmp_path / "out" / "generations" / "base.jsonl").stat().st_size > 0

@@ -216,16 +216,47 @@ def damage_cut_optimizer(folder: Path):
     optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
 
 
-@pytest.mark.parametrize("damage", [damage_empty_state, damage_cut_weights, damage_cut_optimizer])
+def damage_scale(text: str):
+    def damage(folder: Path):
+        (folder / "length_advantage_scale.json").write_text(text)
+
+    damage.__name__ = f"damage_scale_{text}"
+    return damage
+
+
+def damage_no_critic_optimizer(folder: Path):
+    (folder / "lenvm_optimizer.pt").unlink()  # the live critic's weights without its optimizer state
+
+
+LIVE_CRITIC_DAMAGES = [
+    damage_scale('{"length_advantage_sc'),  # cut off
+    damage_scale("{}"),
+    damage_scale('{"length_advantage_scale": 0.0}'),
+    damage_scale('{"length_advantage_scale": NaN}'),
+    damage_scale('{"length_advantage_scale": -Infinity}'),
+    damage_scale('{"length_advantage_scale": "1.5"}'),
+    damage_no_critic_optimizer,
+]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [damage_empty_state, damage_cut_weights, damage_cut_optimizer, *LIVE_CRITIC_DAMAGES],
+    ids=lambda damage: damage.__name__,
+)
 def test_resume_skips_a_checkpoint_that_does_not_verify(damage, tmp_path, capsys):
-    """Case 4: a checkpoint is complete only when its files parse; the last incomplete one is skipped, with a notice."""
+    """Case 4: a checkpoint is complete only when its files parse (a live critic's too: its weights, optimizer state
+    and kept scale); the last incomplete one is skipped, with a notice."""
     from safetensors.torch import save_file
 
     for step in (2, 4):
         folder = tmp_path / f"checkpoint-{step}"
-        folder.mkdir()
+        (folder / "lenvm").mkdir(parents=True)
         save_file({"w": torch.zeros(8)}, str(folder / "model.safetensors"))
+        save_file({"w": torch.zeros(8)}, str(folder / "lenvm" / "model.safetensors"))
         torch.save({"state": torch.ones(8)}, folder / "optimizer.pt")
+        torch.save({"state": {}, "param_groups": []}, folder / "lenvm_optimizer.pt")
+        (folder / "length_advantage_scale.json").write_text(json.dumps({"length_advantage_scale": 0.25}))
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     assert resume_checkpoint(True, str(tmp_path)) == str(tmp_path / "checkpoint-4")
     damage(tmp_path / "checkpoint-4")
@@ -326,13 +357,172 @@ def test_a_failed_final_save_keeps_the_model_already_there(
         raise failure
 
     monkeypatch.setattr(LenVMModel, "save_pretrained", fails_half_way)
+    again = ["train-lenvm", "--config", str(recipe), "--seed", "1", "--overwrite_output_dir", "true"]
     if isinstance(failure, OSError):
-        line = run_cli(["train-lenvm", "--config", str(recipe), "--seed", "1"], capsys)
+        line = run_cli(again, capsys)
         assert line.startswith("lenvm-rl train-lenvm: error: output_dir: the disk is full; the final save"), line
     else:
         with pytest.raises(RuntimeError, match="killed mid-save"):
-            main(["train-lenvm", "--config", str(recipe), "--seed", "1"])
+            main(again)
     assert checksums(output_dir) == before
     monkeypatch.undo()
-    main(["train-lenvm", "--config", str(recipe), "--seed", "1"])  # the toolkit's own files are replaced
+    main(again)  # the toolkit's own files are replaced
     assert checksums(output_dir)["model.safetensors"] != before["model.safetensors"]
+
+
+def quiet_progress(module, monkeypatch):
+    """A stage's own progress bars write to stderr, which the tests read: off."""
+    bar = module.tqdm
+    monkeypatch.setattr(module, "tqdm", lambda *args, **kwargs: bar(*args, **{**kwargs, "disable": True}))
+
+
+def rollout_recipe(tmp_path, tiny_model_path, **overrides) -> Path:
+    recipe = tmp_path / "rollout.yaml"
+    settings = dict(
+        model_name_or_path=tiny_model_path,
+        dataset_name="arithmetic",
+        num_prompts=4,
+        num_samples_per_prompt=2,
+        max_completion_tokens=4,
+        prompts_per_batch=2,
+        shard_size=2,
+        output_dir=str(tmp_path / "rollouts"),
+    )
+    recipe.write_text(yaml.safe_dump({**settings, **overrides}))
+    return recipe
+
+
+def test_a_full_disk_during_rollout_is_said_and_the_rerun_finishes(tiny_model_path, tmp_path, monkeypatch, capsys):
+    """The second shard's write fails for want of space: one line; the first shard is kept; the rerun writes the
+    rest, as an uninterrupted run would have."""
+    from datasets import Dataset
+
+    import lenvm_rl.rollout
+    from lenvm_rl.cli import main
+
+    quiet_progress(lenvm_rl.rollout, monkeypatch)
+    save_to_disk = Dataset.save_to_disk
+
+    def second_shard_fails(self, path, **kwargs):
+        if list(tmp_path.glob("rollouts/shards/shard-*")):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save_to_disk(self, path, **kwargs)
+
+    recipe = rollout_recipe(tmp_path, tiny_model_path)
+    with monkeypatch.context() as patch:
+        patch.setattr(Dataset, "save_to_disk", second_shard_fails)
+        line = run_cli(["rollout", "--config", str(recipe)], capsys)
+    assert line == (
+        "lenvm-rl rollout: error: output_dir: the disk is full ([Errno 28] No space left on device); what was written "
+        "before is kept whole: free space and rerun the same command"
+    )
+    assert [p.name for p in (tmp_path / "rollouts" / "shards").iterdir()] == ["shard-00000"]
+    main(["rollout", "--config", str(recipe)])
+    whole = rollout_recipe(tmp_path, tiny_model_path, output_dir=str(tmp_path / "whole"))
+    main(["rollout", "--config", str(whole)])
+    assert checksums(tmp_path / "rollouts" / "shards") == checksums(tmp_path / "whole" / "shards")
+
+
+def evaluate_recipe(tmp_path, tiny_model_path) -> Path:
+    recipe = tmp_path / "evaluate.yaml"
+    settings = dict(
+        model_name_or_path=tiny_model_path,
+        num_prompts=3,
+        budgets=[4],
+        max_new_tokens=4,
+        batch_size=1,  # one line per batch
+        output_dir=str(tmp_path / "evaluate"),
+    )
+    recipe.write_text(yaml.safe_dump(settings))
+    return recipe
+
+
+def test_evaluate_survives_a_full_disk_and_a_damaged_line(tiny_model_path, tmp_path, monkeypatch, capsys):
+    """A full disk while appending generations is one line; a line damaged inside the generations file (not only a
+    torn last one) is left out with a notice and generated again: the rerun's file equals an undamaged run's."""
+    import lenvm_rl.generation
+    from lenvm_rl.cli import main
+
+    quiet_progress(lenvm_rl.generation, monkeypatch)
+    recipe = evaluate_recipe(tmp_path, tiny_model_path)
+    fsync = os.fsync
+    calls = []
+
+    def second_write_fails(descriptor):
+        calls.append(descriptor)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(descriptor)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(lenvm_rl.generation.os, "fsync", second_write_fails)
+        line = run_cli(["evaluate", "--config", str(recipe)], capsys)
+    assert line.startswith("lenvm-rl evaluate: error: output_dir: the disk is full ([Errno 28] No space"), line
+    main(["evaluate", "--config", str(recipe)])
+    generations = tmp_path / "evaluate" / "generations" / "base.jsonl"
+    whole = generations.read_text()
+    assert len(whole.splitlines()) == 3
+    lines = whole.splitlines(keepends=True)
+    generations.write_text(lines[0] + '{"row": 1, "sample_ind\x00\n' + lines[2])  # damaged in the middle
+    capsys.readouterr()
+    main(["evaluate", "--config", str(recipe)])
+    assert f"lenvm-rl: {generations}: line 2 is damaged; left out, and generated again" in capsys.readouterr().err
+    timeless = lambda text: [
+        {k: v for k, v in json.loads(line).items() if k != "seconds"} for line in text.splitlines()
+    ]
+    assert timeless(generations.read_text()) == timeless(whole)
+
+
+def grpo_recipe(tmp_path, tiny_model_path, **overrides) -> Path:
+    """A one-step GRPO recipe on the tiny model, without a LenVM."""
+    recipe = tmp_path / "grpo.yaml"
+    settings = dict(
+        model_name_or_path=tiny_model_path,
+        num_prompts=4,
+        reward_funcs=["accuracy"],
+        length_objective="none",
+        num_generations=2,
+        per_device_train_batch_size=4,
+        max_completion_length=4,
+        max_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        report_to="none",
+        disable_tqdm=True,
+        output_dir=str(tmp_path / "out"),
+    )
+    recipe.write_text(yaml.safe_dump({**settings, **overrides}))
+    return recipe
+
+
+def test_a_user_reward_that_returns_nan_stops_the_run_with_one_line(tiny_model_path, tmp_path, capsys):
+    recipe = grpo_recipe(tmp_path, tiny_model_path, reward_funcs=["test_faults:nan_reward"])
+    line = run_cli(["grpo", "--config", str(recipe)], capsys)
+    assert line == (
+        "lenvm-rl grpo: error: reward_funcs: 'test_faults:nan_reward' returned nan for completion 1; return finite "
+        "numbers, or None where a completion has no reward"
+    )
+
+
+def nan_reward(completions, **kwargs):
+    return [0.0, float("nan"), *[1.0] * (len(completions) - 2)]
+
+
+def test_a_damaged_line_inside_a_part_file_is_left_out_of_the_merge(tmp_path, capsys):
+    """A data-parallel evaluate's part file with a line that is not JSON, or not a record, in its middle (not only a
+    torn last line): the merge keeps every whole record once, in order, and names each damaged line."""
+    from lenvm_rl.data_parallel import merge_records, part_path
+
+    path = tmp_path / "base.jsonl"
+    record = lambda row: json.dumps({"row": row, "sample_index": 0}) + "\n"
+    path.write_text(record(0))
+    part_path(path, 1).write_text(record(3) + "not json\n" + "[1, 2]\n" + '{"row": 5}\n' + record(1) + '{"row": 7, "sa')
+    key = lambda r: (r["row"], r["sample_index"])
+    assert [r["row"] for r in merge_records(path, key)] == [0, 1, 3]
+    notices = capsys.readouterr().err.splitlines()
+    assert notices == [
+        f"lenvm-rl: {part_path(path, 1)}: line {n} is damaged; left out, and generated again" for n in (2, 3, 4)
+    ]
+    assert path.read_text() == record(0) + record(1) + record(3) and not part_path(path, 1).exists()

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 import yaml
-from conftest import ROOT, make_tiny_llama, make_tokenizer, make_trainer
+from conftest import ROOT, make_tiny_llama, make_tokenizer, make_trainer, tiny_llama_config
 from peft import LoraConfig
 from trl import GRPOTrainer, ModelConfig
 
@@ -725,3 +726,24 @@ def test_live_critic_resume_needs_its_checkpoint_files(tiny_model_path, tokenize
     )
     with pytest.raises(ConfigError, match="resume_from_checkpoint: .* has no lenvm/model.safetensors"):
         live.train(resume_from_checkpoint=str(tmp_path / "frozen" / "checkpoint-2"))
+
+
+def test_a_live_checkpoint_resumed_with_another_lenvm_is_one_line(
+    tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path
+):
+    """The checkpoint's critic (weights or optimizer state) does not fit the LenVM the resumed run was given."""
+    from lenvm_rl.modeling import LenVMModel
+
+    settings = dict(lenvm_update="live", max_steps=1, save_strategy="steps", save_steps=1)
+    make_trainer(tiny_model_path, tokenizer, dataset, tmp_path / "run", lenvm_model_path=lenvm_path, **settings).train()
+    wide = tmp_path / "wide_lenvm"
+    LenVMModel.from_backbone(
+        transformers.LlamaForCausalLM(tiny_llama_config(len(tokenizer), hidden_size=48, intermediate_size=96)),
+        gamma=0.9,
+    ).save_pretrained(wide)
+    tokenizer.save_pretrained(wide)
+    resumed = make_trainer(
+        tiny_model_path, tokenizer, dataset, tmp_path / "again", lenvm_model_path=str(wide), **settings
+    )
+    with pytest.raises(ConfigError, match=r"^resume_from_checkpoint: .*checkpoint-1/lenvm does not fit the LenVM at"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))

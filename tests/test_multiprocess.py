@@ -126,7 +126,8 @@ def test_grpo_ranks_agree_on_the_advantages(update, tiny_model_path, tokenizer, 
                 bf16=False,
                 activation_checkpointing=False,
                 report_to="none",
-                save_strategy="no",
+                save_strategy="steps" if update == "live" else "no",
+                save_steps=1,
                 disable_tqdm=True,
                 output_dir=str(tmp_path / "out"),
                 seed=0,
@@ -172,6 +173,13 @@ def test_grpo_ranks_agree_on_the_advantages(update, tiny_model_path, tokenizer, 
             torch.testing.assert_close(weights[1][name], value, rtol=0, atol=0)
         saved = load_file(out / "lenvm" / "model.safetensors")
         assert all(torch.equal(saved[k], weights[0][k]) for k in saved)
+        # Resumed from step 1 under two processes (critic weights, optimizer and scale restored on every rank), the
+        # run ends where the uninterrupted one did.
+        resumed = ["-m", "lenvm_rl", "grpo", "--config", str(recipe), "--output_dir", str(tmp_path / "resumed")]
+        launch([*resumed, "--resume_from_checkpoint", str(out / "checkpoint-1")], 2, tmp_path)
+        again = load_file(tmp_path / "resumed" / "lenvm" / "model.safetensors")
+        for name, value in saved.items():
+            torch.testing.assert_close(again[name], value)
 
 
 def test_ppo_trains_with_two_processes(tiny_model_path, tokenizer, tmp_path):

@@ -2,6 +2,7 @@ import doctest
 import json
 import math
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -261,7 +262,48 @@ def test_accuracy_on_the_batch():
 def test_get_reward_by_path():
     reward = get_reward("rewards.length:L1Max", alpha=0.01)
     assert reward.__name__ == "l1_max" and reward.alpha == 0.01
-    assert get_reward("rewards.correctness:is_correct") is is_correct
+    assert get_reward("rewards.correctness:is_correct").reward is is_correct  # a user's function, checked
+
+
+def user_reward(completions, **kwargs):
+    return kwargs["values"]
+
+
+async def async_user_reward(completions, **kwargs):
+    return kwargs["values"]
+
+
+@pytest.mark.parametrize(
+    "values, problem",
+    [
+        ([1.0, 0.5], "returned 2 rewards for 3 completions; return one number (or None) per completion"),
+        ("1.0", "returned a str, not a list"),
+        ([1.0, "0.5", 0.0], "returned str '0.5' for completion 1; return a number, or None for no reward"),
+        ([1.0, 0.0, math.nan], "returned nan for completion 2; return finite numbers, or None where a completion"),
+        ([math.inf, 0.0, 1.0], "returned inf for completion 0; return finite numbers"),
+    ],
+)
+@pytest.mark.parametrize("name", ["user_reward", "async_user_reward"])
+def test_a_user_rewards_output_is_checked(name, values, problem):
+    """One line naming the reward for the wrong count, a string, NaN or inf; None (no reward) and numbers of any
+    numeric type pass. The wrapped reward keeps its name (TRL logs under it), its async-ness, and pickles."""
+    import asyncio
+
+    import numpy as np
+    import torch
+
+    reward = get_reward(f"test_rewards:{name}")
+    call = (lambda **kw: asyncio.run(reward(**kw))) if name.startswith("async") else reward
+    assert reward.__name__ == name and pickle.loads(pickle.dumps(reward)).__name__ == name
+    fine = [1, None, np.float32(0.5)]
+    assert call(prompts=["p"] * 3, completions=["a", "b", "c"], values=fine) == fine
+    assert call(prompts=["p"] * 3, completions=["a", "b", "c"], values=[torch.tensor(2.0), 0.0, True]) == [
+        2.0,
+        0.0,
+        True,
+    ]
+    with pytest.raises(ValueError, match=f"^reward_funcs: 'test_rewards:{name}' {re.escape(problem)}"):
+        call(prompts=["p"] * 3, completions=["a", "b", "c"], values=values)
 
 
 def test_get_reward_user_module(tmp_path, monkeypatch):
