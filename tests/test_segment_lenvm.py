@@ -130,3 +130,17 @@ def test_each_token_gets_its_own_segments_residual(tokenizer):
     stats = token_residual_stats([moved], [row], tokenizer, 0.9, 0.01, two_values=True)
     assert stats["b"]["up"] == 1 and stats["|"]["down"] == 1
     assert stats["a"]["up"] == stats["c"]["up"] == stats["c"]["down"] == 0
+
+
+def test_grpo_trains_on_the_segment_rewards(tiny_model_path, tmp_path):
+    """The grpo entry point hands the segment rewards the tokenizer and markers and trains a step with them."""
+    from test_faults import grpo_recipe
+
+    from lenvm_rl.cli import main
+
+    rewards = ["accuracy", "thinking_length_score", "answer_length_score"]
+    recipe = grpo_recipe(tmp_path, tiny_model_path, thinking_budgets=[4], budgets=[2], reward_funcs=rewards)
+    main(["grpo", "--config", str(recipe)])
+    logged = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    assert any("rewards/thinking_length_score/mean" in entry for entry in logged)
+    assert any(math.isfinite(entry.get("rewards/answer_length_score/mean", math.nan)) for entry in logged)
