@@ -11,6 +11,10 @@ Metrics (finished rollouts only: a truncated one has no known length):
 - ``constant_value_mre``: the MRE of the constant that is best in value space, the training set's
   pooled L_GT = ln(1 - mean(1 - γ^L)) / ln γ (lower than the mean length, by Jensen): a LenVM that
   ignored its prompt would converge there, so this is the baseline that shows prompt conditioning.
+
+A two-value LenVM (``segment_values``) gets ``segment_length_metrics``: ``value_mse`` over both values and, per
+segment (thinking, answer), the prompt-boundary ``{segment}_boundary_mre`` and ``{segment}_boundary_value_mae``
+against the segment lengths of the prompt's samples.
 """
 
 from __future__ import annotations
@@ -19,12 +23,16 @@ from collections import defaultdict
 
 import torch
 
+from lenvm_rl.errors import ConfigError
 from lenvm_rl.returns import (
     mean_relative_error,
     prompt_boundary_ground_truth,
     remaining_from_value,
+    segment_value_targets,
     value_from_remaining,
+    value_targets,
 )
+from rewards.segments import SEGMENTS
 
 RELATIVE_POSITIONS = (0.0, 0.25, 0.5, 0.75)
 
@@ -100,7 +108,79 @@ def collate_states(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tenso
         "state_positions": state_positions,
         "completion_tokens": torch.tensor([row["completion_tokens"] for row in rows]),
         "finished": torch.tensor([row["finished"] for row in rows]),
+        **(
+            {name: torch.tensor([row[name] for row in rows]) for name in ("thinking_tokens", "thinking_closed")}
+            if "thinking_tokens" in rows[0]
+            else {}
+        ),
     }
+
+
+def labelled_states(batch: dict[str, torch.Tensor], drop_truncated: bool, segment_values: bool) -> torch.Tensor:
+    """How many (state, value) pairs of a collated batch the LenVM's loss labels: its ``num_items_in_batch``."""
+    valid = batch["state_positions"] >= 0  # (B, S)
+    lengths, finished, num_states = batch["completion_tokens"], batch["finished"].bool(), valid.size(1)
+    # The masks do not depend on γ or on the bootstrap values, only on whether there are any.
+    bootstrap = None if drop_truncated else torch.zeros(len(lengths), 1 + segment_values)
+    if segment_values:
+        thinking, closed = batch["thinking_tokens"], batch["thinking_closed"]
+        mask = segment_value_targets(lengths, thinking, closed, finished, num_states, 0.5, bootstrap)[1]
+        return (mask & valid[..., None]).sum()
+    return (
+        value_targets(lengths, finished, num_states, 0.5, None if bootstrap is None else bootstrap[:, 0])[1] & valid
+    ).sum()
+
+
+def require_segments(rows, name: str) -> None:
+    """Refuse rollouts without the segment columns a two-value LenVM trains or is measured on."""
+    if "thinking_tokens" not in rows.column_names:
+        raise ConfigError(
+            f"{name}: these rollouts have no thinking_tokens / thinking_closed columns, which segment_values needs; "
+            f"sample them with thinking_budgets or thinking_markers in the rollout recipe"
+        )
+
+
+@torch.no_grad()
+def segment_length_metrics(rows, values: list[torch.Tensor], gamma: float) -> dict[str, float]:
+    """The two-value metrics of the module docstring; ``values[i]`` is (L_i + 1, 2), thinking then answer."""
+    finished = [(row, v) for row, v in zip(rows, values) if row["finished"]]
+    if not finished:
+        raise ValueError("eval rollouts: none finished; the metrics need finished completions")
+    squared, count = 0.0, 0
+    by_prompt = defaultdict(list)  # prompt -> [(thinking tokens, answer tokens, V(s_0) (2,))]
+    for row, v in finished:
+        length, thinking = row["completion_tokens"], row["thinking_tokens"]
+        targets, _ = segment_value_targets(
+            torch.tensor([length]),
+            torch.tensor([thinking]),
+            torch.tensor([True]),
+            torch.tensor([True]),
+            length + 1,
+            gamma,
+        )
+        squared += float(((v.double() - targets[0].double()) ** 2).sum())
+        count += 2 * (length + 1)
+        by_prompt[row["prompt_id"]].append((thinking, length - thinking, v[0].double()))
+    metrics = {"value_mse": squared / count}
+    for index, segment in enumerate(SEGMENTS):
+        samples = [torch.tensor([s[index] for s in group], dtype=torch.float64) for group in by_prompt.values()]
+        truth = prompt_boundary_ground_truth(samples, gamma)
+        boundary = torch.stack([group[0][2][index] for group in by_prompt.values()])
+        keep = truth > 0  # a prompt whose samples all have no tokens in this segment has no relative error
+        if keep.any():
+            predicted = remaining_from_value(boundary, gamma)[keep]
+            metrics[f"{segment}_boundary_mre"] = float(mean_relative_error(predicted, truth[keep]))
+        metrics[f"{segment}_boundary_value_mae"] = float((boundary - value_from_remaining(truth, gamma)).abs().mean())
+    metrics["num_prompts"] = len(by_prompt)
+    return metrics
+
+
+def lenvm_metrics(config, rows, values: list[torch.Tensor]) -> dict[str, float]:
+    """The held-out metrics of a LenVM with ``config``: ``segment_length_metrics`` for a two-value one, else
+    ``length_metrics`` with its constant baselines."""
+    if config.segment_values:
+        return segment_length_metrics(rows, values, config.gamma)
+    return length_metrics(rows, values, config.gamma, constant_baselines(config))
 
 
 def constant_baselines(config) -> dict[str, float | None]:

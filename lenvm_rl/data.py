@@ -12,6 +12,7 @@ from datasets import Dataset
 
 from lenvm_rl.budgets import add_budgets, check_budget_choices
 from lenvm_rl.errors import ConfigError
+from rewards.segments import THINKING_MARKERS
 
 
 @dataclass
@@ -49,6 +50,26 @@ class DatasetArguments:
     budget_kinds: list[str] = field(
         default_factory=lambda: ["exact"], metadata={"help": "Budget kinds to draw from: exact, at_most, at_least."}
     )
+    thinking_budgets: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Token budgets of the thinking section, drawn beside `budgets` (then the answer's): adds "
+            "thinking_budget_tokens / thinking_budget_kind columns and 'Think for ... tokens.' to the prompt."
+        },
+    )
+    thinking_budget_range: list[int] | None = field(
+        default=None, metadata={"help": "[low, high]: draw thinking budgets log-uniformly in this range instead."}
+    )
+    thinking_budget_kinds: list[str] | None = field(
+        default=None, metadata={"help": "Kinds of the thinking budgets: exact, at_most, at_least (unset: at_most)."}
+    )
+    thinking_markers: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "[open, close] markers of the thinking section (unset: <think>, </think>). Setting them, or a "
+            "thinking budget, makes rollouts record thinking_tokens / answer_tokens / thinking_closed."
+        },
+    )
     dataset_seed: int = field(default=0, metadata={"help": "Seed of the arithmetic task and the budget draw."})
 
     def __post_init__(self):
@@ -56,12 +77,44 @@ class DatasetArguments:
             raise ConfigError(f"num_prompts: must be positive, got {self.num_prompts}")
         if self.skip_prompts < 0:
             raise ConfigError(f"skip_prompts: must be >= 0, got {self.skip_prompts}")
-        for name in ("budgets", "budget_range"):  # YAML gives whatever it parses: 32, {a: 1}, [[16, 32]]
+        for name in ("budgets", "budget_range", "thinking_budgets", "thinking_budget_range"):  # YAML: 32, [[16, 32]]
             value = getattr(self, name)
             if value is not None and not (isinstance(value, list) and all(type(b) is int for b in value)):
                 raise ConfigError(f"{name}: need a flat list of token counts, e.g. [16, 32, 64]; got {value!r}")
         # The transform's own check, here too: a bad budget fails before any model loads or file is written.
         check_budget_choices(self.budgets, self.budget_range, self.budget_kinds, kinds_field="budget_kinds")
+        thinking = self.thinking_budgets is not None or self.thinking_budget_range is not None
+        if thinking:
+            check_budget_choices(
+                self.thinking_budgets,
+                self.thinking_budget_range,
+                self.thinking_budget_kinds or ["at_most"],
+                kinds_field="thinking_budget_kinds",
+                prefix="thinking_",
+            )
+        elif self.thinking_budget_kinds is not None:
+            raise ConfigError(
+                "thinking_budget_kinds: set, but there is no thinking budget to give a kind; add thinking_budgets "
+                "or thinking_budget_range, or drop thinking_budget_kinds"
+            )
+        markers = self.thinking_markers
+        if markers is not None and not (
+            isinstance(markers, list)
+            and len(markers) == 2
+            and all(isinstance(m, str) and m.strip() for m in markers)
+            and markers[0] != markers[1]
+        ):
+            raise ConfigError(
+                f"thinking_markers: need [open, close], two different non-blank strings, e.g. ['<think>', '</think>']; "
+                f"got {markers!r}"
+            )
+
+    def segment_markers(self) -> tuple[str, str] | None:
+        """The thinking section's (open, close) markers when the recipe asks for segments (thinking budgets or
+        markers), else None: completions are then one segment."""
+        if self.thinking_budgets is None and self.thinking_budget_range is None and self.thinking_markers is None:
+            return None
+        return tuple(self.thinking_markers or THINKING_MARKERS)
 
 
 def load_prompts(args: DatasetArguments) -> Dataset:
@@ -217,6 +270,16 @@ def _finish(dataset: Dataset, args: DatasetArguments, seed: int) -> Dataset:
         return {"prompt": prompt}
 
     dataset = dataset.map(to_chat, remove_columns=[args.prompt_column])
+    # The thinking budget first, so that the prompt reads "Think for ... tokens. Answer in ... tokens."
+    if args.thinking_budgets is not None or args.thinking_budget_range is not None:
+        dataset = add_budgets(
+            dataset,
+            budgets=args.thinking_budgets,
+            budget_range=tuple(args.thinking_budget_range) if args.thinking_budget_range else None,
+            kinds=args.thinking_budget_kinds or ["at_most"],
+            seed=seed,
+            segment="thinking",
+        )
     if args.budgets is not None or args.budget_range is not None:
         try:
             dataset = add_budgets(

@@ -183,6 +183,11 @@ class EvaluateArguments(DatasetArguments, VLLMArguments):
             raise ConfigError("budgets: evaluate needs the budgets to ask for, e.g. budgets: [16, 32, 64]")
         if self.budget_range is not None:
             raise ConfigError("budget_range: evaluate asks every prompt at every budget; give budgets: [...] instead")
+        if self.segment_markers() is not None:  # budget_tokens would be the answer's, scored on the whole completion
+            raise ConfigError(
+                "thinking_budgets: evaluate reports whole completions only; drop thinking_budgets, thinking_budget_range "
+                "and thinking_markers"
+            )
         for name in ("max_new_tokens", "num_samples", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")

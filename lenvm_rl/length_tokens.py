@@ -7,6 +7,9 @@ token made the rest of the completion shorter than the LenVM expected before it;
 longer. Per distinct token text: occurrences, passes above and below the threshold and their rates.
 Writes ``length_tokens.json``, ``length_tokens.md`` (the top tokens each way, by pass count) and
 ``length_tokens.png`` (bar plots of the same).
+
+A two-value LenVM (``segment_values``) gives each token the residual of its own segment's value
+(``returns.segment_td_residuals``): a thinking token the thinking value's, an answer token the answer value's.
 """
 
 from __future__ import annotations
@@ -39,20 +42,27 @@ class LengthTokenArguments:
 
 
 def token_residual_stats(
-    values: list[torch.Tensor], rows, tokenizer, gamma: float, threshold: float
+    values: list[torch.Tensor], rows, tokenizer, gamma: float, threshold: float, two_values: bool = False
 ) -> dict[str, dict]:
     """Per token text: count, up (s_t > threshold), down (s_t < -threshold), mean residual.
 
-    ``values[i]`` holds V(s_0) .. V(s_L) of the finished rollout ``rows[i]``.
+    ``values[i]`` holds V(s_0) .. V(s_L) of the finished rollout ``rows[i]``, (L + 1,), or (L + 1, 2) for a two-value
+    LenVM, whose rows carry ``thinking_tokens``.
     """
-    from lenvm_rl.returns import td_residuals
+    from lenvm_rl.returns import segment_td_residuals, td_residuals
 
     stats: dict[str, dict] = defaultdict(lambda: {"count": 0, "up": 0, "down": 0, "sum": 0.0})
     for value, row in zip(values, rows):
         length = row["completion_tokens"]
         trace = value[: length + 1].double().clone()
         trace[length] = 0.0  # terminal
-        residuals = td_residuals(trace[None], torch.ones(1, length, dtype=torch.bool), gamma)[0]  # (L,)
+        valid = torch.ones(1, length, dtype=torch.bool)
+        if two_values:  # each token's residual of its own segment's value
+            thinking = torch.tensor([row["thinking_tokens"]])
+            both = segment_td_residuals(trace[None], valid, thinking, gamma)[0]  # (L, 2)
+            residuals = torch.where(torch.arange(length) < thinking, both[:, 0], both[:, 1])
+        else:
+            residuals = td_residuals(trace[None], valid, gamma)[0]  # (L,)
         for token_id, residual in zip(row["completion_ids"], residuals.tolist()):
             entry = stats[tokenizer.decode([token_id])]
             entry["count"] += 1
@@ -85,7 +95,7 @@ def ranked(stats: dict[str, dict], direction: str, min_count: int, top: int) -> 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from lenvm_rl.critic_metrics import check_lenvm_reads_rollouts, score_rollouts
+    from lenvm_rl.critic_metrics import check_lenvm_reads_rollouts, require_segments, score_rollouts
     from lenvm_rl.loading import inference_device, load_tokenizer
     from lenvm_rl.modeling import load_lenvm
     from lenvm_rl.outputs import check_output_dir, claim_output_dir
@@ -95,16 +105,18 @@ def main(argv: list[str] | None = None) -> dict:
     (args,) = parse_recipe((LengthTokenArguments,), argv)
     check_output_dir(args.output_dir, {"lenvm_model_path": args.lenvm_model_path, "rollouts_path": args.rollouts_path})
     claim_output_dir(args.output_dir)
-    model = load_lenvm(args.lenvm_model_path).to(inference_device())
+    model = load_lenvm(args.lenvm_model_path, two_values=True).to(inference_device())
     tokenizer = load_tokenizer(args.lenvm_model_path)
     rows = load_rollouts(args.rollouts_path)
     check_lenvm_reads_rollouts(args.lenvm_model_path, model, rows, args.rollouts_path)
     rows = rows.filter(lambda f: f, input_columns="finished")
     if len(rows) == 0:
         raise ConfigError(f"rollouts_path: {args.rollouts_path} has no finished rollout to analyse")
+    if model.config.segment_values:
+        require_segments(rows, "rollouts_path")
     gamma = model.config.gamma
     values = score_rollouts(model, rows, tokenizer.pad_token_id, args.batch_size)
-    stats = token_residual_stats(values, rows, tokenizer, gamma, args.threshold)
+    stats = token_residual_stats(values, rows, tokenizer, gamma, args.threshold, model.config.segment_values)
     lists = {direction: ranked(stats, direction, args.min_count, args.top) for direction in ("up", "down")}
 
     lines = [f"TD residuals of {len(rows)} finished rollouts, γ = {gamma:.4f}, threshold ±{args.threshold}", ""]

@@ -9,6 +9,11 @@ stored in float32, except under ZeRO-3 (``head_dtype``).
 
 ``LenVMModel`` is a ``PreTrainedModel`` with its own ``LenVMConfig`` (backbone config, γ, head size,
 loss), so ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` work as for any model.
+
+With ``segment_values`` the head has two outputs, V_think and V_answer: the remaining thinking and answer tokens of
+a completion with a thinking section (``returns.segment_value_targets``). Two outputs of one head on one trunk: the
+trunk's forward is the whole cost of a value, so a second trunk would double it, and what both values need (which
+segment the state is in, the budgets in the prompt) is the same reading of the sequence.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import ModelOutput
 
 from lenvm_rl.errors import ConfigError
-from lenvm_rl.returns import value_targets
+from lenvm_rl.returns import segment_value_targets, value_targets
 
 
 @strict
@@ -39,6 +44,7 @@ class LenVMConfig(PreTrainedConfig):
     value at the cut instead of dropping them), ``train_length_mean`` (mean finished length of the
     training rollouts) and ``train_boundary_tokens`` (their pooled prompt-boundary length
     ln(1 - mean(1 - γ^L)) / ln γ, the best constant in value space): the two constant baselines.
+    ``segment_values``: two values, remaining thinking and answer tokens, instead of one (module docstring).
     """
 
     model_type = "lenvm"
@@ -51,6 +57,7 @@ class LenVMConfig(PreTrainedConfig):
     bootstrap_truncated: bool = False
     train_length_mean: float | None = None
     train_boundary_tokens: float | None = None
+    segment_values: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -63,7 +70,7 @@ class LenVMConfig(PreTrainedConfig):
 @dataclass
 class LenVMOutput(ModelOutput):
     """``length_values`` (B, S) in (-1, 0) and ``logits`` (B, S) float32, at every position, or at
-    ``state_positions`` when given; ``loss`` is the token-mean value loss when targets are given;
+    ``state_positions`` when given ((B, S, 2), thinking then answer, for a ``segment_values`` LenVM); ``loss`` is the token-mean value loss when targets are given;
     ``cache`` the backbone's cache when called with ``use_cache=True``."""
 
     loss: torch.Tensor | None = None
@@ -101,10 +108,10 @@ class ValueHead(nn.Module):
     z = 0 at the start (PPO's task head; the LenVM initialises its head in ``LenVMModel._init_weights``).
     """
 
-    def __init__(self, hidden_size: int, head_hidden_size: int, zero_init: bool = False):
+    def __init__(self, hidden_size: int, head_hidden_size: int, zero_init: bool = False, num_values: int = 1):
         super().__init__()
         self.dense = Float32Linear(hidden_size, head_hidden_size)
-        self.out = Float32Linear(head_hidden_size, 1)
+        self.out = Float32Linear(head_hidden_size, num_values)
         if zero_init:
             nn.init.normal_(self.dense.weight, std=hidden_size**-0.5)
             nn.init.zeros_(self.dense.bias)
@@ -113,8 +120,8 @@ class ValueHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            z = self.out(F.silu(self.dense(hidden)))  # (B, S, 1) float32
-        return z.squeeze(-1)
+            z = self.out(F.silu(self.dense(hidden)))  # (B, S, num_values) float32
+        return z.squeeze(-1) if z.size(-1) == 1 else z
 
 
 class LenVMModel(PreTrainedModel):
@@ -130,7 +137,7 @@ class LenVMModel(PreTrainedModel):
         super().__init__(config)
         self.backbone = backbone if backbone is not None else AutoModel.from_config(config.backbone_config)
         hidden_size = config.backbone_config.hidden_size
-        self.head = ValueHead(hidden_size, config.head_hidden_size or hidden_size)
+        self.head = ValueHead(hidden_size, config.head_hidden_size or hidden_size, num_values=1 + config.segment_values)
         self.post_init()
 
     def _init_weights(self, module):
@@ -164,6 +171,8 @@ class LenVMModel(PreTrainedModel):
         completion_tokens: torch.Tensor | None = None,
         finished: torch.Tensor | None = None,
         num_items_in_batch: torch.Tensor | int | None = None,
+        thinking_tokens: torch.Tensor | None = None,
+        thinking_closed: torch.Tensor | None = None,
         **kwargs,
     ) -> LenVMOutput:
         """Values at every position, or at ``state_positions`` (B, S) when given.
@@ -173,7 +182,9 @@ class LenVMModel(PreTrainedModel):
         are dropped, or bootstrapped from the model's own detached V(s_T) when
         ``config.bootstrap_truncated``. The loss is the sum over valid states divided by
         ``num_items_in_batch`` (the valid states of the whole accumulated batch) or, without it, by
-        this batch's count: a token mean, not a mean over sequences.
+        this batch's count: a token mean, not a mean over sequences. A ``segment_values`` LenVM also needs
+        ``thinking_tokens`` and ``thinking_closed`` (B,) and regresses both values (``segment_value_targets``);
+        its loss is the mean over the labelled (state, value) pairs.
         """
         kwargs.pop("labels", None)
         kwargs.setdefault("use_cache", False)  # a cache only when asked for (guided decoding)
@@ -182,15 +193,32 @@ class LenVMModel(PreTrainedModel):
         if state_positions is not None:
             index = state_positions.clamp(min=0).unsqueeze(-1).expand(-1, -1, hidden.size(-1))
             hidden = hidden.gather(1, index)  # (B, S, H)
-        logits = self.head(hidden)  # (B, S) float32
+        logits = self.head(hidden)  # (B, S) float32, (B, S, 2) with segment_values
         values = -torch.sigmoid(logits)
         loss = None
         if completion_tokens is not None:
             finished = finished.bool()
-            last = completion_tokens.clamp(max=values.size(1) - 1).unsqueeze(1)
-            bootstrap = values.detach().gather(1, last).squeeze(1) if self.config.bootstrap_truncated else None
-            targets, mask = value_targets(completion_tokens, finished, values.size(1), self.config.gamma, bootstrap)
-            mask &= state_positions >= 0
+            last = completion_tokens.clamp(max=values.size(1) - 1)
+            bootstrap = values.detach()[torch.arange(len(last)), last] if self.config.bootstrap_truncated else None
+            if self.config.segment_values:
+                if thinking_tokens is None or thinking_closed is None:
+                    raise ConfigError(
+                        "rollouts_path: a segment_values LenVM trains on rollouts with thinking_tokens and "
+                        "thinking_closed; sample them with thinking budgets or thinking_markers in the rollout recipe"
+                    )
+                targets, mask = segment_value_targets(
+                    completion_tokens,
+                    thinking_tokens,
+                    thinking_closed,
+                    finished,
+                    values.size(1),
+                    self.config.gamma,
+                    bootstrap,
+                )
+                mask &= (state_positions >= 0)[..., None]
+            else:
+                targets, mask = value_targets(completion_tokens, finished, values.size(1), self.config.gamma, bootstrap)
+                mask &= state_positions >= 0
             if self.config.value_loss == "mse":
                 per_state = (values - targets) ** 2
             else:  # BCE on the logit: P(still generating) = -V, target 1 - γ^(L-t) = -G_t.
@@ -204,8 +232,9 @@ AutoConfig.register("lenvm", LenVMConfig)
 AutoModel.register(LenVMConfig, LenVMModel)
 
 
-def load_lenvm(path: str, dtype: torch.dtype | None = None) -> LenVMModel:
-    """Load a saved LenVM; a folder that holds something else is refused with the fix."""
+def load_lenvm(path: str, dtype: torch.dtype | None = None, two_values: bool = False) -> LenVMModel:
+    """Load a saved LenVM; a folder that holds something else is refused with the fix, and so is a ``segment_values``
+    LenVM unless the caller reads two values (``two_values``)."""
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError):
@@ -217,6 +246,11 @@ def load_lenvm(path: str, dtype: torch.dtype | None = None) -> LenVMModel:
         raise ConfigError(
             f"lenvm_model_path: {path!r} holds a {config.model_type!r} model, not a LenVM; give the output_dir "
             f"of `lenvm-rl train-lenvm`"
+        )
+    if config.segment_values and not two_values:
+        raise ConfigError(
+            f"lenvm_model_path: {path!r} is a two-value LenVM (thinking and answer tokens, segment_values), which this "
+            f"stage cannot read yet; give a LenVM trained without segment_values"
         )
     from safetensors import SafetensorError
 

@@ -122,6 +122,56 @@ def value_targets(
     return torch.where(mask, targets, 0.0).float(), mask
 
 
+def segment_value_targets(
+    completion_lengths: torch.Tensor,
+    thinking_lengths: torch.Tensor,
+    thinking_closed: torch.Tensor,
+    finished: torch.Tensor,
+    num_states: int,
+    gamma: float,
+    bootstrap_values: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets of the two-segment LenVM's two values, remaining thinking tokens and remaining answer tokens.
+
+    A completion of L tokens is T thinking tokens, then L - T answer tokens (``rewards.segments``). Each value is a
+    length return of its own segment: the thinking value's reward is -(1 - γ) on thinking tokens, the answer
+    value's on answer tokens, and a step discounts a value only on a token of that value's segment (γ), not on the
+    other's (1). So, for t <= L, with n_think = max(T - t, 0) and n_answer = L - max(t, T):
+
+        G_think_t = -(1 - γ^n_think)     G_answer_t = -(1 - γ^n_answer)
+
+    While thinking, the answer value is the whole answer to come; from the closing marker on, the thinking value is 0
+    and the answer value is the one-segment return of the rest. Both satisfy G_t = r_t + γ_t G_{t+1}.
+
+    A return is known when the row finished (EOS), and the thinking's also once the thinking closed. An unknown
+    return (a truncated row: the answer's always, the thinking's when still open) is dropped (mask False) when
+    ``bootstrap_values`` is None, else bootstrapped from the model's own values at the cut, as ``value_targets``
+    does: G_t = -(1 - γ^n) + γ^n V_boot.
+
+    Shapes: completion_lengths, thinking_lengths (B,) with T <= L; thinking_closed, finished (B,) bool;
+    bootstrap_values (B, 2) = (V_think(s_L), V_answer(s_L)). Returns targets (B, num_states, 2) float32, 0 where
+    unlabelled, and mask (B, num_states, 2) bool; index 0 is the thinking value, 1 the answer value.
+    """
+    if (thinking_lengths > completion_lengths).any() or (thinking_lengths < 0).any():
+        raise ValueError("thinking_tokens: must lie in [0, completion_tokens] for every row")
+    device = completion_lengths.device
+    steps = torch.arange(num_states, device=device, dtype=torch.float64)  # t
+    length, thinking = completion_lengths.double()[:, None], thinking_lengths.double()[:, None]  # (B, 1)
+    remaining = torch.stack(
+        [(thinking - steps).clamp(min=0), (length - torch.maximum(steps, thinking)).clamp(min=0)], dim=-1
+    )  # (B, S, 2)
+    targets = value_from_remaining(remaining, gamma)  # (B, S, 2) float64
+    finished = finished.bool()
+    known = torch.stack([finished | thinking_closed.bool(), finished], dim=-1)[:, None, :]  # (B, 1, 2)
+    mask = (steps <= length)[..., None].expand_as(targets).clone()  # (B, S, 2), writable by the caller
+    if bootstrap_values is None:
+        mask = mask & known
+    else:
+        bootstrapped = targets + (1 + targets) * bootstrap_values.double()[:, None, :]  # 1 + target = γ^n
+        targets = torch.where(known, targets, bootstrapped)
+    return torch.where(mask, targets, 0.0).float(), mask
+
+
 # ------------------------------------------------------------------------------- advantages and TD
 
 
@@ -165,6 +215,26 @@ def td_residuals(values: torch.Tensor, mask: torch.Tensor, gamma: float) -> torc
     values = values.to(dtype)
     residuals = -(1.0 - gamma) + gamma * values[:, 1:] - values[:, :-1]  # (B, T)
     return torch.where(mask.bool(), residuals, 0.0)
+
+
+def segment_td_residuals(
+    values: torch.Tensor, mask: torch.Tensor, thinking_lengths: torch.Tensor, gamma: float
+) -> torch.Tensor:
+    """TD residuals of the two-segment values (``segment_value_targets``): for the token at index t and value h,
+    s_t,h = r_t,h + γ_t,h V_h(s_{t+1}) - V_h(s_t), where a token of h's segment has r = -(1 - γ), γ_t,h = γ, and a
+    token of the other segment r = 0, γ_t,h = 1 (token t is thinking when t < T). 0 where mask is False.
+
+    Shapes: values (B, T + 1, 2) (thinking, answer), mask (B, T) bool, thinking_lengths (B,) -> (B, T, 2).
+    """
+    dtype = torch.promote_types(values.dtype, torch.float32)
+    values = values.to(dtype)
+    steps = torch.arange(mask.size(1), device=values.device)
+    thinking = steps[None, :] < thinking_lengths[:, None]  # (B, T)
+    own = torch.stack([thinking, ~thinking], dim=-1)  # (B, T, 2): the token is of value h's segment
+    reward = torch.where(own, -(1.0 - gamma), 0.0).to(dtype)
+    discount = torch.where(own, gamma, 1.0).to(dtype)
+    residuals = reward + discount * values[:, 1:] - values[:, :-1]  # (B, T, 2)
+    return torch.where(mask.bool()[..., None], residuals, 0.0)
 
 
 # ---------------------------------------------------------------------------- prompt-boundary metric

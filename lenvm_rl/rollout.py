@@ -9,7 +9,8 @@ one would have.
 Row columns: ``prompt_id``, ``sample_index``, ``prompt`` (chat messages), ``prompt_ids``,
 ``completion_ids`` (EOS stripped), ``completion`` (text), ``completion_tokens`` (L, EOS excluded),
 ``finished`` (ended with EOS within the limit; False = truncated), and the source's other columns
-(``answer``, ``budget_tokens``, ``budget_kind``, ...).
+(``answer``, ``budget_tokens``, ``budget_kind``, ...). A recipe with thinking budgets or ``thinking_markers`` adds
+``thinking_tokens``, ``answer_tokens`` and ``thinking_closed`` (``rewards.segments``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from lenvm_rl.generation import VLLMArguments, generate_hf, require_vllm, tokeni
 from lenvm_rl.loading import inference_device, load_causal_lm, load_tokenizer
 from lenvm_rl.outputs import changed_setting, claim_output_dir
 from lenvm_rl.rollout_data import MANIFEST, load_rollouts
+from lenvm_rl.thinking import SegmentRecorder
 
 
 @dataclass
@@ -129,6 +131,7 @@ def run_rollouts(
         return check_manifest(output_dir, args, model_name_or_path, dtype)
 
     tokenizer = load_tokenizer(model_name_or_path)  # a model path that holds no model fails here, before any write
+    record_segments = SegmentRecorder.for_recipe(args, tokenizer, prompts[0]["prompt"])  # refused before any write
     settings = ranks.main_first(claim)
     num_shards = -(-len(prompts) // args.shard_size)
     missing = [i for i in range(num_shards) if not (shard_dir / f"shard-{i:05d}").exists()]
@@ -194,6 +197,7 @@ def run_rollouts(
                             "completion": tokenizer.decode(completion_ids, skip_special_tokens=True),
                             "completion_tokens": len(completion_ids),
                             "finished": finished,
+                            **(record_segments(completion_ids) if record_segments else {}),
                             **{c: row[c] for c in extra_columns},
                         }
                     )

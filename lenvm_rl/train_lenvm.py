@@ -19,7 +19,13 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
-from lenvm_rl.critic_metrics import collate_states, constant_baselines, length_metrics, score_rollouts
+from lenvm_rl.critic_metrics import (
+    collate_states,
+    labelled_states,
+    lenvm_metrics,
+    require_segments,
+    score_rollouts,
+)
 from lenvm_rl.errors import ConfigError, check_training_counts
 from lenvm_rl.hub import defer_push, model_card, push_folder, record_run
 from lenvm_rl.precision import resolve_bf16, resolve_dtype, training_device
@@ -56,6 +62,8 @@ class LenVMTrainingConfig(TrainingArguments):
             'mse' on V, or 'bce' on the logit.
         truncated_rollouts (`str`, *optional*, defaults to `"drop"`):
             'drop' truncated rollouts, or 'bootstrap' them from V(s_T).
+        segment_values (`bool`, *optional*, defaults to `False`):
+            Two values, remaining thinking and answer tokens (rollouts with thinking_tokens; rewards.segments).
 
         > Parameters that control the model
 
@@ -87,6 +95,9 @@ class LenVMTrainingConfig(TrainingArguments):
     value_loss: str = field(default="mse", metadata={"help": "'mse' on V, or 'bce' on the logit."})
     truncated_rollouts: str = field(
         default="drop", metadata={"help": "'drop' truncated rollouts, or 'bootstrap' them from V(s_T)."}
+    )
+    segment_values: bool = field(
+        default=False, metadata={"help": "Two values, remaining thinking and answer tokens (rollouts with segments)."}
     )
     freeze_backbone: bool = field(default=False, metadata={"help": "Train the head only."})
     trainable_top_layers: int | None = field(
@@ -144,13 +155,8 @@ class LenVMTrainer(Trainer):
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
         # Valid states of every micro-batch of this optimizer step (and of every rank), masked as the loss is.
-        count = 0
-        for batch in batch_samples:
-            valid = batch["state_positions"] >= 0
-            if self.args.truncated_rollouts == "drop":
-                valid &= batch["finished"].bool()[:, None]
-            count += valid.sum()
-        count = count.to(device)
+        drop = self.args.truncated_rollouts == "drop"
+        count = sum(labelled_states(batch, drop, self.args.segment_values) for batch in batch_samples).to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             count = self.accelerator.gather(count).sum()
         return count
@@ -162,7 +168,7 @@ class LenVMTrainer(Trainer):
             values = score_rollouts(
                 model, dataset, self.processing_class.pad_token_id, self.args.per_device_eval_batch_size
             )
-        metrics = length_metrics(dataset, values, model.config.gamma, constant_baselines(model.config))
+        metrics = lenvm_metrics(model.config, dataset, values)
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
@@ -238,6 +244,7 @@ def build_lenvm(model_args, config: LenVMTrainingConfig, gamma: float, train_len
         head_hidden_size=config.head_hidden_size,
         value_loss=config.value_loss,
         bootstrap_truncated=config.truncated_rollouts == "bootstrap",
+        segment_values=config.segment_values,
         train_length_mean=float(train_lengths.mean()),
         train_boundary_tokens=float(prompt_boundary_ground_truth([train_lengths], gamma)[0]),
     )
@@ -318,6 +325,9 @@ def main(argv: list[str] | None = None) -> None:
         check_token_ids(eval_rows, vocab_size, "eval_rollouts_path", script_args.eval_rollouts_path)
     train_rows = prepare_rollouts(train_rows, config.truncated_rollouts, config.max_sequence_tokens, "rollouts_path")
     eval_rows = prepare_rollouts(eval_rows, "drop", config.max_sequence_tokens, "eval rollouts")
+    if config.segment_values:
+        require_segments(train_rows, "rollouts_path")
+        require_segments(eval_rows, "eval_rollouts_path")
     for name, rows in (("training", train_rows), ("held-out", eval_rows)):
         if len(rows) == 0:
             raise ConfigError(
@@ -370,7 +380,10 @@ def main(argv: list[str] | None = None) -> None:
             (staging / "eval_results.json").write_text(json.dumps(metrics, indent=4, sort_keys=True) + "\n")
             record_run(staging, "train-lenvm", argv, script_args, config, model_args)  # the command and the recipe
             model_card(staging, hub_model_id, saved_as=config.output_dir).save(f"{staging}/README.md")
-    if trainer.is_world_process_zero():
+    if trainer.is_world_process_zero() and config.segment_values:
+        mres = [f"{k[5:]} {v:.3f}" for k, v in metrics.items() if k.endswith("_boundary_mre")]
+        print(f"held-out prompt-boundary MRE per segment: {', '.join(mres)}")
+    elif trainer.is_world_process_zero():
         print(
             f"held-out prompt-boundary MRE: LenVM {metrics['eval_boundary_mre']:.3f}; constant predictors: mean "
             f"training length {metrics['eval_constant_mre']:.3f}, best constant in value space "

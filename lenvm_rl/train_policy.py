@@ -34,11 +34,13 @@ class GRPOScriptArguments(DatasetArguments):
     )
 
 
-def build_reward_funcs(names: list[str], tokenizer, model, config) -> list:
-    """The recipe's reward functions by name; length rewards get the EOS ids TRL stops on and the completion cap."""
+def build_reward_funcs(names: list[str], tokenizer, model, config, segments=None) -> list:
+    """The recipe's reward functions by name; length rewards get the EOS ids TRL stops on and the completion cap,
+    segment rewards the thinking markers of ``segments`` (a ``SegmentRecorder``)."""
     from lenvm_rl.generation import eos_token_ids
     from rewards import REWARDS, get_reward
     from rewards.base import TokenLengthReward
+    from rewards.length import ThinkingLengthScore
 
     # Length rewards count tokens without the EOS that ended the completion: any id TRL stops on.
     eos_ids = sorted(eos_token_ids(tokenizer, model.generation_config))
@@ -49,6 +51,10 @@ def build_reward_funcs(names: list[str], tokenizer, model, config) -> list:
             params["eos_token_id"] = eos_ids
             if "max_completion_tokens" in inspect.signature(reward_class).parameters:
                 params["max_completion_tokens"] = config.max_completion_length
+        if reward_class is not None and issubclass(reward_class, ThinkingLengthScore):
+            params.update(
+                tokenizer=tokenizer, thinking_markers=segments.markers, starts_in_thinking=segments.starts_inside
+            )
         reward_funcs.append(get_reward(name, **params))
     return reward_funcs
 
@@ -65,7 +71,9 @@ def train_policy(argv: list[str] | None, stage: str, config_class: type, trainer
     from lenvm_rl.loading import load_causal_lm, load_tokenizer
     from lenvm_rl.outputs import check_output_dir, claim_output_dir, final_save
     from lenvm_rl.recipe import parse_recipe
+    from lenvm_rl.thinking import SegmentRecorder
     from rewards import REWARDS
+    from rewards.length import ThinkingLengthScore
 
     script_args, config, model_args = parse_recipe((GRPOScriptArguments, config_class, ModelConfig), argv)
     if config.reward_weights is not None and len(config.reward_weights) != len(script_args.reward_funcs):
@@ -109,6 +117,17 @@ def train_policy(argv: list[str] | None, stage: str, config_class: type, trainer
                 f"lacks (columns: {', '.join(dataset.column_names)}); add it (budgets: [...] adds budget_tokens and "
                 f"budget_kind) or drop the reward"
             )
+    if "thinking_budget_tokens" in dataset.column_names and config.length_objective != "none":
+        raise ConfigError(
+            f"length_objective: {config.length_objective!r} scores the whole completion against budget_tokens, but "
+            f"these prompts carry thinking budgets (budget_tokens is the answer's budget); set length_objective: none "
+            f"and train on thinking_length_score and answer_length_score"
+        )
+    if "thinking_budget_tokens" in dataset.column_names and config.lenvm_model_path is not None:
+        raise ConfigError(
+            "lenvm_model_path: the LenVM's length/* metrics score whole completions against budget_tokens, which "
+            "is the answer's budget for these prompts with thinking budgets; unset lenvm_model_path"
+        )
     claim = lambda: claim_output_dir(config.output_dir, True, resume_from is not None, script_args.overwrite_output_dir)
     launched_ranks().main_first(claim)  # the recipe passed every check: the folder is this run's from here on
 
@@ -122,7 +141,18 @@ def train_policy(argv: list[str] | None, stage: str, config_class: type, trainer
     )
 
     ################ Rewards
-    reward_funcs = build_reward_funcs(script_args.reward_funcs, tokenizer, model, config)
+    # Segment rewards read the thinking markers in the token ids, knowing whether the chat template opened the section.
+    wants_segments = any(
+        issubclass(REWARDS.get(name, object), ThinkingLengthScore) for name in script_args.reward_funcs
+    )
+    segments = SegmentRecorder.for_recipe(
+        script_args,
+        tokenizer,
+        dataset[0]["prompt"],
+        config.chat_template_kwargs,
+        "reward_funcs" if wants_segments else None,
+    )
+    reward_funcs = build_reward_funcs(script_args.reward_funcs, tokenizer, model, config, segments)
 
     ################ Trainer
     sigterm = SaveOnSigterm()

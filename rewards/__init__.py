@@ -16,7 +16,15 @@ from rewards.base import AsyncCheckedReward, CheckedReward
 from rewards.correctness import Accuracy, extract_final_answer, is_correct
 from rewards.errors import ConfigError
 from rewards.format import AnswerFormat
-from rewards.length import CosineLength, L1Exact, L1Max, LengthScore, SoftOverlong
+from rewards.length import (
+    AnswerLengthScore,
+    CosineLength,
+    L1Exact,
+    L1Max,
+    LengthScore,
+    SoftOverlong,
+    ThinkingLengthScore,
+)
 
 REWARDS: dict[str, type] = {
     "accuracy": Accuracy,
@@ -26,6 +34,8 @@ REWARDS: dict[str, type] = {
     "l1_max": L1Max,
     "soft_overlong": SoftOverlong,
     "cosine_length": CosineLength,
+    "thinking_length_score": ThinkingLengthScore,
+    "answer_length_score": AnswerLengthScore,
 }
 
 
@@ -98,11 +108,13 @@ __all__ = [
     "REWARDS",
     "Accuracy",
     "AnswerFormat",
+    "AnswerLengthScore",
     "CosineLength",
     "L1Exact",
     "L1Max",
     "LengthScore",
     "SoftOverlong",
+    "ThinkingLengthScore",
     "describe_rewards",
     "extract_final_answer",
     "get_reward",

@@ -16,10 +16,13 @@ import torch
 from rewards.errors import ConfigError
 
 BUDGET_FIX = "add budgets with the budget transform: dataset.budgets in the recipe, or lenvm_rl.budgets.add_budgets"
+THINKING_BUDGET_FIX = "add thinking budgets: thinking_budgets in the recipe, or add_budgets(..., segment='thinking')"
 COLUMN_FIXES = {
     "answer": "give each prompt its reference answer, e.g. '72' or a GSM8K solution ending in '#### 72'",
     "budget_tokens": BUDGET_FIX,
     "budget_kind": BUDGET_FIX,
+    "thinking_budget_tokens": THINKING_BUDGET_FIX,
+    "thinking_budget_kind": THINKING_BUDGET_FIX,
 }
 
 
@@ -35,11 +38,19 @@ def column(kwargs: dict, name: str, reward_name: str) -> list:
     return kwargs[name]
 
 
-def budget_tokens(kwargs: dict, reward_name: str) -> torch.Tensor:
-    """The ``budget_tokens`` column as a float64 tensor (B,); every budget must be positive (LD divides by N)."""
-    budgets = torch.tensor(column(kwargs, "budget_tokens", reward_name), dtype=torch.float64)
+def budget_tokens(kwargs: dict, reward_name: str, name: str = "budget_tokens", whole: bool = True) -> torch.Tensor:
+    """The column ``name`` (``budget_tokens``, or ``thinking_budget_tokens``) as a float64 tensor (B,); every
+    budget must be positive (LD divides by N). ``whole``: the reward scores the whole completion's length, which
+    prompts with a thinking budget do not ask for (their ``budget_tokens`` is the answer's budget)."""
+    if whole and "thinking_budget_tokens" in kwargs:
+        raise ConfigError(
+            f"reward_funcs: {reward_name} scores the whole completion against budget_tokens, but these prompts carry "
+            f"thinking budgets, so budget_tokens is the answer's budget; use thinking_length_score and "
+            f"answer_length_score instead"
+        )
+    budgets = torch.tensor(column(kwargs, name, reward_name), dtype=torch.float64)
     if (budgets <= 0).any():
-        raise ConfigError(f"budget_tokens: every budget must be a positive number of tokens, got {budgets.min():g}")
+        raise ConfigError(f"{name}: every budget must be a positive number of tokens, got {budgets.min():g}")
     return budgets
 
 

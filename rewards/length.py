@@ -1,6 +1,8 @@
 """Length rewards, all counted in tokens: L = len(completion_ids[i]) minus a trailing EOS (see
 ``TokenLengthReward``). Budgeted rewards read N from the ``budget_tokens`` column and reuse the score
-formulas of ``lenvm_rl.returns``, the same ones the LenVM critic turns into per-token advantages.
+formulas of ``rewards.scores``, the same ones the LenVM critic turns into per-token advantages. The segment
+rewards (``thinking_length_score``, ``answer_length_score``) score one segment of a completion with a thinking
+section (``rewards.segments``) against that segment's budget.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from rewards.base import TokenLengthReward, budget_tokens, column, completion_te
 from rewards.correctness import is_correct
 from rewards.errors import ConfigError
 from rewards.scores import BUDGET_KINDS, budget_kind_codes, l1_length_score, lifebench_length_score
+from rewards.segments import THINKING_MARKERS, TokenPieces, segment_length_score, split_thinking
 
 
 class LengthScore(TokenLengthReward):
@@ -161,3 +164,73 @@ class CosineLength(TokenLengthReward):
             progress = min(length / self.max_completion_tokens, 1.0)
             rewards.append(end + (start - end) * (1.0 + math.cos(math.pi * progress)) / 2)
         return rewards
+
+
+class ThinkingLengthScore(TokenLengthReward):
+    """LIFEBench length score of the thinking section against the thinking budget; 0 when the thinking never closed.
+
+    The thinking segment is the completion up to and including the closing marker (``rewards.segments``); a
+    completion that does not think has 0 thinking tokens. Reads ``thinking_budget_tokens`` and
+    ``thinking_budget_kind``. Needs the policy's tokenizer to read the markers in the token ids (``grpo`` and ``ppo``
+    pass it, with the recipe's ``thinking_markers`` and whether the chat template opens the thinking).
+
+    >>> class Words:  # a tokenizer: id -> text
+    ...     def decode(self, ids, skip_special_tokens=False):
+    ...         return ["<think>", "hm", "</think>", " 4"][ids[0]]
+    >>> ThinkingLengthScore(Words())(prompts=["p"] * 2, completions=[""] * 2, completion_ids=[[0, 1, 2, 3], [0, 1, 1]],
+    ...                              thinking_budget_tokens=[3, 3], thinking_budget_kind=["exact", "at_most"])
+    [1.0, 0.0]
+    """
+
+    __name__ = "thinking_length_score"
+    formula = "LIFEBench score of the thinking tokens (through </think>) vs thinking_budget_tokens; 0 if never closed"
+    columns = ("thinking_budget_tokens", "thinking_budget_kind")
+    segment = "thinking"
+
+    def __init__(
+        self,
+        tokenizer,
+        thinking_markers: Sequence[str] = THINKING_MARKERS,
+        starts_in_thinking: bool = False,
+        eos_token_id: int | Sequence[int] | None = None,
+    ):
+        super().__init__(eos_token_id)
+        self.pieces, self.markers, self.starts_in_thinking = (
+            TokenPieces(tokenizer),
+            tuple(thinking_markers),
+            starts_in_thinking,
+        )
+
+    def segments(self, completion_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Thinking tokens, answer tokens (float64 (B,)) and whether the thinking closed (bool (B,))."""
+        lengths = self.lengths(completion_ids).long().tolist()
+        rows = [
+            split_thinking(self.pieces(ids[:length]), self.markers, self.starts_in_thinking)
+            for ids, length in zip(completion_ids, lengths, strict=True)
+        ]
+        thinking, answer, closed = zip(*rows) if rows else ((), (), ())
+        return (
+            torch.tensor(thinking, dtype=torch.float64),
+            torch.tensor(answer, dtype=torch.float64),
+            torch.tensor(closed, dtype=torch.bool),
+        )
+
+    def __call__(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
+        tokens_column, kinds_column = self.columns
+        budgets = budget_tokens(kwargs, self.__name__, tokens_column, whole=False)
+        kinds = budget_kind_codes(column(kwargs, kinds_column, self.__name__))
+        thinking, answer, closed = self.segments(completion_ids)
+        lengths = thinking if self.segment == "thinking" else answer
+        return segment_length_score(lengths, budgets, kinds, closed).tolist()
+
+
+class AnswerLengthScore(ThinkingLengthScore):
+    """LIFEBench length score of the answer (the tokens after the thinking section) against ``budget_tokens``;
+    0 when the thinking never closed (there is no answer). Without a thinking section the answer is the whole
+    completion and this is ``length_score``. Reads ``budget_tokens`` and ``budget_kind``; needs the tokenizer.
+    """
+
+    __name__ = "answer_length_score"
+    formula = "LIFEBench score of the tokens after </think> vs budget_tokens; 0 if the thinking never closed"
+    columns = ("budget_tokens", "budget_kind")
+    segment = "answer"

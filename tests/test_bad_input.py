@@ -102,6 +102,31 @@ CASES = {
     "unreachable-model-id": ("grpo", {"model_name_or_path": "nobody/does-not-exist"}, [], "model_name_or_path:"),
     "unknown-reward": ("grpo", {"reward_funcs": ["correctness_v2"]}, [], "reward_funcs: unknown reward"),
     "unknown-length-objective": ("grpo", {"length_objective": "shorter"}, [], "length_objective:"),
+    # Issue 29: thinking budgets.
+    "thinking-budgets-with-a-whole-length-critic": (
+        "grpo",
+        {"thinking_budgets": [8]},
+        [],
+        "length_objective: 'budget'",
+    ),
+    "evaluate-thinking-budgets": (
+        "evaluate",
+        {"thinking_budgets": [8]},
+        [],
+        "thinking_budgets: evaluate reports whole",
+    ),
+    "thinking-budgets-with-a-metrics-lenvm": (
+        "grpo",
+        {"thinking_budgets": [8], "length_objective": "none"},
+        [],
+        "lenvm_model_path: the LenVM's length/* metrics",
+    ),
+    "thinking-budget-kinds-without-budgets": (
+        "rollout",
+        {"thinking_budget_kinds": ["exact"]},
+        [],
+        "thinking_budget_kinds:",
+    ),
     "resume-without-checkpoint": ("grpo", {}, ["--resume_from_checkpoint", "true"], "resume_from_checkpoint:"),
     "resume-lenvm-without-checkpoint": ("train-lenvm", {"resume_from_checkpoint": True}, [], "resume_from_checkpoint:"),
     "rollouts-path-without-shards": ("train-lenvm", {"rollouts_path": "{model}"}, [], "rollouts_path:"),

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import make_tokenizer
 
 import rewards
 import rewards.correctness
@@ -18,6 +19,8 @@ GSM8K_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" /
 REQUIRED_PARAMS = {
     "soft_overlong": {"max_completion_tokens": 100, "soft_cache_tokens": 20},
     "cosine_length": {"max_completion_tokens": 100},
+    "thinking_length_score": {"tokenizer": make_tokenizer()},
+    "answer_length_score": {"tokenizer": make_tokenizer()},
 }
 # A batch with every column any built-in reward reads, plus the kwargs TRL adds.
 BATCH = {
@@ -28,6 +31,8 @@ BATCH = {
     "budget_tokens": [8, 16, 32],
     "budget_kind": ["exact", "at_most", "at_least"],
 }
+# What the thinking-segment reward reads besides (tests/test_segments.py has the segment rewards' own tests).
+THINKING_COLUMNS = {"thinking_budget_tokens": [4, 8, 16], "thinking_budget_kind": ["at_most"] * 3}
 TRL_KWARGS = {"trainer_state": None, "log_extra": lambda *a: None, "log_metric": lambda *a: None}
 
 
@@ -238,12 +243,13 @@ def test_answer_format(completion, score):
 def test_contract(name):
     reward = make(name)
     assert reward.__name__ == name
-    out = reward(**BATCH, **TRL_KWARGS, some_other_column=[1, 2, 3])  # extra kwargs are ignored
-    assert len(out) == len(BATCH["completions"]) and all(isinstance(x, float) for x in out)
-    chat = [[{"role": "assistant", "content": c}] for c in BATCH["completions"]]
-    assert reward(**{**BATCH, "completions": chat}) == out
+    batch = {**BATCH, **THINKING_COLUMNS} if "thinking_budget_tokens" in reward.columns else BATCH
+    out = reward(**batch, **TRL_KWARGS, some_other_column=[1, 2, 3])  # extra kwargs are ignored
+    assert len(out) == len(batch["completions"]) and all(isinstance(x, float) for x in out)
+    chat = [[{"role": "assistant", "content": c}] for c in batch["completions"]]
+    assert reward(**{**batch, "completions": chat}) == out
     restored = pickle.loads(pickle.dumps(reward))
-    assert restored.__name__ == name and restored(**BATCH) == out
+    assert restored.__name__ == name and restored(**batch) == out
 
 
 def test_accuracy_on_the_batch():
