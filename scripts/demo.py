@@ -22,28 +22,52 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 sys.path.insert(0, str(ROOT))  # this checkout's lenvm_rl, whichever checkout an installed copy points at
 RUNS = ROOT / "runs" / "demo"
 SMOL = ROOT / "recipes" / "SmolLM2-135M-Instruct"
 TESTBED = ROOT / "recipes" / "testbed"
 LM = [sys.executable, "-m", "lenvm_rl"]
+# The stages on the longest chain (rollouts -> LenVM -> guided decoding) generate on both cores: two processes, each
+# taking every other shard or batch, with the seeds and outputs of a one-process run (lenvm_rl/data_parallel.py).
+# The port is free now (a fixed one may be taken by other work on the machine).
+TWO_PROCESSES = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--config_file",
+    str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
+    "--main_process_port",
+    str(free_port()),
+    "-m",
+    "lenvm_rl",
+]
 HELD_OUT = ["--num_prompts", "16", "--skip_prompts", "100"]  # 16 held-out prompts x exact {16, 32, 64}
 # The before/after recipe without its GRPO adapter (a list field cannot be emptied by a flag): written by main().
 EVALUATE_RECIPE = RUNS / "smollm2" / "config_base_model.yaml"
 EVALUATE = [
-    *LM,
     "evaluate",
     "--config",
     str(EVALUATE_RECIPE),
     *HELD_OUT,
     "--max_new_tokens",
     "96",
+    "--batch_size",
+    "8",  # 6 batches (2 per budget): 3 for each process of the two-process guided stage
     "--lenvm_model_path",
     str(RUNS / "smollm2" / "lenvm"),
 ]
@@ -75,9 +99,29 @@ def testbed_grpo(recipe: str, folder: str, *flags: str) -> tuple[list[str], Path
 
 # name: (command, file that marks it done, stages it needs)
 STAGES = {
+    "smollm2 held-out rollouts": (
+        [
+            *TWO_PROCESSES,
+            "rollout",
+            "--config",
+            str(SMOL / "rollout" / "config_arithmetic_eval.yaml"),
+            "--num_prompts",
+            "16",
+            "--num_samples_per_prompt",
+            "4",
+            "--max_completion_tokens",
+            "96",
+            "--shard_size",
+            "8",
+            "--output_dir",
+            str(RUNS / "smollm2" / "rollouts_eval"),
+        ],
+        RUNS / "smollm2" / "rollouts_eval" / "shards" / "shard-00001",
+        [],
+    ),
     "smollm2 rollouts": (
         [
-            *LM,
+            *TWO_PROCESSES,
             "rollout",
             "--config",
             str(SMOL / "rollout" / "config_arithmetic.yaml"),
@@ -97,24 +141,6 @@ STAGES = {
         RUNS / "smollm2" / "rollouts" / "shards" / "shard-00001",
         [],
     ),
-    "smollm2 held-out rollouts": (
-        [
-            *LM,
-            "rollout",
-            "--config",
-            str(SMOL / "rollout" / "config_arithmetic_eval.yaml"),
-            "--num_prompts",
-            "16",
-            "--max_completion_tokens",
-            "96",
-            "--shard_size",
-            "8",
-            "--output_dir",
-            str(RUNS / "smollm2" / "rollouts_eval"),
-        ],
-        RUNS / "smollm2" / "rollouts_eval" / "shards" / "shard-00001",
-        [],
-    ),
     "smollm2 LenVM": (
         [
             *LM,
@@ -131,33 +157,6 @@ STAGES = {
         RUNS / "smollm2" / "lenvm" / "eval_results.json",
         ["smollm2 rollouts", "smollm2 held-out rollouts"],
     ),
-    "smollm2 guided decoding": (
-        [
-            *EVALUATE,
-            "--plain_decoding",
-            "false",
-            "--guided_decoding",
-            "true",
-            "--output_dir",
-            str(RUNS / "smollm2" / "guided"),
-        ],
-        RUNS / "smollm2" / "guided" / "results.json",
-        ["smollm2 LenVM"],
-    ),
-    "smollm2 prediction": (
-        [
-            *LM,
-            "predict-length",
-            "--lenvm_model_path",
-            str(RUNS / "smollm2" / "lenvm"),
-            "--rollouts_path",
-            str(RUNS / "smollm2" / "rollouts_eval"),
-            "--output_dir",
-            str(RUNS / "smollm2" / "predict"),
-        ],
-        RUNS / "smollm2" / "predict" / "predictions.json",
-        ["smollm2 LenVM"],
-    ),
     "testbed policy": (
         [
             sys.executable,
@@ -171,6 +170,11 @@ STAGES = {
             "2",
         ],
         RUNS / "testbed" / "sft" / "config.json",
+        [],
+    ),
+    "smollm2 base and truncation": (
+        [*LM, *EVALUATE, "--hard_truncation", "true", "--output_dir", str(RUNS / "smollm2" / "plain")],
+        RUNS / "smollm2" / "plain" / "results.json",
         [],
     ),
     "testbed rollouts": (
@@ -205,13 +209,22 @@ STAGES = {
         RUNS / "testbed" / "lenvm" / "eval_results.json",
         ["testbed rollouts"],
     ),
+    "smollm2 guided decoding": (
+        [
+            *TWO_PROCESSES,
+            *EVALUATE,
+            "--plain_decoding",
+            "false",
+            "--guided_decoding",
+            "true",
+            "--output_dir",
+            str(RUNS / "smollm2" / "guided"),
+        ],
+        RUNS / "smollm2" / "guided" / "results.json",
+        ["smollm2 LenVM"],
+    ),
     "testbed GRPO with the LenVM critic": testbed_grpo("grpo/config_lenvm_lambda095.yaml", "grpo", *LENVM_ARM),
     "testbed GRPO with the sequence-level reward": testbed_grpo("grpo/config_length_score.yaml", "grpo_length_score"),
-    "smollm2 base and truncation": (
-        [*EVALUATE, "--hard_truncation", "true", "--output_dir", str(RUNS / "smollm2" / "plain")],
-        RUNS / "smollm2" / "plain" / "results.json",
-        [],
-    ),
 }
 ENV = {
     **os.environ,
@@ -246,17 +259,21 @@ def run_stages(jobs: int = 2) -> dict[str, tuple[float, float]]:
     while todo or running:
         for name in list(todo):
             needs = STAGES[name][2]
-            if len(running) < jobs and not any(n in todo or n in running for n in needs):
+            if any(n in todo or n in running for n in needs):
+                continue
+            slots = jobs if STAGES[name][0][2] == "accelerate.commands.launch" else 1
+            if sum(used for *_, used in running.values()) + slots > jobs:
+                break  # a stage waiting for both cores keeps its place: later stages do not start before it
                 log = RUNS / "logs" / (re.sub(r"\W+", "_", name) + ".log")
                 log.parent.mkdir(parents=True, exist_ok=True)
                 process = subprocess.Popen(
                     STAGES[name][0], cwd=ROOT, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT
                 )
-                running[name] = (process, log, time.perf_counter())
+                running[name] = (process, log, time.perf_counter(), slots)
                 todo.remove(name)
                 print(f"demo: {name} ... (log: {log.relative_to(ROOT)})", flush=True)
         time.sleep(1.0)
-        for name, (process, log, start) in list(running.items()):
+        for name, (process, log, start, _) in list(running.items()):
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)  # the stage's own resource usage
             if pid == 0:
                 continue
@@ -264,7 +281,7 @@ def run_stages(jobs: int = 2) -> dict[str, tuple[float, float]]:
             del running[name]
             if process.returncode != 0:
                 tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-8:])
-                for other, _, _ in running.values():
+                for other, *_ in running.values():
                     other.terminate()
                 sys.exit(f"demo: {name} failed (exit {process.returncode}); {log}:\n{tail}")
             times[name] = (time.perf_counter() - start, usage.ru_utime + usage.ru_stime)
@@ -272,19 +289,20 @@ def run_stages(jobs: int = 2) -> dict[str, tuple[float, float]]:
         if running and time.perf_counter() - last_report > 20:
             last_report = time.perf_counter()
             print(
-                "demo: running: " + "; ".join(f"{n} ({progress(log)})" for n, (_, log, _) in running.items()),
+                "demo: running: " + "; ".join(f"{n} ({progress(log)})" for n, (_, log, *_) in running.items()),
                 flush=True,
             )
     return times
 
 
 def prediction_table() -> str:
-    result = json.loads((RUNS / "smollm2" / "predict" / "predictions.json").read_text())
-    metrics = result["metrics"]
+    """The LenVM's prompt-boundary length error on the held-out rollouts against two constants (train-lenvm's own
+    evaluation of them, ``eval_results.json``: the numbers ``lenvm-rl predict-length`` prints for the same rollouts)."""
+    metrics = json.loads((RUNS / "smollm2" / "lenvm" / "eval_results.json").read_text())
     lines = ["| predictor of the held-out prompt-boundary length | MRE |", "| --- | ---: |"]
-    lines.append(f"| constant: mean training length | {metrics.get('constant_mre', float('nan')):.3f} |")
-    lines.append(f"| constant: best in value space | {metrics.get('constant_value_mre', float('nan')):.3f} |")
-    lines.append(f"| LenVM, V(s_0) -> L̂ = ln(1 + V)/ln γ | {metrics['boundary_mre']:.3f} |")
+    lines.append(f"| constant: mean training length | {metrics['eval_constant_mre']:.3f} |")
+    lines.append(f"| constant: best in value space | {metrics['eval_constant_value_mre']:.3f} |")
+    lines.append(f"| LenVM, V(s_0) -> L̂ = ln(1 + V)/ln γ | {metrics['eval_boundary_mre']:.3f} |")
     return "\n".join(lines)
 
 
@@ -405,8 +423,8 @@ def main() -> None:
     precision = json.loads((RUNS / "smollm2" / "rollouts" / "rollout_args.json").read_text())["dtype"]
     report = "\n\n".join(
         [
-            f"SmolLM2-135M-Instruct ({precision}): LenVM prompt-boundary prediction on 16 held-out prompts x 8 samples "
-            f"(runs/demo/smollm2/predict)",
+            f"SmolLM2-135M-Instruct ({precision}): LenVM prompt-boundary prediction on 16 held-out prompts x 4 samples "
+            f"(runs/demo/smollm2/lenvm/eval_results.json)",
             prediction_table(),
             "SmolLM2 on 16 held-out prompts x exactly 16 / 32 / 64 tokens (means over the budgets; per budget in "
             "runs/demo/smollm2/{plain,guided}/results.md)",
