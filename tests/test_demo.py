@@ -126,3 +126,19 @@ def test_report_tables_read_the_stages_outputs(tmp_path, monkeypatch):
     assert "| after GRPO + LenVM critic (step 150) | 0.900 | 0.800 | 0.500 | 20.000 | 32k |" in table
     assert "| after GRPO + sequence-level length reward (step 150) | 0.900 | 0.800 | 0.500 | 20.000 | 64k |" in table
     assert (tmp_path / "testbed" / "learning_curve.png").stat().st_size > 5_000
+
+
+def test_readme_first_screen_takes_a_demo_summary_verbatim():
+    spec = importlib.util.spec_from_file_location("update_readme", ROOT / "scripts" / "update_readme.py")
+    update = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(update)
+    readme = "intro\n<!-- demo-summary:start (scripts/update_readme.py --demo) -->\nold table\n<!-- demo-summary:end -->\nrest"
+    text = update.render_demo(readme, "| a | b |\n|---|---|\n| 1 | 2 |\n\nWall time 9.0 min on 2 cores\n")
+    assert text == (
+        "intro\n<!-- demo-summary:start (scripts/update_readme.py --demo) -->\n| a | b |\n|---|---|\n| 1 | 2 |\n\n"
+        "Wall time 9.0 min on 2 cores\n<!-- demo-summary:end -->\nrest"
+    )
+    assert update.render_demo(text, "new\n") == readme.replace("old table", "new")
+    with pytest.raises(SystemExit, match="demo-summary"):
+        update.render_demo("no block", "x")
+    assert "<!-- demo-summary:start" in (ROOT / "README.md").read_text()  # the README's first screen has the block
