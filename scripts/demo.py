@@ -1,20 +1,22 @@
 """`make demo`: what lenvm-rl does, on the embedded SmolLM2-135M-Instruct and on the learning testbed, on a CPU.
 
 Stages (each a real `lenvm-rl` / `python -m lenvm_rl.testbed` process, from the shipped recipes with the smaller
-sizes below written as flags; two run at a time, one thread each, so two cores stay busy and neither process
-oversubscribes them):
+sizes below written as flags; one thread per process, two cores busy: the stages on the longest chain, the SmolLM2
+rollouts and the guided decoding, run as two data-parallel processes, the others two at a time):
 
-- SmolLM2: rollouts -> LenVM (top 4 layers) -> the prompt-boundary prediction table; then on held-out budgeted
-  prompts the base model, hard truncation at the budget and LenVM-guided decoding (length score, accuracy, mean
-  tokens per budget). The base and truncation arms generate in one process, the guided arm in another, with the
-  same seeds.
-- Testbed: the tiny policy trained from scratch, its rollouts and LenVM, then LenVM-shaped GRPO (the recipes'
-  default arm: frozen LenVM, λ = 0.95, A_len scaled by the first batch's std)
-  with held-out evaluations every 25 steps: a before/after table and a learning-curve PNG.
+- SmolLM2: rollouts -> LenVM (top 4 layers), whose held-out evaluation is the prompt-boundary prediction table;
+  then on held-out budgeted prompts the base model, hard truncation at the budget and LenVM-guided decoding (length
+  score, accuracy, mean tokens per budget). The base and truncation arms generate in one process, the guided arm in
+  another, with the same seeds.
+- Testbed: the tiny policy trained from scratch, its rollouts and LenVM, then two GRPO arms from it with the same
+  seed and steps: the LenVM critic (the recipes' default arm: frozen LenVM, λ = 0.95, A_len scaled by the first
+  batch's std) and its sequence-level twin (the same LIFEBench length score as a reward), with held-out evaluations
+  every 25 steps: a before/after table and their curves against generated tokens.
 
 Every stage is skipped when its output exists (a rerun resumes; delete a folder under runs/demo to redo it), and
-the running stages' progress and ETA (their tqdm bars, read from their logs) are printed every 20 s. SmolLM2 GRPO
-is not in the demo (twelve CPU steps move it no more than noise, docs/BENCHMARKS.md); `make test-slow` runs it.
+the running stages' progress and ETA (their tqdm bars, read from their logs) are printed every 20 s. The summary
+gives each stage's wall and CPU time and the load average. SmolLM2 GRPO is not in the demo (twelve CPU steps move it
+no more than noise, docs/BENCHMARKS.md); `make test-slow` runs it.
 """
 
 from __future__ import annotations
@@ -267,14 +269,14 @@ def run_stages(jobs: int = 2) -> dict[str, tuple[float, float]]:
             slots = jobs if STAGES[name][0][2] == "accelerate.commands.launch" else 1
             if sum(used for *_, used in running.values()) + slots > jobs:
                 break  # a stage waiting for both cores keeps its place: later stages do not start before it
-                log = RUNS / "logs" / (re.sub(r"\W+", "_", name) + ".log")
-                log.parent.mkdir(parents=True, exist_ok=True)
-                process = subprocess.Popen(
-                    STAGES[name][0], cwd=ROOT, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT
-                )
-                running[name] = (process, log, time.perf_counter(), slots)
-                todo.remove(name)
-                print(f"demo: {name} ... (log: {log.relative_to(ROOT)})", flush=True)
+            log = RUNS / "logs" / (re.sub(r"\W+", "_", name) + ".log")
+            log.parent.mkdir(parents=True, exist_ok=True)
+            process = subprocess.Popen(
+                STAGES[name][0], cwd=ROOT, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT
+            )
+            running[name] = (process, log, time.perf_counter(), slots)
+            todo.remove(name)
+            print(f"demo: {name} ... (log: {log.relative_to(ROOT)})", flush=True)
         time.sleep(1.0)
         for name, (process, log, start, _) in list(running.items()):
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)  # the stage's own resource usage
