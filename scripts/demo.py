@@ -46,15 +46,13 @@ TESTBED = ROOT / "recipes" / "testbed"
 LM = [sys.executable, "-m", "lenvm_rl"]
 # The stages on the longest chain (rollouts -> LenVM -> guided decoding) generate on both cores: two processes, each
 # taking every other shard or batch, with the seeds and outputs of a one-process run (lenvm_rl/data_parallel.py).
-# The port is free now (a fixed one may be taken by other work on the machine).
+# run_stages adds a port free at launch (the config's fixed one may be taken by other work on the machine).
 TWO_PROCESSES = [
     sys.executable,
     "-m",
     "accelerate.commands.launch",
     "--config_file",
     str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
-    "--main_process_port",
-    str(free_port()),
     "-m",
     "lenvm_rl",
 ]
@@ -271,9 +269,10 @@ def run_stages(jobs: int = 2) -> dict[str, tuple[float, float]]:
                 break  # a stage waiting for both cores keeps its place: later stages do not start before it
             log = RUNS / "logs" / (re.sub(r"\W+", "_", name) + ".log")
             log.parent.mkdir(parents=True, exist_ok=True)
-            process = subprocess.Popen(
-                STAGES[name][0], cwd=ROOT, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT
-            )
+            command = STAGES[name][0]
+            if slots > 1:  # after the launcher's --config_file
+                command = [*command[:5], "--main_process_port", str(free_port()), *command[5:]]
+            process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT)
             running[name] = (process, log, time.perf_counter(), slots)
             todo.remove(name)
             print(f"demo: {name} ... (log: {log.relative_to(ROOT)})", flush=True)
