@@ -52,12 +52,15 @@ def test_stage_commands_parse_and_needs_come_first(name, tmp_path, monkeypatch):
 
         HfArgumentParser(TestbedSFTArguments).parse_args_into_dataclasses(command[3:])
         return
-    stage = command[3]
+    start = command.index("lenvm_rl") + 1  # after `python -m` or a two-process `accelerate launch ... -m`
+    stage, flags = command[start], command[start + 1 :]
+    if command[2] == "accelerate.commands.launch":  # the shipped two-process CPU config, on a free port
+        assert stage in ("rollout", "evaluate") and (ROOT / "accelerate_configs" / "cpu_2proc.yaml").is_file()
     parsed = parse_recipe(
         PARSERS[stage],
-        [*command[4:], "--output_dir", str(tmp_path), "--report_to", "none", "--bf16", "false"]
+        [*flags, "--output_dir", str(tmp_path), "--report_to", "none", "--bf16", "false"]
         if stage in ("train-lenvm", "grpo")
-        else [*command[4:], "--output_dir", str(tmp_path)],
+        else [*flags, "--output_dir", str(tmp_path)],
     )
     if stage == "evaluate":  # the base model alone: the recipe's GRPO adapter is not made by the demo
         assert parsed[0].adapters == [] and parsed[0].models() == [None]
@@ -96,23 +99,46 @@ def test_report_tables_read_the_stages_outputs(tmp_path, monkeypatch):
         )
     table = DEMO.length_control_table()
     assert "| base + LenVM-guided | 1.000 | 1.000 | 37.3 (16.0 / 32.0 / 64.0) | 1.000 |" in table
-    (tmp_path / "smollm2" / "predict").mkdir(parents=True)
-    (tmp_path / "smollm2" / "predict" / "predictions.json").write_text(
-        json.dumps({"metrics": {"boundary_mre": 0.2, "constant_mre": 0.5, "constant_value_mre": 0.3}})
+    (tmp_path / "smollm2" / "lenvm").mkdir(parents=True)
+    (tmp_path / "smollm2" / "lenvm" / "eval_results.json").write_text(
+        json.dumps({"eval_boundary_mre": 0.2, "eval_constant_mre": 0.5, "eval_constant_value_mre": 0.3})
     )
     assert "| 0.200 |" in DEMO.prediction_table()
-    (tmp_path / "testbed" / "grpo").mkdir(parents=True)
-    history = [
-        {
-            "step": s,
-            "eval_length/mean_length_score": score,
-            "eval_rewards/accuracy/mean": 0.9,
-            "eval_length/budget_hit_rate": score,
-            "eval_completions/mean_length": 20.0,
-        }
-        for s, score in ((0, 0.5), (150, 0.9))
-    ]
-    (tmp_path / "testbed" / "grpo" / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    # Two arms from the same start, logged every 5 steps (20 tokens a completion, 32 completions a step): the LenVM
+    # arm passes 0.8 at step 50 (50 x 32 x 20 = 32k tokens), the sequence-level one at step 100 (64k).
+    for folder, reach in (("grpo", 50), ("grpo_length_score", 100)):
+        (tmp_path / "testbed" / folder).mkdir(parents=True)
+        train = [{"step": s, "loss": 0.1, "completions/mean_length": 20.0} for s in range(5, 151, 5)]
+        evals = [
+            {
+                "step": s,
+                "eval_length/mean_length_score": 0.5 if s < reach else 0.9,
+                "eval_rewards/accuracy/mean": 0.8,
+                "eval_length/budget_hit_rate": 0.5,
+                "eval_completions/mean_length": 20.0,
+            }
+            for s in range(0, 151, 25)
+        ]
+        history = sorted(train + evals, key=lambda row: row["step"])
+        (tmp_path / "testbed" / folder / "trainer_state.json").write_text(json.dumps({"log_history": history}))
     table = DEMO.testbed_table_and_curve()
-    assert "| before (step 0) | 0.500 |" in table and "| after GRPO-LenVM (step 150) | 0.900 |" in table
+    assert "| before (step 0) | 0.500 | 0.800 |" in table
+    assert "| after GRPO + LenVM critic (step 150) | 0.900 | 0.800 | 0.500 | 20.000 | 32k |" in table
+    assert "| after GRPO + sequence-level length reward (step 150) | 0.900 | 0.800 | 0.500 | 20.000 | 64k |" in table
     assert (tmp_path / "testbed" / "learning_curve.png").stat().st_size > 5_000
+
+
+def test_readme_first_screen_takes_a_demo_summary_verbatim():
+    spec = importlib.util.spec_from_file_location("update_readme", ROOT / "scripts" / "update_readme.py")
+    update = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(update)
+    readme = "intro\n<!-- demo-summary:start (scripts/update_readme.py --demo) -->\nold table\n<!-- demo-summary:end -->\nrest"
+    text = update.render_demo(readme, "| a | b |\n|---|---|\n| 1 | 2 |\n\nWall time 9.0 min on 2 cores\n")
+    assert text == (
+        "intro\n<!-- demo-summary:start (scripts/update_readme.py --demo) -->\n| a | b |\n|---|---|\n| 1 | 2 |\n\n"
+        "Wall time 9.0 min on 2 cores\n<!-- demo-summary:end -->\nrest"
+    )
+    assert update.render_demo(text, "new\n") == readme.replace("old table", "new")
+    with pytest.raises(SystemExit, match="demo-summary"):
+        update.render_demo("no block", "x")
+    assert "<!-- demo-summary:start" in (ROOT / "README.md").read_text()  # the README's first screen has the block
