@@ -150,7 +150,8 @@ class GuidedSampling:
 
     def guided_policy_logps(self, output: dict, guided: torch.Tensor) -> torch.Tensor:
         """log π_old of the completion tokens (B, T): TRL's ``old_per_token_logps`` when it computed them, else one
-        no-grad forward over the guided rows (NaN elsewhere, where w = 1 anyway)."""
+        no-grad forward of the unwrapped policy over the guided rows (NaN elsewhere, where w = 1 anyway): unwrapped,
+        because processes hold different numbers of guided rows and a DDP forward would wait for the others."""
         if output.get("old_per_token_logps") is not None:
             return output["old_per_token_logps"]
         logps = torch.full(output["completion_ids"].shape, math.nan, device=guided.device)
@@ -159,7 +160,7 @@ class GuidedSampling:
             attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)[guided]
             with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
                 logps[guided], _, _ = self._get_per_token_logps_and_entropies(
-                    self.model,
+                    self.accelerator.unwrap_model(self.model),
                     input_ids,
                     attention_mask,
                     output["completion_ids"].size(1),
