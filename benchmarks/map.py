@@ -53,6 +53,11 @@ ARMS = {  # name -> (recipe under recipes/testbed, overrides, label)
     # Guided exploration (issue 25): k = 1 of each group sampled under the LenVM, importance-corrected.
     "guided": ("grpo/config_lenvm_lambda095.yaml", {"guided_generations": 1}, "LenVM, frozen, 1 guided per group"),
     "seq_guided": ("grpo/config_length_score.yaml", {"guided_generations": 1}, "sequence-level, 1 guided per group"),
+    "guided_raw": (  # the same samples at full weight, w = 1: no importance correction
+        "grpo/config_lenvm_lambda095.yaml",
+        {"guided_generations": 1, "guided_importance_min": 1.0, "guided_importance_cap": 1.0},
+        "LenVM, frozen, 1 guided per group, uncorrected (w = 1)",
+    ),
 }
 FIRST, QUARTER = "length_advantage_scale=first", "length_advantage_scale=first,length_advantage_coef=0.25"
 # The published map (docs/BENCHMARKS.md), in run order: the small-group regime first (where the first probe saw the

@@ -293,13 +293,16 @@ def importance_weights(
     completion_mask: torch.Tensor,
     cap: float,
     mode: str = "token_truncate",
+    cap_min: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncated importance weights of sampled tokens, w = π_old / μ, with TRL's four vLLM correction modes.
 
-    ρ_t = exp(log π_old(y_t) - log μ(y_t)). token_truncate: w_t = min(ρ_t, C); token_mask: ρ_t, or 0 where ρ_t > C;
-    sequence_truncate / sequence_mask: the same on the sequence ratio Π_t ρ_t (one weight per row). A NaN sampling
-    log-prob (a token not drawn by the guided sampler) gives ρ = 1, as in TRL. Also returns where C acted (clipped
-    or masked). The policy-gradient term of token t is multiplied by w_t, the KL and entropy terms are not.
+    ρ_t = exp(log π_old(y_t) - log μ(y_t)). token_truncate: w_t = clip(ρ_t, C_min, C); token_mask: ρ_t, or 0 where
+    ρ_t lies outside [C_min, C]; sequence_truncate / sequence_mask: the same on the sequence ratio Π_t ρ_t (one weight
+    per row), as TRL's ``vllm_importance_sampling_clip_min`` / ``_max``. C_min = C = 1 gives w = 1: no correction. A
+    NaN sampling log-prob (a token not drawn by the guided sampler) gives ρ = 1, as in TRL. Also returns where a bound
+    acted (clipped or masked). The policy-gradient term of token t is multiplied by w_t, the KL and entropy terms are
+    not.
 
     Shapes: policy_logps, sampling_logps, completion_mask (B, T) -> weights and acted (B, T) for token modes, (B, 1)
     for sequence modes; token weights are 0 on padding; weights float32.
@@ -311,8 +314,8 @@ def importance_weights(
     if mode.startswith("sequence"):
         log_ratio = log_ratio.sum(1, keepdim=True)  # (B, 1)
     ratio = log_ratio.exp()
-    acted = ratio > cap
-    weights = ratio.clamp(max=cap) if mode.endswith("truncate") else torch.where(acted, 0.0, ratio)
+    acted = (ratio > cap) | (ratio < cap_min)
+    weights = ratio.clamp(cap_min, cap) if mode.endswith("truncate") else torch.where(acted, 0.0, ratio)
     if mode.startswith("token"):
         weights, acted = torch.where(mask, weights, 0.0), acted & mask
     return weights.float(), acted

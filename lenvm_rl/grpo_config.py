@@ -95,6 +95,9 @@ class LenVMGRPOConfig(GRPOConfig):
             π / μ <= 1 / ε. In (0, 1].
         guided_importance_cap (`float`, *optional*, defaults to `10.0`):
             C in w = min(π_old / μ, C); with C >= 1 / guidance_floor only the guide's own preferences are clipped.
+        guided_importance_min (`float`, *optional*, defaults to `0.0`):
+            C_min: weights below it are raised to it (truncate modes) or masked; C_min = C = 1 turns the correction
+            off (w = 1: a biased estimator that learns from guided samples at full weight).
         guided_importance_mode (`str`, *optional*, defaults to `"token_truncate"`):
             TRL's vLLM correction modes: token_truncate, token_mask, sequence_truncate, sequence_mask (sequence ratios
             of long completions collapse towards 0 or C).
@@ -200,6 +203,13 @@ class LenVMGRPOConfig(GRPOConfig):
         metadata={
             "help": "C in w = min(π_old / μ, C); with C >= 1 / guidance_floor only the guide's own preferences are "
             "clipped."
+        },
+    )
+    guided_importance_min: float = field(
+        default=0.0,
+        metadata={
+            "help": "C_min: weights below it are raised to it (truncate modes) or masked; C_min = C = 1 turns the "
+            "correction off (w = 1: a biased estimator that learns from guided samples at full weight)."
         },
     )
     guided_importance_mode: str = field(
@@ -324,3 +334,5 @@ class LenVMGRPOConfig(GRPOConfig):
             )
         if self.guided_importance_cap < 1.0:
             raise ConfigError(f"guided_importance_cap: must be >= 1, got {self.guided_importance_cap}")
+        if not 0.0 <= self.guided_importance_min <= 1.0:
+            raise ConfigError(f"guided_importance_min: must lie in [0, 1], got {self.guided_importance_min}")

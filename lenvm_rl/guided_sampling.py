@@ -185,6 +185,7 @@ class GuidedSampling:
             mask,
             args.guided_importance_cap,
             args.guided_importance_mode,
+            args.guided_importance_min,
         )  # (B, T) or (B, 1)
         advantages = output["advantages"]
         advantages = advantages[:, None] if advantages.dim() == 1 else advantages

@@ -18,7 +18,7 @@ from lenvm_rl.modeling import LenVMModel
 # ------------------------------------------------------------------------------------------ the math
 
 
-def reference_weights(policy, sampling, mask, cap, mode):
+def reference_weights(policy, sampling, mask, cap, mode, cap_min=0.0):
     """Plain loops over rows and tokens."""
     rows, tokens = len(mask), len(mask[0])
     out, acted = [], []
@@ -29,15 +29,16 @@ def reference_weights(policy, sampling, mask, cap, mode):
             diffs.append(0.0 if math.isnan(d) else d)
         if mode.startswith("sequence"):
             ratio = math.exp(sum(diffs))
-            hit = ratio > cap
-            out.append([min(ratio, cap) if mode.endswith("truncate") else (0.0 if hit else ratio)])
+            hit = ratio > cap or ratio < cap_min
+            out.append([min(max(ratio, cap_min), cap) if mode.endswith("truncate") else (0.0 if hit else ratio)])
             acted.append([hit])
             continue
         row, row_acted = [], []
         for t in range(tokens):
             ratio = math.exp(diffs[t])
-            hit = ratio > cap and bool(mask[b][t])
-            weight = min(ratio, cap) if mode.endswith("truncate") else (0.0 if ratio > cap else ratio)
+            outside = ratio > cap or ratio < cap_min
+            hit = outside and bool(mask[b][t])
+            weight = min(max(ratio, cap_min), cap) if mode.endswith("truncate") else (0.0 if outside else ratio)
             row.append(weight if mask[b][t] else 0.0)
             row_acted.append(hit)
         out.append(row)
@@ -54,11 +55,14 @@ def test_importance_weights_match_a_loop_reference(mode):
     mask = torch.ones(5, 7, dtype=torch.long)
     mask[0, 4:] = 0
     mask[3, 1:] = 0
-    weights, acted = importance_weights(policy, sampling, mask, 2.0, mode)
-    expected, expected_acted = reference_weights(policy.tolist(), sampling.tolist(), mask.tolist(), 2.0, mode)
-    torch.testing.assert_close(weights, torch.tensor(expected), rtol=1e-6, atol=1e-6)
-    assert acted.tolist() == expected_acted
-    assert acted.any() and (~acted).any()
+    for cap_min in (0.0, 0.5):
+        weights, acted = importance_weights(policy, sampling, mask, 2.0, mode, cap_min)
+        expected, expected_acted = reference_weights(
+            policy.tolist(), sampling.tolist(), mask.tolist(), 2.0, mode, cap_min
+        )
+        torch.testing.assert_close(weights, torch.tensor(expected), rtol=1e-6, atol=1e-6)
+        assert acted.tolist() == expected_acted
+        assert acted.any() and (~acted).any()
 
 
 def test_importance_weights_hand_case():
@@ -72,6 +76,8 @@ def test_importance_weights_hand_case():
     torch.testing.assert_close(weights, torch.tensor([[1.0]]))
     weights, _ = importance_weights(policy, sampling, mask, 0.9, "sequence_mask")  # 1 > 0.9: masked
     torch.testing.assert_close(weights, torch.tensor([[0.0]]))
+    weights, _ = importance_weights(policy, sampling, mask, 1.0, cap_min=1.0)  # C_min = C = 1: no correction
+    torch.testing.assert_close(weights, torch.tensor([[1.0, 1.0, 0.0]]))
 
 
 def test_floor_keeps_every_token_reachable_and_the_estimate_unbiased():
@@ -215,6 +221,7 @@ def test_guided_run_resumes(tiny_model_path, tokenizer, dataset, lenvm_path, tmp
         (dict(guided_generations=1, guidance_mode="argmax"), "guidance_mode"),
         (dict(guided_generations=1, guided_importance_mode="sequence"), "guided_importance_mode"),
         (dict(guided_generations=1, guided_importance_cap=0.5), "guided_importance_cap"),
+        (dict(guided_generations=1, guided_importance_min=2.0), "guided_importance_min"),
     ],
 )
 def test_bad_guided_fields_refused(overrides, field, tmp_path):
