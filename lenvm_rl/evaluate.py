@@ -81,8 +81,7 @@ class EvaluateArguments(DatasetArguments, VLLMArguments):
         > Parameters that control guided decoding (docs/DESIGN.md §3.13)
 
         guidance_mode (`str`, *optional*, defaults to `"score"`):
-            score (p·S(predicted total length, N)^β: towards each row's budget), select (one candidate by budget
-            kind), or tilt (p·exp(βV)).
+            score (p·S(predicted total length L̂, N)^β: towards each row's budget), select (by kind), or tilt (p·e^βV).
         guidance_top_k (`int`, *optional*, defaults to `8`):
             Candidates scored per step: the top k tokens ...
         guidance_top_p (`float`, *optional*, defaults to `1.0`):
@@ -145,13 +144,7 @@ class EvaluateArguments(DatasetArguments, VLLMArguments):
         default=False,
         metadata={"help": "Also evaluate each model with LenVM-guided decoding (needs lenvm_model_path)."},
     )
-    guidance_mode: str = field(
-        default="score",
-        metadata={
-            "help": "score (p·S(predicted total length, N)^β: towards each row's budget), select (one candidate by "
-            "budget kind), or tilt (p·exp(βV))."
-        },
-    )
+    guidance_mode: str = field(default="score", metadata={"help": "score (p·S(L̂, N)^β), select or tilt (p·exp(βV))."})
     guidance_top_k: int = field(default=8, metadata={"help": "Candidates scored per step: the top k tokens ..."})
     guidance_top_p: float = field(default=1.0, metadata={"help": "... within this nucleus mass ..."})
     guidance_min_p: float = field(
