@@ -67,6 +67,7 @@ def main() -> None:
         hard_truncation=True,
         guided_decoding=True,
         lenvm_model_path=options.lenvm,
+        guidance_mode="select",  # the mode its published figures were measured with
         guidance_top_k=options.guidance_top_k,
         guidance_min_p=options.guidance_min_p,
     )

@@ -50,6 +50,14 @@ ARMS = {  # name -> (recipe under recipes/testbed, overrides, label)
     "group_live": ("grpo/config_lenvm_group.yaml", {"lenvm_update": "live"}, "LenVM, group-anchored, live"),
     "expected": ("grpo/config_lenvm_expected.yaml", {}, "LenVM, expected-score potential, frozen"),
     "ppo": ("ppo/config_lenvm_lambda1.yaml", {"length_lambda": 0.95}, "PPO task critic + LenVM, frozen"),
+    # Guided exploration (issue 25): k = 1 of each group sampled under the LenVM, importance-corrected.
+    "guided": ("grpo/config_lenvm_lambda095.yaml", {"guided_generations": 1}, "LenVM, frozen, 1 guided per group"),
+    "seq_guided": ("grpo/config_length_score.yaml", {"guided_generations": 1}, "sequence-level, 1 guided per group"),
+    "guided_raw": (  # the same samples at full weight, w = 1: no importance correction
+        "grpo/config_lenvm_lambda095.yaml",
+        {"guided_generations": 1, "guided_importance_min": 1.0, "guided_importance_cap": 1.0},
+        "LenVM, frozen, 1 guided per group, uncorrected (w = 1)",
+    ),
 }
 FIRST, QUARTER = "length_advantage_scale=first", "length_advantage_scale=first,length_advantage_coef=0.25"
 # The published map (docs/BENCHMARKS.md), in run order: the small-group regime first (where the first probe saw the
@@ -179,14 +187,17 @@ def load_run(path: Path) -> dict:
     history = json.loads((path / "trainer_state.json").read_text())["log_history"]
     train = [row for row in history if "completions/mean_length" in row and "loss" in row]
     tokens, generated = {0: 0.0}, 0.0
-    for row in train:  # logging_steps 1: one row per step; TRL's mean length counts the EOS token
+    guidance, scored = {0: 0.0}, 0.0  # tokens through the LenVM while guiding samples: guidance's cost
+    for row in train:  # logging_steps 1: one row per step; TRL's mean length counts the EOS token, guided rows too
         generated += row["completions/mean_length"] * COMPLETIONS_PER_STEP
-        tokens[row["step"]] = generated
+        scored += row.get("guided/lenvm_scored_tokens", 0.0)
+        tokens[row["step"]], guidance[row["step"]] = generated, scored
     evals = [row for row in history if SCORE_KEY in row]
     wall = path / "wall_s.txt"
     return {
         "steps": [row["step"] for row in evals],
         "tokens": [tokens.get(row["step"], float("nan")) for row in evals],
+        "guidance_tokens": [guidance.get(row["step"], float("nan")) for row in evals],
         "score": [row[SCORE_KEY] for row in evals],
         "accuracy": [row[ACCURACY_KEY] for row in evals],
         "train": train,
@@ -223,6 +234,7 @@ def summarise(runs_by_cell: dict, target: float) -> dict:
         seeds = list(runs.values())
         steps = [reach(run, target, "steps") for run in seeds]
         tokens = [reach(run, target, "tokens") for run in seeds]
+        guidance = [reach(run, target, "guidance_tokens") for run in seeds]
         mean = lambda values: statistics.fmean(values)
         summary[cell] = {
             "seeds": list(runs),
@@ -231,6 +243,7 @@ def summarise(runs_by_cell: dict, target: float) -> dict:
             "interval": seeds[0]["steps"][1] - seeds[0]["steps"][0],  # evaluation interval: the resolution of reach
             "median_steps": median_or_none(steps),
             "median_tokens": median_or_none(tokens),
+            "median_guidance_tokens": median_or_none(guidance),
             "best": mean([max(run["score"]) for run in seeds]),
             "final": mean([run["score"][-1] for run in seeds]),
             "start": mean([run["score"][0] for run in seeds]),
@@ -259,19 +272,22 @@ def table(summary: dict, target: float) -> str:
         f"| regime | arm | steps to LS ≥ {target} (per seed) "
         f"| generated tokens to LS ≥ {target} (per seed; median) "
         f"| × best sequence-level | best / final LS | accuracy start → final (last quarter's evaluations) "
-        f"| online MRE first → last 25 steps | evaluated every | wall per run |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| online MRE first → last 25 steps | guidance: LenVM tokens to LS ≥ {target} (median) | evaluated every "
+        f"| wall per run |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for cell, s in summary.items():
         regime = cell.split(":")[0]
         median = s["median_tokens"]
         baseline = best_seq.get(key(cell))
         ratio = f"{median / baseline:.2f}" if median and baseline else "–"
+        cost = s.get("median_guidance_tokens")
+        guidance = "–" if not cost else f"{cost / 1000:.0f}k"
         lines.append(
             f"| {regime} | {label(cell)} | {shown(s['steps'])} | {shown(s['tokens'])}; "
             f"{'–' if median is None else f'{median / 1000:.0f}k'} | {ratio} | {s['best']:.3f} / {s['final']:.3f} "
             f"| {s['accuracy_start']:.3f} → {s['accuracy_final']:.3f} | {s['mre_first']:.2f} → {s['mre_last']:.2f} "
-            f"| {s['interval']} steps | {s['wall_s']:.0f} s |"
+            f"| {guidance} | {s['interval']} steps | {s['wall_s']:.0f} s |"
         )
     return "\n".join(lines)
 

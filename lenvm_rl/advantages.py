@@ -8,6 +8,8 @@ potentials, baselines and the EOS and truncation conventions are docs/DESIGN.md 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lenvm_rl.returns import masked_gae, remaining_from_value
@@ -258,3 +260,62 @@ def clipped_value_loss(
     clipped_values = old_values + (values - old_values).clamp(-cliprange, cliprange)
     loss_unclipped, loss_clipped = (values - returns).square(), (clipped_values - returns).square()
     return 0.5 * torch.maximum(loss_unclipped, loss_clipped), loss_clipped > loss_unclipped
+
+
+# ------------------------------------------------------------------------------------ guided exploration
+
+IMPORTANCE_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")  # TRL's vLLM modes
+
+
+def floored_log_probs(guided_log_probs: torch.Tensor, policy_log_probs: torch.Tensor, floor: float) -> torch.Tensor:
+    """log μ for μ = (1 - ε) q + ε π: the guided distribution q mixed with the policy π at weight ε = ``floor``.
+
+    The support rule of guided sampling: μ(x) >= ε π(x) for every token, so every token π can emit stays reachable
+    (q is 0 outside the guide's candidates) and the importance weight π / μ is at most 1 / ε. Both inputs are
+    normalised log-probabilities (-inf where q is 0); the result is normalised too.
+
+    >>> q = torch.tensor([0.0, -float("inf")])  # the guide keeps token 0 only
+    >>> floored_log_probs(q, torch.tensor([0.5, 0.5]).log(), 0.2).exp()  # 0.8 · [1, 0] + 0.2 · [0.5, 0.5]
+    tensor([0.9000, 0.1000])
+
+    Shapes: (..., V) -> (..., V).
+    """
+    if not 0.0 < floor <= 1.0:
+        raise ValueError(f"floor: must lie in (0, 1], got {floor}")
+    if floor == 1.0:
+        return policy_log_probs.clone()
+    return torch.logaddexp(guided_log_probs + math.log1p(-floor), policy_log_probs + math.log(floor))
+
+
+def importance_weights(
+    policy_logps: torch.Tensor,
+    sampling_logps: torch.Tensor,
+    completion_mask: torch.Tensor,
+    cap: float,
+    mode: str = "token_truncate",
+    cap_min: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated importance weights of sampled tokens, w = π_old / μ, with TRL's four vLLM correction modes.
+
+    ρ_t = exp(log π_old(y_t) - log μ(y_t)). token_truncate: w_t = clip(ρ_t, C_min, C); token_mask: ρ_t, or 0 where
+    ρ_t lies outside [C_min, C]; sequence_truncate / sequence_mask: the same on the sequence ratio Π_t ρ_t (one weight
+    per row), as TRL's ``vllm_importance_sampling_clip_min`` / ``_max``. C_min = C = 1 gives w = 1: no correction. A
+    NaN sampling log-prob (a token not drawn by the guided sampler) gives ρ = 1, as in TRL. Also returns where a bound
+    acted (clipped or masked). The policy-gradient term of token t is multiplied by w_t, the KL and entropy terms are
+    not.
+
+    Shapes: policy_logps, sampling_logps, completion_mask (B, T) -> weights and acted (B, T) for token modes, (B, 1)
+    for sequence modes; token weights are 0 on padding; weights float32.
+    """
+    if mode not in IMPORTANCE_MODES:
+        raise ValueError(f"mode: {mode!r} is not one of {', '.join(IMPORTANCE_MODES)}")
+    mask = completion_mask.bool()
+    log_ratio = torch.where(mask, (policy_logps.double() - sampling_logps.double()).nan_to_num(nan=0.0), 0.0)
+    if mode.startswith("sequence"):
+        log_ratio = log_ratio.sum(1, keepdim=True)  # (B, 1)
+    ratio = log_ratio.exp()
+    acted = (ratio > cap) | (ratio < cap_min)
+    weights = ratio.clamp(cap_min, cap) if mode.endswith("truncate") else torch.where(acted, 0.0, ratio)
+    if mode.startswith("token"):
+        weights, acted = torch.where(mask, weights, 0.0), acted & mask
+    return weights.float(), acted

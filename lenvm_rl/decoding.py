@@ -12,7 +12,14 @@ rewrites the logits:
   predicted total ≥ N, else argmin V. When the budget is at risk these are the paper's rules
   (at_most argmax V, at_least argmin V); otherwise the policy keeps its own choice.
 - ``mode="tilt"``: p'(x) ∝ p(x) · exp(β V(x)) over the candidates (others -inf). With V ∈ (−1, 0],
-  β > 0 favours shorter continuations and β < 0 longer ones.
+  β > 0 favours shorter continuations and β < 0 longer ones, whatever the budget.
+- ``mode="score"``: p'(x) ∝ p(x) · S(t + 1 + n̂(x), N)^β over the candidates, S the LIFEBench length score of
+  the row's budget kind at the predicted total length (t for EOS): a soft, budget-aware ``select`` that keeps
+  the policy's preferences among candidates predicted to score alike; β → ∞ keeps the best-scoring ones only.
+
+``floor`` ε > 0 mixes the result with the policy: μ = (1 − ε) p' + ε p over the whole vocabulary
+(``advantages.floored_log_probs``), so every token the policy can emit stays reachable and p / μ <= 1 / ε:
+the support rule that lets RL correct guided samples with importance weights (``lenvm_rl.guided_sampling``).
 
 An EOS candidate leads to the terminal state, whose value is 0 without a forward pass. The LenVM
 keeps its own KV cache of the accepted prefix: each step runs one forward of (B, 1 + K) tokens (the
@@ -27,14 +34,16 @@ Why by hand: no maintained library scores next-token candidates with a separate 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from transformers import LogitsProcessor
 
+from lenvm_rl.advantages import floored_log_probs
 from lenvm_rl.returns import remaining_from_value, value_from_remaining
-from rewards.scores import budget_kind_codes
+from rewards.scores import budget_kind_codes, lifebench_length_score
 
-GUIDANCE_MODES = ("select", "tilt")
+GUIDANCE_MODES = ("select", "tilt", "score")
 
 
 class LenVMGuidedLogitsProcessor(LogitsProcessor):
@@ -59,11 +68,15 @@ class LenVMGuidedLogitsProcessor(LogitsProcessor):
         min_p: float = 0.0,
         beta: float = 0.0,
         gamma: float | None = None,
+        floor: float = 0.0,
     ):
         if mode not in GUIDANCE_MODES:
             raise ValueError(f"mode: {mode!r} is not a guidance mode; use one of {', '.join(GUIDANCE_MODES)}")
         if top_k < 1 or not 0.0 < top_p <= 1.0 or not 0.0 <= min_p < 1.0:
             raise ValueError(f"top_k >= 1, top_p in (0, 1], min_p in [0, 1) needed; got {top_k}, {top_p}, {min_p}")
+        if not 0.0 <= floor <= 1.0:
+            raise ValueError(f"floor: must lie in [0, 1], got {floor}")
+        self.floor = floor
         self.lenvm, self.mode, self.top_k, self.top_p, self.min_p, self.beta = lenvm, mode, top_k, top_p, min_p, beta
         self.gamma = gamma or lenvm.config.gamma
         device = next(lenvm.parameters()).device
@@ -76,10 +89,13 @@ class LenVMGuidedLogitsProcessor(LogitsProcessor):
         self.key_mask = None  # (R, past) 1 where the cached position is a real token
         self.prompt_width = int(self.prompt_lengths.max())  # prompts are left-padded to the longest
         self.forward_calls = 0
+        self.scored_tokens = 0  # tokens through the LenVM (accepted + candidates): guidance's cost
+        self.forward_seconds = 0.0
 
     @torch.no_grad()
     def candidate_values(self, input_ids: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """V of the state each candidate leads to (R, K), through the LenVM's prefix cache."""
+        start = time.perf_counter()
         rows, num_candidates = candidates.shape
         device = candidates.device
         if self.cache is None:  # first call: everything so far (the prompts) is new
@@ -117,6 +133,8 @@ class LenVMGuidedLogitsProcessor(LogitsProcessor):
             use_cache=True,
         )
         self.forward_calls += 1
+        self.scored_tokens += rows * query
+        self.forward_seconds += time.perf_counter() - start
         self.cache = output.cache
         self.cache.crop(-num_candidates)  # drop the candidates: keep the accepted prefix only
         self.key_mask = key_mask
@@ -138,23 +156,27 @@ class LenVMGuidedLogitsProcessor(LogitsProcessor):
 
         steps = float(input_ids.size(1) - self.prompt_width)  # t, tokens generated so far
         budgets, kinds = self.budgets[:, None], self.kinds[:, None]  # (R, 1)
-        if self.mode == "tilt":
-            tilted = top_log_probs.double() + self.beta * values
-            choice_scores = torch.where(keep, tilted, -math.inf)
-            out = torch.full_like(scores, -math.inf)
-            return out.scatter(1, candidates, choice_scores.to(scores.dtype))
-
         after = steps + (~is_eos).double()  # tokens in the completion once the candidate is taken
         predicted_total = after + remaining_from_value(values, self.gamma).double()  # (R, K)
-        target = value_from_remaining((budgets - after).clamp(min=0), self.gamma).double()  # v*
-        rank = (
-            torch.arange(candidates.size(1), device=candidates.device).double().expand_as(values)
-        )  # 0 = most probable
-        exact = (values - target).abs()
-        at_most = torch.where(predicted_total <= budgets, rank - 1e6, -values)  # fits: most probable; else argmax V
-        at_least = torch.where(
-            predicted_total >= budgets, rank - 1e6, values
-        )  # long enough: most probable; else argmin V
-        cost = torch.where(kinds == 0, exact, torch.where(kinds == 1, at_most, at_least))
-        chosen = candidates.gather(1, torch.where(keep, cost, math.inf).argmin(1, keepdim=True))  # (R, 1)
-        return torch.full_like(scores, -math.inf).scatter(1, chosen, 0.0)
+        if self.mode == "select":
+            target = value_from_remaining((budgets - after).clamp(min=0), self.gamma).double()  # v*
+            rank = torch.arange(candidates.size(1), device=candidates.device).double().expand_as(values)  # 0: likeliest
+            exact = (values - target).abs()
+            at_most = torch.where(predicted_total <= budgets, rank - 1e6, -values)  # fits: most probable; else argmax V
+            at_least = torch.where(
+                predicted_total >= budgets, rank - 1e6, values
+            )  # long enough: likeliest; else argmin V
+            cost = torch.where(kinds == 0, exact, torch.where(kinds == 1, at_most, at_least))
+            chosen = torch.where(keep, cost, math.inf).argmin(1, keepdim=True)  # (R, 1)
+            choice = torch.full_like(values, -math.inf).scatter(1, chosen, 0.0)  # log q (R, K)
+        else:
+            if self.mode == "tilt":
+                bonus = self.beta * values
+            else:  # score: β log S at the predicted total length
+                score = lifebench_length_score(predicted_total, budgets.expand_as(values), kinds.expand_as(values))
+                bonus = self.beta * score.double().clamp(min=1e-30).log()
+            choice = torch.where(keep, top_log_probs.double() + bonus, -math.inf).log_softmax(-1)  # log q (R, K)
+        guided = torch.full_like(log_probs, -math.inf).scatter(1, candidates, choice.to(log_probs.dtype))  # (R, V)
+        if self.floor > 0.0:
+            guided = floored_log_probs(guided, log_probs, self.floor)
+        return guided.to(scores.dtype)

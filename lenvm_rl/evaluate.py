@@ -82,16 +82,17 @@ class EvaluateArguments(DatasetArguments, VLLMArguments):
 
         > Parameters that control guided decoding (docs/DESIGN.md §3.13)
 
-        guidance_mode (`str`, *optional*, defaults to `"select"`):
-            select (by budget kind) or tilt (p·exp(βV)).
+        guidance_mode (`str`, *optional*, defaults to `"score"`):
+            score (p·S(predicted total length L̂, N)^β: towards each row's budget), select (by kind), or tilt (p·e^βV).
         guidance_top_k (`int`, *optional*, defaults to `8`):
             Candidates scored per step: the top k tokens ...
-        guidance_top_p (`float`, *optional*, defaults to `0.95`):
+        guidance_top_p (`float`, *optional*, defaults to `1.0`):
             ... within this nucleus mass ...
-        guidance_min_p (`float`, *optional*, defaults to `0.3`):
-            ... and at least min_p times the top probability (0.3 kept SmolLM2's accuracy; 0 lost it).
-        guidance_beta (`float`, *optional*, defaults to `0.0`):
-            β of tilt mode: > 0 shorter, < 0 longer.
+        guidance_min_p (`float`, *optional*, defaults to `0.0`):
+            ... and at least min_p times the top probability (select needed 0.3 to keep SmolLM2's accuracy; score
+            leaves the policy's choice wherever the candidates' predicted scores agree).
+        guidance_beta (`float`, *optional*, defaults to `4.0`):
+            β of score mode (strength) and tilt mode (> 0 shorter, < 0 longer).
 
         > Parameters that control generation
 
@@ -145,14 +146,19 @@ class EvaluateArguments(DatasetArguments, VLLMArguments):
         default=False,
         metadata={"help": "Also evaluate each model with LenVM-guided decoding (needs lenvm_model_path)."},
     )
-    guidance_mode: str = field(default="select", metadata={"help": "select (by budget kind) or tilt (p·exp(βV))."})
+    guidance_mode: str = field(default="score", metadata={"help": "score (p·S(L̂, N)^β), select or tilt (p·exp(βV))."})
     guidance_top_k: int = field(default=8, metadata={"help": "Candidates scored per step: the top k tokens ..."})
-    guidance_top_p: float = field(default=0.95, metadata={"help": "... within this nucleus mass ..."})
+    guidance_top_p: float = field(default=1.0, metadata={"help": "... within this nucleus mass ..."})
     guidance_min_p: float = field(
-        default=0.3,
-        metadata={"help": "... and at least min_p times the top probability (0.3 kept SmolLM2's accuracy; 0 lost it)."},
+        default=0.0,
+        metadata={
+            "help": "... and at least min_p times the top probability (select needed 0.3 to keep SmolLM2's accuracy; "
+            "score leaves the policy's choice wherever the candidates' predicted scores agree)."
+        },
     )
-    guidance_beta: float = field(default=0.0, metadata={"help": "β of tilt mode: > 0 shorter, < 0 longer."})
+    guidance_beta: float = field(
+        default=4.0, metadata={"help": "β of score mode (strength) and tilt mode (> 0 shorter, < 0 longer)."}
+    )
     output_dir: str = field(
         default="runs/evaluate", metadata={"help": "Where results, tables, plots and generations go."}
     )

@@ -38,6 +38,9 @@ How this departs from TRL's GRPO:
   objective is the undiscounted sequence reward; γ (the LenVM's) only turns values into lengths.
 - Prompts are left-padded: the LenVM gets position ids cumsum(mask) - 1, as for the unpadded sequences it
   was trained on.
+- Guided exploration (``guided_generations: k``, ``lenvm_rl.guided_sampling``): the last k completions of each group
+  are sampled with the LenVM in the sampler, μ = (1 - ε) guide + ε π, and their policy-gradient terms are weighted
+  by w = min(π_old / μ, C) per token, the product TRL forms for its vLLM correction (docs/DESIGN.md §3.14).
 
 The config is ``lenvm_rl.grpo_config``, the trainer ``lenvm_rl.grpo_trainer`` (its hooks for subclasses there); the
 entry point is ``lenvm_rl.train_policy``, shared with ``ppo``. Design: docs/DESIGN.md §4.2.

@@ -11,7 +11,8 @@ from typing import ClassVar
 
 from trl import GRPOConfig
 
-from lenvm_rl.advantages import LENGTH_ADVANTAGE_MODES, LENGTH_POTENTIALS
+from lenvm_rl.advantages import IMPORTANCE_MODES, LENGTH_ADVANTAGE_MODES, LENGTH_POTENTIALS
+from lenvm_rl.decoding import GUIDANCE_MODES
 from lenvm_rl.errors import ConfigError, check_training_counts
 from lenvm_rl.precision import resolve_bf16
 from rewards.scores import LENGTH_SCORES
@@ -77,6 +78,29 @@ class LenVMGRPOConfig(GRPOConfig):
             With whiten_length_advantage: batch (mean 0, std 1 in every batch) or first (divided by the std of the first
             training batch's A_len, kept for the run and in checkpoints, not centred: A_len shrinks as budgets are met
             instead of the critic's leftover error being scaled back up to std 1).
+
+        > Parameters that control guided exploration (docs/DESIGN.md §3.14)
+
+        guided_generations (`int`, *optional*, defaults to `0`):
+            k of the num_generations completions of each prompt are sampled under the LenVM (the last k of each
+            group, training only) and importance-corrected; 0 samples every completion from the policy.
+        guidance_mode (`str`, *optional*, defaults to `"score"`):
+            score (p · S(predicted length)^β, budget-aware), tilt (p · exp(βV): β > 0 shorter), or select.
+        guidance_beta (`float`, *optional*, defaults to `4.0`):
+            β of the score and tilt modes.
+        guidance_top_k (`int`, *optional*, defaults to `8`):
+            Candidates the LenVM scores at each step (the policy's top k).
+        guidance_floor (`float`, *optional*, defaults to `0.1`):
+            ε in μ = (1 - ε) guided + ε policy, over the whole vocabulary: every token stays reachable and
+            π / μ <= 1 / ε. In (0, 1].
+        guided_importance_cap (`float`, *optional*, defaults to `10.0`):
+            C in w = min(π_old / μ, C); with C >= 1 / guidance_floor only the guide's own preferences are clipped.
+        guided_importance_min (`float`, *optional*, defaults to `0.0`):
+            C_min: weights below it are raised to it (truncate modes) or masked; C_min = C = 1 turns the correction
+            off (w = 1: a biased estimator that learns from guided samples at full weight).
+        guided_importance_mode (`str`, *optional*, defaults to `"token_truncate"`):
+            TRL's vLLM correction modes: token_truncate, token_mask, sequence_truncate, sequence_mask (sequence ratios
+            of long completions collapse towards 0 or C).
 
         > Parameters that control precision (docs/DESIGN.md §7)
 
@@ -150,6 +174,51 @@ class LenVMGRPOConfig(GRPOConfig):
     lenvm_learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate of the live LenVM."})
     lenvm_epochs: int = field(default=1, metadata={"help": "Passes of the live LenVM over each generation batch."})
     lenvm_batch_size: int = field(default=8, metadata={"help": "Sequences per LenVM forward pass (and update)."})
+    guided_generations: int = field(
+        default=0,
+        metadata={
+            "help": "k of the num_generations completions of each prompt are sampled under the LenVM (the last k "
+            "of each group, training only) and importance-corrected; 0 samples every completion from the policy."
+        },
+    )
+    guidance_mode: str = field(
+        default="score",
+        metadata={
+            "help": "score (p · S(predicted length)^β, budget-aware), tilt (p · exp(βV): β > 0 shorter), or select."
+        },
+    )
+    guidance_beta: float = field(default=4.0, metadata={"help": "β of the score and tilt modes."})
+    guidance_top_k: int = field(
+        default=8, metadata={"help": "Candidates the LenVM scores at each step (the policy's top k)."}
+    )
+    guidance_floor: float = field(
+        default=0.1,
+        metadata={
+            "help": "ε in μ = (1 - ε) guided + ε policy, over the whole vocabulary: every token stays reachable and "
+            "π / μ <= 1 / ε. In (0, 1]."
+        },
+    )
+    guided_importance_cap: float = field(
+        default=10.0,
+        metadata={
+            "help": "C in w = min(π_old / μ, C); with C >= 1 / guidance_floor only the guide's own preferences are "
+            "clipped."
+        },
+    )
+    guided_importance_min: float = field(
+        default=0.0,
+        metadata={
+            "help": "C_min: weights below it are raised to it (truncate modes) or masked; C_min = C = 1 turns the "
+            "correction off (w = 1: a biased estimator that learns from guided samples at full weight)."
+        },
+    )
+    guided_importance_mode: str = field(
+        default="token_truncate",
+        metadata={
+            "help": "TRL's vLLM correction modes: token_truncate, token_mask, sequence_truncate, sequence_mask "
+            "(sequence ratios of long completions collapse towards 0 or C)."
+        },
+    )
     bf16: str = field(
         default="auto",
         metadata={
@@ -236,3 +305,36 @@ class LenVMGRPOConfig(GRPOConfig):
             raise ConfigError(f"lenvm_learning_rate: must be > 0, got {self.lenvm_learning_rate}")
         if self.lenvm_epochs < 1:
             raise ConfigError(f"lenvm_epochs: must be a positive number of passes, got {self.lenvm_epochs}")
+        self.check_guided_exploration()
+
+    def check_guided_exploration(self) -> None:
+        """The guided-exploration fields (docs/DESIGN.md §3.14)."""
+        if self.guided_generations == 0:
+            return
+        if not 0 < self.guided_generations <= self.num_generations:
+            raise ConfigError(
+                f"guided_generations: must lie in [0, num_generations = {self.num_generations}], got "
+                f"{self.guided_generations}"
+            )
+        if self.lenvm_model_path is None:
+            raise ConfigError("guided_generations: guidance needs a LenVM; set lenvm_model_path")
+        if self.use_vllm:
+            raise ConfigError(
+                "guided_generations: guided sampling runs with transformers' generate only; set use_vllm: false "
+                "or guided_generations: 0"
+            )
+        choices = {"guidance_mode": GUIDANCE_MODES, "guided_importance_mode": IMPORTANCE_MODES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}: {getattr(self, name)!r} is unknown; use one of {', '.join(allowed)}")
+        if self.guidance_top_k < 1:
+            raise ConfigError(f"guidance_top_k: must be a positive number of candidates, got {self.guidance_top_k}")
+        if not 0.0 < self.guidance_floor <= 1.0:
+            raise ConfigError(
+                f"guidance_floor: must lie in (0, 1], got {self.guidance_floor}; at 0 the tokens outside the guide's "
+                f"candidates are never sampled and no importance weight can correct for them"
+            )
+        if self.guided_importance_cap < 1.0:
+            raise ConfigError(f"guided_importance_cap: must be >= 1, got {self.guided_importance_cap}")
+        if not 0.0 <= self.guided_importance_min <= 1.0:
+            raise ConfigError(f"guided_importance_min: must lie in [0, 1], got {self.guided_importance_min}")

@@ -27,13 +27,14 @@ from lenvm_rl.grpo_config import (
     BUDGET_COLUMNS,
     LenVMGRPOConfig,
 )
+from lenvm_rl.guided_sampling import GuidedSampling
 from lenvm_rl.returns import remaining_from_value, value_targets
 from rewards.scores import BUDGET_KINDS, LENGTH_SCORES, budget_hit, budget_kind_codes
 
 logger = logging.get_logger(__name__)
 
 
-class LenVMGRPOTrainer(LiveCriticCheckpoints, GRPOTrainer):
+class LenVMGRPOTrainer(GuidedSampling, LiveCriticCheckpoints, GRPOTrainer):
     """``GRPOTrainer`` whose advantages gain the LenVM's per-token length term (see the module docstring).
 
     Logged per generation batch, gathered over ranks: ``length/mean_abs_advantage`` (token mean of |c · A_len|),
@@ -54,6 +55,11 @@ class LenVMGRPOTrainer(LiveCriticCheckpoints, GRPOTrainer):
             raise TypeError(f"args: LenVMGRPOTrainer needs a LenVMGRPOConfig, got {type(args).__name__}")
         columns = train_dataset.column_names if train_dataset is not None else None
         missing = [name for name in BUDGET_COLUMNS if columns is not None and name not in columns]
+        if args.guided_generations and missing:
+            raise ConfigError(
+                f"guided_generations: guidance steers towards each prompt's budget and needs the dataset columns "
+                f"{', '.join(missing)}; set budgets or budget_range in the recipe, or guided_generations: 0"
+            )
         if args.length_objective == "budget" and missing:
             raise ConfigError(
                 f"length_objective: 'budget' needs the dataset columns {', '.join(missing)}; set budgets or "
@@ -71,6 +77,10 @@ class LenVMGRPOTrainer(LiveCriticCheckpoints, GRPOTrainer):
         self.lenvm = self.lenvm_optimizer = None
         self.length_scale = None  # length_advantage_scale first: the std of the first training batch's A_len
         self.batch_rewards = None  # (B_global, F), set by _calculate_rewards for the current generation batch
+        self.generation_inputs = None  # the rows of the batch being generated: the guided sampler reads their budgets
+        self.guided_cost = torch.zeros(2, dtype=torch.float64)  # guidance's LenVM seconds and tokens this batch
+        if args.guided_generations:
+            self.check_guided_sampling()
         if args.lenvm_model_path is None:
             return
         from lenvm_rl.modeling import check_lenvm_tokenizer, load_lenvm
@@ -307,6 +317,7 @@ class LenVMGRPOTrainer(LiveCriticCheckpoints, GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         start = time.perf_counter()
+        self.generation_inputs = inputs
         output = super()._generate_and_score_completions(inputs)
         scoring_start = time.perf_counter()
         batch = self.describe_batch(output, inputs)
@@ -316,6 +327,8 @@ class LenVMGRPOTrainer(LiveCriticCheckpoints, GRPOTrainer):
             mask = output["completion_mask"]  # (B, T)
             task = task[:, None] if task.dim() == 1 else task
             output["advantages"] = ((task + (0.0 if length is None else length)) * mask).float()  # (B, T)
+        if self.args.guided_generations and self.model.training:
+            self.correct_guided(output, batch)  # w · A on guided rows, (B, T)
         self.log_length_metrics(output, batch, length)
         update_time = 0.0
         if self.lenvm_optimizer is not None and self.model.training:
