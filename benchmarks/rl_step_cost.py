@@ -11,8 +11,7 @@ The first step of each is a warm-up and is not counted; the figures are medians 
 
 Parts of a step, timed by wrapping TRL's own methods in a subclass (nothing is reimplemented): ``generation``
 (``_generate``: prompt tokenisation, sampling, decoding), ``reward_scoring`` (``_calculate_rewards``),
-``lenvm_forward`` (``lenvm_values``; beside it ``lenvm_forward_padded_before``, the previous scoring at the
-batch's padded width on the same batch, timed and taken out of the step) and ``length_scoring`` (the toolkit's whole addition after TRL's scoring:
+``lenvm_forward`` (``lenvm_values``) and ``length_scoring`` (the toolkit's whole addition after TRL's scoring:
 LenVM forward, advantage assembly, length metrics; ``length/scoring_time_s``), ``trl_scoring_other`` (the rest of
 ``_generate_and_score_completions``: advantages, TRL's log-prob passes when it needs them, metrics),
 ``policy_forward`` (``compute_loss``), ``policy_backward`` (``accelerator.backward``), ``optimizer`` (gradient
@@ -79,27 +78,9 @@ class TimedSteps:
         with self.timed("reward_scoring"):
             return super()._calculate_rewards(*args)
 
-    def lenvm_values(self, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    def lenvm_values(self, *args):
         with self.timed("lenvm_forward"):
-            values = super().lenvm_values(prompt_ids, prompt_mask, completion_ids, completion_mask)
-        # Before/after on the same batch: the previous scoring (chunks in batch order, every chunk at the batch's
-        # padded width), timed and then taken out of the step's time.
-        start, start_cpu = time.perf_counter(), time.process_time()
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-        size = self.args.lenvm_batch_size
-        with torch.no_grad():
-            for i in range(0, input_ids.size(0), size):
-                self.lenvm(
-                    input_ids=input_ids[i : i + size],
-                    attention_mask=attention_mask[i : i + size],
-                    position_ids=position_ids[i : i + size],
-                    use_cache=False,
-                )
-        self.part_seconds["lenvm_forward_padded"] += time.perf_counter() - start
-        self.part_seconds["excluded_cpu"] += time.process_time() - start_cpu
-        return values
+            return super().lenvm_values(*args)
 
     def _generate_and_score_completions(self, inputs):
         with self.timed("generate_and_score"):
@@ -145,9 +126,9 @@ class Baton(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         trainer = self.trainer_ref[0]
         parts = dict(trainer.part_seconds)
-        parts["step"] = time.perf_counter() - trainer.step_start - parts.get("lenvm_forward_padded", 0.0)
+        parts["step"] = time.perf_counter() - trainer.step_start
         # The other trainer waits meanwhile, so the process's CPU time is this step's.
-        parts["step_cpu"] = time.process_time() - trainer.step_cpu_start - parts.get("excluded_cpu", 0.0)
+        parts["step_cpu"] = time.process_time() - trainer.step_cpu_start
         trainer.steps.append({"parts": parts, "shapes": trainer.shapes})
         with self.condition:
             self.turns[0] = 1 - self.me
@@ -166,9 +147,7 @@ def split_parts(parts: dict, has_lenvm: bool) -> dict:
         "generation": parts.get("generation", 0.0),
         "reward_scoring": parts.get("reward_scoring", 0.0),
         "lenvm_forward": parts.get("lenvm_forward", 0.0),
-        "length_advantages_and_metrics": parts.get("length_scoring", 0.0)
-        - parts.get("lenvm_forward", 0.0)
-        - parts.get("lenvm_forward_padded", 0.0),
+        "length_advantages_and_metrics": parts.get("length_scoring", 0.0) - parts.get("lenvm_forward", 0.0),
         "policy_forward": parts.get("policy_forward", 0.0),
         "policy_backward": parts.get("policy_backward", 0.0),
         "optimizer": parts.get("optimizer", 0.0),
@@ -177,7 +156,6 @@ def split_parts(parts: dict, has_lenvm: bool) -> dict:
         out["lenvm_forward"] = out["length_advantages_and_metrics"] = 0.0
     out["trl_scoring_other"] = (
         parts.get("generate_and_score", 0.0)
-        - parts.get("lenvm_forward_padded", 0.0)
         - out["generation"]
         - out["reward_scoring"]
         - out["lenvm_forward"]
@@ -186,7 +164,6 @@ def split_parts(parts: dict, has_lenvm: bool) -> dict:
     out["other"] = parts["step"] - sum(out.values())  # before the fields below, which are not parts
     out["step"] = parts["step"]
     out["step_cpu"] = parts["step_cpu"]
-    out["lenvm_forward_padded_before"] = parts.get("lenvm_forward_padded", 0.0)  # not part of the step
     return out
 
 
@@ -408,7 +385,7 @@ def table(result: dict) -> str:
     ours, theirs = result["toolkit"], result["trl"]
     lines = ["| part | toolkit (s) | TRL GRPOTrainer (s) | TFLOP (toolkit) |", "|---|---:|---:|---:|"]
     for name, seconds in ours["parts_s"].items():
-        if name in ("step", "step_cpu", "lenvm_forward_padded_before"):
+        if name in ("step", "step_cpu", "lenvm_forward_padded_before"):  # the last: results before the revert
             continue
         tflop = f"{ours['tflop'][name]:.3f}" if name in ours["tflop"] else ""
         lines.append(f"| {name} | {seconds:.2f} | {theirs['parts_s'][name]:.2f} | {tflop} |")
@@ -418,7 +395,6 @@ def table(result: dict) -> str:
         f"| step (process CPU time) | {result['toolkit_step_cpu_s']:.1f} | {result['trl_step_cpu_s']:.1f} | |",
         f"| FLOP floor (wall rate / CPU-time rate) | {result['floor_s']:.1f} / {result['floor_cpu_s']:.1f} | "
         f"{theirs['floor_s']:.1f} / {theirs['floor_cpu_s']:.1f} | |",
-        f"| LenVM forward before (padded, same batch) | {ours['parts_s']['lenvm_forward_padded_before']:.2f} | | |",
     ]
     return "\n".join(lines)
 

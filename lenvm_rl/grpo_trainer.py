@@ -194,34 +194,22 @@ class LenVMGRPOTrainer(GuidedSampling, LiveCriticCheckpoints, GRPOTrainer):
 
     @torch.no_grad()
     def lenvm_values(self, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
-        """V at every position of cat(prompt, completion) (B, P + T); 0 at padding the row's chunk does not reach.
-
-        Rows are sorted by their real length and scored in chunks of ``lenvm_batch_size``, each cut to its own
-        columns (its first real prompt token to its last real completion token), so the forward pays for the
-        chunk's padding, not the batch's: TRL pads every completion to the longest one. Values do not depend on
-        padding (position ids count real tokens), only the matmul shapes change.
-        """
+        """V at every position of cat(prompt, completion) (B, P + T), in chunks of ``lenvm_batch_size``."""
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P + T)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P + T)
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding: the first real token is 0
-        real = attention_mask.bool()
-        first = real.int().argmax(1)  # (B,) first real column
-        last = real.size(1) - 1 - real.flip(1).int().argmax(1)  # (B,) last real column
-        order = torch.argsort(last - first, stable=True)
-        values = None
-        for i in range(0, input_ids.size(0), self.args.lenvm_batch_size):
-            rows = order[i : i + self.args.lenvm_batch_size]
-            start, stop = first[rows].min().item(), last[rows].max().item() + 1
-            chunk = self.lenvm(
-                input_ids=input_ids[rows, start:stop],
-                attention_mask=attention_mask[rows, start:stop],
-                position_ids=position_ids[rows, start:stop],
-                use_cache=False,
-            ).length_values  # (chunk, stop - start)
-            if values is None:
-                values = chunk.new_zeros(input_ids.shape)
-            values[rows, start:stop] = chunk
-        return values
+        size = self.args.lenvm_batch_size
+        return torch.cat(
+            [
+                self.lenvm(
+                    input_ids=input_ids[i : i + size],
+                    attention_mask=attention_mask[i : i + size],
+                    position_ids=position_ids[i : i + size],
+                    use_cache=False,
+                ).length_values
+                for i in range(0, input_ids.size(0), size)
+            ]
+        )
 
     def ranks_sum(self, *totals: torch.Tensor) -> list[float]:
         """Each 0-d tensor summed over all ranks, in one collective: every cross-rank metric and moment uses it."""
