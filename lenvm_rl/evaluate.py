@@ -34,17 +34,10 @@ from datasets import Dataset, concatenate_datasets
 from lenvm_rl.data import DatasetArguments, load_prompts, source_fingerprint
 from lenvm_rl.data_parallel import Ranks, launched_ranks
 from lenvm_rl.errors import ConfigError
-from lenvm_rl.generation import (
-    VLLMArguments,
-    generate_rows,
-    hf_sampler,
-    load_policy,
-    make_guidance,
-    require_vllm,
-    vllm_sampler,
-)
+from lenvm_rl.generation import generate_rows, hf_sampler, load_policy, make_guidance
 from lenvm_rl.outputs import changed_setting
 from lenvm_rl.reporting import drop_if_stale, markdown_table, ms_per_token, plot_results, summarize
+from lenvm_rl.vllm_sampling import VLLMArguments, require_vllm, vllm_sampler
 
 
 @dataclass
@@ -281,9 +274,10 @@ def run_evaluation(args: EvaluateArguments, ranks: Ranks = Ranks()) -> dict[str,
 
     Under a data-parallel launch (``ranks``) every process loads the models and generates its share of every arm's
     batches; process 0 writes the manifest, the merged generations and the report, and alone returns summaries."""
-    from lenvm_rl.generation import eos_token_ids, vllm_engine
+    from lenvm_rl.generation import eos_token_ids
     from lenvm_rl.loading import inference_device, load_tokenizer
     from lenvm_rl.precision import resolve_dtype
+    from lenvm_rl.vllm_sampling import vllm_engine
 
     args.dtype = resolve_dtype(args.dtype, inference_device().type)  # the manifest records what "auto" became
     output_dir = Path(args.output_dir)

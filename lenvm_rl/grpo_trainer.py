@@ -28,6 +28,7 @@ from lenvm_rl.grpo_config import (
     LenVMGRPOConfig,
 )
 from lenvm_rl.returns import remaining_from_value, value_targets
+from lenvm_rl.vllm_sampling import vllm_cpu_environment
 from rewards.scores import BUDGET_KINDS, LENGTH_SCORES, budget_hit, budget_kind_codes
 
 logger = logging.get_logger(__name__)
@@ -65,6 +66,8 @@ class LenVMGRPOTrainer(LiveCriticCheckpoints, GRPOTrainer):
                 raise ConfigError(
                     f"budget_kind: the dataset has unknown kinds {unknown}; use {', '.join(BUDGET_KINDS)}"
                 )
+        if args.use_vllm and args.vllm_mode == "colocate":
+            vllm_cpu_environment()  # TRL starts the engine inside super().__init__
         super().__init__(model, reward_funcs, args, train_dataset, **kwargs)
         if args.use_vllm:
             self.keep_heads_out_of_vllm(self.vllm_generation)

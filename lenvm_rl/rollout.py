@@ -27,10 +27,11 @@ from tqdm.auto import tqdm
 from lenvm_rl.data import DatasetArguments, load_prompts, source_fingerprint
 from lenvm_rl.data_parallel import Ranks, launched_ranks
 from lenvm_rl.errors import ConfigError
-from lenvm_rl.generation import VLLMArguments, generate_hf, require_vllm, tokenize_prompts, vllm_engine, vllm_seeds
+from lenvm_rl.generation import generate_hf, tokenize_prompts
 from lenvm_rl.loading import inference_device, load_causal_lm, load_tokenizer
 from lenvm_rl.outputs import changed_setting
 from lenvm_rl.rollout_data import MANIFEST, load_rollouts
+from lenvm_rl.vllm_sampling import VLLMArguments, require_vllm, vllm_engine, vllm_seeds
 
 
 @dataclass
