@@ -99,7 +99,7 @@ trainer = Trainer(
     peft_config=lora,
     callbacks=[MergedSnapshots()],
 )
-heads = sorted({n.split(".")[0] for n, _ in trainer.model.named_parameters() if "task_value_head" in n})
+task_head_in_policy = any("task_value_head" in name for name, _ in trainer.model.named_parameters())
 trainer.train()
 train_seconds = time.perf_counter() - began
 
@@ -134,7 +134,7 @@ history = [entry for entry in trainer.state.log_history if "loss" in entry]
 result = {
     "distance_by_step": distance,  # mean |log p_vLLM - log p_policy(step)| over the sequences' tokens
     "vllm_dtype": str(llm.llm_engine.model_config.dtype),
-    "policy_heads": heads,
+    "task_head_in_policy": task_head_in_policy,  # PPO: trained beside the policy, never sent to vLLM
     "is_ratio_mean": [entry.get("sampling/importance_sampling_ratio/mean") for entry in history],
     "train_seconds": train_seconds,
     "steps": trainer.state.global_step,
