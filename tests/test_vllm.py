@@ -96,13 +96,14 @@ ROLLOUT = [
 def test_vllm_rollout_resumes_to_the_same_shards(tmp_path):
     """A sampled vLLM rollout (one seed per prompt row) with its last shard deleted, rerun: the same shards."""
     sampled = ["--temperature", 0.7, "--top_p", 0.95, "--num_samples_per_prompt", 2, "--use_vllm", "true"]
-    lenvm_rl(*ROLLOUT, *sampled, "--output_dir", tmp_path)
-    whole = rollout_ids(tmp_path)
+    output_dir = tmp_path / "rollout"
+    lenvm_rl(*ROLLOUT, *sampled, "--output_dir", output_dir)
+    whole = rollout_ids(output_dir)
     assert len(whole) == 8 and len({tuple(ids) for ids in whole.values()}) > 4  # sampled: completions differ
-    shards = sorted((tmp_path / "shards").iterdir())
+    shards = sorted((output_dir / "shards").iterdir())
     shutil.rmtree(shards[-1]) if shards[-1].is_dir() else shards[-1].unlink()  # stopped before its last shard
-    lenvm_rl(*ROLLOUT, *sampled, "--output_dir", tmp_path)
-    assert rollout_ids(tmp_path) == whole
+    lenvm_rl(*ROLLOUT, *sampled, "--output_dir", output_dir)
+    assert rollout_ids(output_dir) == whole
 
 
 def test_evaluate_with_vllm_matches_hf_greedy(tmp_path):
