@@ -106,6 +106,38 @@ def test_vllm_rollout_resumes_to_the_same_shards(tmp_path):
     assert rollout_ids(output_dir) == whole
 
 
+def test_data_parallel_vllm_rollout_equals_one_process(tmp_path):
+    """Under a 2-process launch every process starts its own vLLM engine (as TRL's colocate mode does) and samples
+    every other shard; the shards equal a one-process run's (one seed per prompt row, float32)."""
+    from test_multiprocess import free_port
+
+    settings = ["--num_samples_per_prompt", 2, "--max_completion_tokens", 16, "--use_vllm", "true"]
+    lenvm_rl(*ROLLOUT, *settings, "--output_dir", tmp_path / "one")
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        ROOT / "accelerate_configs/cpu_2proc.yaml",
+    ]
+    launch += [
+        "--main_process_port",
+        free_port(),
+        "-m",
+        "lenvm_rl",
+        *ROLLOUT,
+        *settings,
+        "--output_dir",
+        tmp_path / "two",
+    ]
+    run = subprocess.run(
+        list(map(str, launch)), cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=900
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "(2 processes)" in run.stdout + run.stderr
+    assert rollout_ids(tmp_path / "two") == rollout_ids(tmp_path / "one")
+
+
 def test_evaluate_with_vllm_matches_hf_greedy(tmp_path):
     """`evaluate` under vLLM gives `generate`'s greedy completions (float32 both; an exact tie may flip a token, so
     one completion per arm may differ)."""
