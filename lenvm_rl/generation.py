@@ -1,9 +1,9 @@
 """Generation shared by the stages that sample: ``rollout``, ``evaluate``, the testbed and the policy stages' EOS ids.
 
 Two generators with one output, per prompt ``num_samples`` (completion ids with the EOS stripped, finished) pairs:
-``generate_hf`` (``model.generate``, any device) and ``make_vllm_generate`` (one vLLM engine for a base model and
-its LoRA adapters). ``generate_hf`` switches off the generation config's own sampling extras, so both sample what
-TRL's trainers sample with the same settings (docs/DESIGN.md §2.1). vLLM is imported only when an engine is made.
+``generate_hf`` (``model.generate``, any device) and ``vllm_sampling.make_vllm_generate`` (one vLLM engine for a
+base model and its LoRA adapters). ``generate_hf`` switches off the generation config's own sampling extras, so both
+sample what TRL's trainers sample with the same settings (docs/DESIGN.md §2.1).
 """
 
 from __future__ import annotations
@@ -13,49 +13,14 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from lenvm_rl.data_parallel import Ranks, merge_records, part_path, read_jsonl, vllm_launch_settings
+from lenvm_rl.data_parallel import Ranks, merge_records, part_path, read_jsonl
 from lenvm_rl.errors import ConfigError
-
-
-@dataclass
-class VLLMArguments:
-    """How a stage's vLLM engine is laid out (``rollout``, ``evaluate``); neither field changes what is sampled.
-
-    Parameters:
-        vllm_gpu_memory_utilization (`float`, *optional*, defaults to `0.8`):
-            Share of the GPU's memory vLLM takes for weights and KV cache, in (0, 1].
-        vllm_tensor_parallel_size (`int`, *optional*, defaults to `1`):
-            GPUs vLLM splits the model over, from one process (the others must be visible to it).
-    """
-
-    vllm_gpu_memory_utilization: float = field(default=0.8, metadata={"help": "vLLM's GPU memory share."})
-    vllm_tensor_parallel_size: int = field(
-        default=1, metadata={"help": "GPUs vLLM splits the model over (from one process; the others must be visible)."}
-    )
-
-    def check_vllm_layout(self) -> None:
-        """Called by the stage's ``__post_init__`` (the dataclass bases do not chain it)."""
-        if not 0 < self.vllm_gpu_memory_utilization <= 1:
-            raise ConfigError(f"vllm_gpu_memory_utilization: must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
-        if self.vllm_tensor_parallel_size <= 0:
-            raise ConfigError(f"vllm_tensor_parallel_size: must be positive, got {self.vllm_tensor_parallel_size}")
-
-
-def require_vllm(use_vllm: bool | None) -> None:
-    """Refuse ``use_vllm: true`` where vLLM is not installed."""
-    import importlib.util
-
-    if use_vllm and importlib.util.find_spec("vllm") is None:
-        raise ConfigError(
-            "use_vllm: vLLM is not installed; `pip install 'lenvm-rl[vllm]'` on a GPU machine, or set use_vllm: false"
-        )
 
 
 def eos_token_ids(tokenizer, generation_config=None) -> set[int]:
@@ -120,113 +85,6 @@ def generate_hf(
     return [completions[i * num_samples : (i + 1) * num_samples] for i in range(len(prompt_ids))]
 
 
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's max_lora_rank accepts
-
-
-def make_vllm_generate(
-    model_path: str,
-    *,
-    num_samples: int,
-    temperature: float,
-    top_p: float,
-    eos_ids: set[int],
-    dtype: str | None = None,
-    gpu_memory_utilization: float = 0.8,
-    seed: int = 0,
-    adapters: list[str] = (),
-    tensor_parallel_size: int = 1,
-    ranks: Ranks = Ranks(),
-) -> Callable:
-    """``generate(prompt_ids, seeds, max_tokens, adapter=None)``: per prompt, ``num_samples`` (ids, finished) pairs.
-
-    One vLLM engine serves the base model and every LoRA adapter folder in ``adapters``, each applied per
-    request as a ``LoRARequest`` (no merge, no reload between models). Under a data-parallel launch (``ranks``)
-    every process starts its own engine on its own GPU.
-    """
-    from vllm import LLM
-
-    engine = dict(model=model_path, dtype=dtype or "auto", gpu_memory_utilization=gpu_memory_utilization, seed=seed)
-    if tensor_parallel_size > 1:
-        engine["tensor_parallel_size"] = tensor_parallel_size
-    engine.update(vllm_launch_settings(ranks, tensor_parallel_size))
-    if adapters:
-        rank = max(json.loads(Path(a, "adapter_config.json").read_text())["r"] for a in adapters)
-        fits = [r for r in VLLM_LORA_RANKS if r >= rank]
-        if not fits:
-            raise ConfigError(
-                f"adapters: LoRA rank {rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]}); set use_vllm: false"
-            )
-        engine.update(enable_lora=True, max_lora_rank=fits[0], max_loras=1)
-    llm = LLM(**engine)
-    lora_ids = {adapter: index for index, adapter in enumerate(adapters, start=1)}
-
-    def generate(prompt_ids, seeds, max_tokens, adapter=None):
-        from vllm import SamplingParams
-
-        # One seed per prompt (``vllm_seeds``): a shared seed would give sample k of every prompt the same stream.
-        params = [
-            SamplingParams(n=num_samples, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
-            for seed in seeds
-        ]
-        lora = None
-        if adapter is not None:
-            from vllm.lora.request import LoRARequest
-
-            lora = LoRARequest(
-                f"{lora_ids[adapter]}-{Path(adapter).name}", lora_ids[adapter], str(adapter)
-            )  # unique names
-        outputs = llm.generate(
-            [{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False, lora_request=lora
-        )
-        # finish_reason "stop" = an EOS (or stop token) ended it; "length" = truncated at max_tokens.
-        return [
-            [(split_completion(list(c.token_ids), eos_ids)[0], c.finish_reason == "stop") for c in o.outputs]
-            for o in outputs
-        ]
-
-    return generate
-
-
-def vllm_seeds(seed: int, rows, num_samples: int) -> list[int]:
-    """One vLLM seed per request (row). vLLM samples completion k of a request with seed + k, so rows are spaced by
-    ``num_samples``: no two completions of a run share a random stream, and row i's seed depends on i alone."""
-    return [seed * 1_000_000_007 + row * num_samples for row in rows]
-
-
-def generation_eos_ids(model_path: str, tokenizer) -> set[int]:
-    """The ids a model's generation stops on, read from its folder (for vLLM, which loads no HF model)."""
-    from transformers import GenerationConfig
-
-    try:
-        generation_config = GenerationConfig.from_pretrained(model_path)
-    except OSError:  # a model without generation_config.json stops on the tokenizer's EOS only
-        generation_config = None
-    return eos_token_ids(tokenizer, generation_config)
-
-
-def vllm_engine(
-    model_name_or_path: str, tokenizer, args, num_samples: int, dtype: str | None, adapters=(), ranks: Ranks = Ranks()
-) -> Callable:
-    """``make_vllm_generate`` for a stage's arguments (``temperature``, ``top_p``, ``seed`` and ``VLLMArguments``):
-    the model's own EOS ids, its folder resolved (the embedded default is converted once)."""
-    from lenvm_rl.loading import resolve_model_path
-
-    path = resolve_model_path(model_name_or_path)
-    return make_vllm_generate(
-        path,
-        num_samples=num_samples,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        eos_ids=generation_eos_ids(path, tokenizer),
-        dtype=dtype,
-        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-        seed=args.seed,
-        adapters=list(adapters),
-        tensor_parallel_size=args.vllm_tensor_parallel_size,
-        ranks=ranks,
-    )
-
-
 # ------------------------------------------------------------------ samplers: one call per batch of prompts
 
 Sampler = Callable[[Dataset, list[list[int]], range, int], list[list[tuple[list[int], bool]]]]
@@ -249,16 +107,6 @@ def hf_sampler(model, tokenizer, args, logits_processor_for: Callable | None = N
             args.top_p,
             logits_processor=processors,
         )
-
-    return sample
-
-
-def vllm_sampler(generate: Callable, args, adapter: str | None) -> Sampler:
-    """``sample(batch, prompt_ids, rows, limit)`` with a ``generation.make_vllm_generate`` engine; row i's seed is
-    fixed by i (``generation.vllm_seeds``), so a resumed run asks for what an uninterrupted one would have."""
-
-    def sample(batch, prompt_ids, rows, limit):
-        return generate(prompt_ids, vllm_seeds(args.seed, rows, args.num_samples), limit, adapter)
 
     return sample
 

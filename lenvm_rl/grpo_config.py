@@ -305,6 +305,16 @@ class LenVMGRPOConfig(GRPOConfig):
             raise ConfigError(f"lenvm_learning_rate: must be > 0, got {self.lenvm_learning_rate}")
         if self.lenvm_epochs < 1:
             raise ConfigError(f"lenvm_epochs: must be a positive number of passes, got {self.lenvm_epochs}")
+        # vLLM reports each sampled token's log-prob after its top-p cut and renormalisation (TRL starts it with
+        # logprobs_mode="processed_logprobs"); TRL's trainer recomputes it over the whole vocabulary. Their ratio is
+        # then the product of the nucleus masses, < 1 and falling with length: TRL's default sequence-level correction
+        # would weigh every completion's loss down by it, the longer ones the most (docs/DESIGN.md §6.5).
+        if self.use_vllm and self.vllm_importance_sampling_correction and self.top_p < 1.0:
+            raise ConfigError(
+                f"top_p: {self.top_p} with use_vllm biases TRL's vLLM importance-sampling ratio against long "
+                f"completions (vLLM's log-probs are renormalised over the top-p nucleus, the trainer's are not); set "
+                f"top_p: 1.0, or vllm_importance_sampling_correction: false"
+            )
         self.check_guided_exploration()
 
     def check_guided_exploration(self) -> None:

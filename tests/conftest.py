@@ -149,7 +149,7 @@ def write_rollout_shard(output_dir, rows: list[dict]) -> Path:
 
 @pytest.fixture
 def stand_in_vllm(monkeypatch, tokenizer):
-    """vLLM is GPU-only: a stand-in engine that records its calls and answers from the request's seed.
+    """vLLM is not in the default suite (`make test-vllm` runs it for real): a stand-in engine that records its calls and answers from the request's seed.
 
     Sample k of a request with seed s (LoRA id j, 0 for the base) wants 1 + (s + k + 3j) % 7 tokens: it ends with
     an EOS if that fits in max_tokens, else it is cut at max_tokens (finish_reason "length")."""

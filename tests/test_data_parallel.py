@@ -14,9 +14,9 @@ from test_multiprocess import launch
 from lenvm_rl.data_parallel import Ranks, merge_records, part_path, vllm_launch_settings
 from lenvm_rl.errors import ConfigError
 from lenvm_rl.evaluate import EvaluateArguments, run_evaluation
-from lenvm_rl.generation import make_vllm_generate
 from lenvm_rl.rollout import RolloutArguments, run_rollouts
 from lenvm_rl.rollout_data import load_rollouts
+from lenvm_rl.vllm_sampling import make_vllm_generate
 
 
 def write_recipe(path, **fields) -> str:

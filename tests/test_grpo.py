@@ -329,11 +329,19 @@ def test_unknown_budget_kind_refused(tiny_model_path, tokenizer, lenvm_path, dat
         (dict(lenvm_update="online"), "lenvm_update"),
         (dict(lenvm_learning_rate=0.0), "lenvm_learning_rate"),
         (dict(lenvm_epochs=0), "lenvm_epochs"),
+        (dict(use_vllm=True, top_p=0.95), "top_p"),  # biases TRL's vLLM importance-sampling ratio (§6.5)
     ],
 )
 def test_bad_fields_refused(overrides, field, tmp_path):
     with pytest.raises(ConfigError, match=f"^{field}: "):
         config_for(tmp_path, lenvm_model_path="lenvm", **overrides)
+
+
+def test_top_p_with_vllm_needs_no_importance_correction(tmp_path):
+    """The refusal is about TRL's vLLM importance-sampling ratio only: without it, or without vLLM, top_p < 1 runs."""
+    kept = dict(length_objective="none", top_p=0.95)
+    assert config_for(tmp_path, use_vllm=True, vllm_importance_sampling_correction=False, **kept).top_p == 0.95
+    assert config_for(tmp_path, use_vllm=False, **kept).top_p == 0.95
 
 
 def test_efficiency_accepts_either_sign(tmp_path):

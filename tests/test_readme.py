@@ -21,7 +21,7 @@ def test_reward_table_matches_registry():
 def test_readme_commands_are_make_targets():
     makefile = (ROOT / "Makefile").read_text()
     text = (ROOT / "README.md").read_text()
-    for target in ("demo", "test", "test-slow"):
+    for target in ("demo", "test", "test-slow", "test-vllm"):
         assert f"make {target}" in text
         assert f"\n{target}:" in makefile
     assert "make test" in (ROOT / ".ci" / "run").read_text()

@@ -16,7 +16,7 @@ from lenvm_rl.train_policy import GRPOScriptArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {
-    "rollout": ((RolloutArguments, ModelConfig), ["--use_vllm", "false"]),  # vLLM is GPU-only
+    "rollout": ((RolloutArguments, ModelConfig), ["--use_vllm", "false"]),  # vLLM runs in `make test-vllm`
     "lenvm": ((LenVMScriptArguments, LenVMTrainingConfig, ModelConfig), ["--report_to", "none", "--bf16", "false"]),
     "evaluate": ((EvaluateArguments,), []),
     "grpo": (

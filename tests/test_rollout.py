@@ -150,7 +150,7 @@ def test_missing_prompt_column_is_refused_before_anything_is_written(column, gsm
 
 
 def test_vllm_path_seeds_each_prompt_and_strips_eos(monkeypatch):
-    """vLLM is GPU-only: a stand-in module checks what `make_vllm_generate` asks of it and makes of its output."""
+    """Without vLLM installed (the default suite): a stand-in module checks what `make_vllm_generate` asks of it and makes of its output."""
     import sys
     import types
 
@@ -173,7 +173,7 @@ def test_vllm_path_seeds_each_prompt_and_strips_eos(monkeypatch):
             return [types.SimpleNamespace(outputs=[done, cut]) for _ in prompts]
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
-    generate = lenvm_rl.generation.make_vllm_generate(
+    generate = lenvm_rl.vllm_sampling.make_vllm_generate(
         "some/model", num_samples=2, temperature=1.0, top_p=1.0, eos_ids={2}, dtype="bfloat16", seed=5
     )
     assert calls["llm"] == dict(model="some/model", dtype="bfloat16", gpu_memory_utilization=0.8, seed=5)  # no LoRA
