@@ -44,7 +44,7 @@ $(VLLM_STAMP): $(STAMP) pyproject.toml
 	@touch $(VLLM_STAMP)
 
 # vLLM's CPU worker pins itself to cores and reserves one by default, and sizes its KV cache as a share of RAM:
-# lenvm_rl.generation.vllm_cpu_environment sets nobind and a 1 GiB cache where these are unset.
+# lenvm_rl.vllm_sampling.vllm_cpu_environment sets nobind and a 1 GiB cache where these are unset.
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_PYTHON) -m pytest -q -m vllm
 

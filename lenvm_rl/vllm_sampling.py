@@ -183,8 +183,8 @@ def vllm_engine(
 
 
 def vllm_sampler(generate: Callable, args, adapter: str | None) -> Sampler:
-    """``sample(batch, prompt_ids, rows, limit)`` with a ``generation.make_vllm_generate`` engine; row i's seed is
-    fixed by i (``generation.vllm_seeds``), so a resumed run asks for what an uninterrupted one would have."""
+    """``sample(batch, prompt_ids, rows, limit)`` with a ``make_vllm_generate`` engine; row i's seed is
+    fixed by i (``vllm_seeds``), so a resumed run asks for what an uninterrupted one would have."""
 
     def sample(batch, prompt_ids, rows, limit):
         return generate(prompt_ids, vllm_seeds(args.seed, rows, args.num_samples), limit, adapter)
