@@ -34,3 +34,27 @@ def load_shard(shard: Path) -> Dataset:
             f"rollouts_path: the shard {shard} is corrupt ({type(error).__name__}: {str(error).splitlines()[0][:80]}); "
             f"delete that folder and rerun `lenvm-rl rollout` with the same recipe: it samples that shard again"
         ) from None
+
+
+def check_rollout_tokenizer(rollouts_path: str, backbone: str, tokenizer) -> None:
+    """Refuse a LenVM backbone whose vocabulary differs from the policy's that sampled the rollouts."""
+    import json
+
+    from lenvm_rl.loading import load_tokenizer
+
+    manifest = Path(rollouts_path) / MANIFEST
+    policy = json.loads(manifest.read_text())["model_name_or_path"] if manifest.exists() else None
+    if policy is None or policy == backbone:
+        return
+    try:
+        policy_vocab = load_tokenizer(policy).get_vocab()
+    except ConfigError:  # the policy folder moved or was deleted since the rollouts were sampled
+        raise ConfigError(
+            f"rollouts_path: {rollouts_path} was sampled from the policy {policy!r} ({manifest}), which cannot be "
+            f'loaded now; if it moved, set "model_name_or_path" in {manifest} to its new path'
+        ) from None
+    if policy_vocab != tokenizer.get_vocab():
+        raise ConfigError(
+            f"model_name_or_path: the LenVM backbone {backbone!r} has another tokenizer than the policy {policy!r} "
+            f"that sampled {rollouts_path}; a LenVM must share its policy's vocabulary: use a backbone of that family"
+        )

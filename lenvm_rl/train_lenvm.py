@@ -73,6 +73,9 @@ class LenVMTrainingConfig(TrainingArguments):
             Train the head only.
         trainable_top_layers (`int` or `None`, *optional*):
             Train only the top N decoder layers, the final norm and the head (cheap on a CPU).
+        cache_frozen_layers (`str`, *optional*, defaults to `"auto"`):
+            With trainable_top_layers: epochs after the first reuse the frozen layers' states (lenvm_rl.trunk_cache);
+            auto = where the recipe allows it, true = refuse a recipe that does not, false = off.
 
         > Parameters that control the data
 
@@ -104,6 +107,9 @@ class LenVMTrainingConfig(TrainingArguments):
         default=None,
         metadata={"help": "Train only the top N decoder layers, the final norm and the head (cheap on a CPU)."},
     )
+    cache_frozen_layers: str = field(
+        default="auto", metadata={"help": "Reuse the frozen layers' states after epoch 1: auto, true or false."}
+    )
     max_sequence_tokens: int | None = field(
         default=None, metadata={"help": "Skip rollouts whose prompt + completion exceed this many tokens."}
     )
@@ -132,6 +138,9 @@ class LenVMTrainingConfig(TrainingArguments):
                 f"trainable_top_layers: must be a positive number of layers and cannot be combined with "
                 f"freeze_backbone (got {self.trainable_top_layers}); for the head only set freeze_backbone: true"
             )
+        self.cache_frozen_layers = str(self.cache_frozen_layers).lower()
+        if self.cache_frozen_layers not in ("auto", "true", "false"):
+            raise ConfigError(f"cache_frozen_layers: must be auto, true or false, got {self.cache_frozen_layers!r}")
         if self.truncated_rollouts not in ("drop", "bootstrap"):
             raise ConfigError(f"truncated_rollouts: must be 'drop' or 'bootstrap', got {self.truncated_rollouts!r}")
 
@@ -191,32 +200,6 @@ def prepare_rollouts(rollouts: Dataset, truncated: str, max_sequence_tokens: int
             lambda p, c: len(p) + len(c) <= max_sequence_tokens, input_columns=["prompt_ids", "completion_ids"]
         )
     return rollouts
-
-
-def check_rollout_tokenizer(rollouts_path: str, backbone: str, tokenizer) -> None:
-    """Refuse a LenVM backbone whose vocabulary differs from the policy's that sampled the rollouts."""
-    import json
-    from pathlib import Path
-
-    from lenvm_rl.loading import load_tokenizer
-    from lenvm_rl.rollout_data import MANIFEST
-
-    manifest = Path(rollouts_path) / MANIFEST
-    policy = json.loads(manifest.read_text())["model_name_or_path"] if manifest.exists() else None
-    if policy is None or policy == backbone:
-        return
-    try:
-        policy_vocab = load_tokenizer(policy).get_vocab()
-    except ConfigError:  # the policy folder moved or was deleted since the rollouts were sampled
-        raise ConfigError(
-            f"rollouts_path: {rollouts_path} was sampled from the policy {policy!r} ({manifest}), which cannot be "
-            f'loaded now; if it moved, set "model_name_or_path" in {manifest} to its new path'
-        ) from None
-    if policy_vocab != tokenizer.get_vocab():
-        raise ConfigError(
-            f"model_name_or_path: the LenVM backbone {backbone!r} has another tokenizer than the policy {policy!r} "
-            f"that sampled {rollouts_path}; a LenVM must share its policy's vocabulary: use a backbone of that family"
-        )
 
 
 def split_by_prompt(rollouts: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
@@ -299,7 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     from lenvm_rl.outputs import check_output_dir, claim_output_dir, final_save
     from lenvm_rl.recipe import parse_recipe
     from lenvm_rl.returns import auto_gamma
-    from lenvm_rl.rollout_data import load_rollouts
+    from lenvm_rl.rollout_data import check_rollout_tokenizer, load_rollouts
+    from lenvm_rl.trunk_cache import attach_trunk_cache
 
     script_args, config, model_args = parse_recipe((LenVMScriptArguments, LenVMTrainingConfig, ModelConfig), argv)
     inputs = {
@@ -362,7 +346,11 @@ def main(argv: list[str] | None = None) -> None:
             "use_peft: a LoRA LenVM is merged into a plain LenVM when saved, which needs its whole weights on one "
             "process; launch it with DDP or ZeRO-2, or train a full or top-layer LenVM under ZeRO-3 / FSDP"
         )
+    tokens = sum(len(p) + len(c) for p, c in zip(train_rows["prompt_ids"], train_rows["completion_ids"]))
+    trunk_cache = attach_trunk_cache(trainer, config, model_args, tokens)
     train(trainer, resume_from)  # a full disk while checkpointing is said as one line
+    if trunk_cache is not None:
+        print(f"cache_frozen_layers: {trunk_cache.hits} training batches skipped the frozen layers")
     sigterm.exit_if_stopped(trainer)  # SIGTERM: a checkpoint is saved; exit 143 without a final model
     metrics = trainer.evaluate()
 

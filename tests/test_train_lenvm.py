@@ -234,7 +234,7 @@ def test_backbone_with_another_tokenizer_is_refused(rollouts_dir, tiny_model_pat
 
     from transformers import AutoTokenizer
 
-    from lenvm_rl.train_lenvm import check_rollout_tokenizer
+    from lenvm_rl.rollout_data import check_rollout_tokenizer
 
     same_family = shutil.copytree(tiny_model_path, tmp_path / "same")
     check_rollout_tokenizer(str(rollouts_dir), str(same_family), AutoTokenizer.from_pretrained(same_family))
