@@ -8,6 +8,7 @@ model under DeepSpeed and FSDP."""
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -93,6 +94,34 @@ def test_lenvm_loss_with_two_processes_equals_one(rollouts_dir, tiny_model_path,
         launch(["-m", "lenvm_rl", "train-lenvm", "--config", str(path)], processes, tmp_path)
         losses[processes] = first_logged_loss(out)
     assert losses[2] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_frozen_layer_cache_under_two_processes_trains_as_without(rollouts_dir, tiny_model_path, tmp_path):
+    """Each rank records and replays its own rows (DDP): 3 epochs with the cache end where they end without it."""
+    from conftest import write_rollout_shard
+
+    from lenvm_rl.modeling import load_lenvm
+    from lenvm_rl.rollout_data import load_rollouts
+
+    finished = load_rollouts(rollouts_dir).filter(lambda f: f, input_columns="finished")
+    data = write_rollout_shard(tmp_path / "rollouts", finished.select(range(4)).to_list())
+    recipe = dict(
+        model_name_or_path=tiny_model_path, rollouts_path=str(data), eval_rollouts_path=str(data), gamma=0.9,
+        trainable_top_layers=1, num_train_epochs=3, per_device_train_batch_size=1, learning_rate=1e-3,
+        save_strategy="no", report_to="none", use_cpu=True, bf16=False, eval_strategy="no", seed=0,
+        disable_tqdm=True, logging_steps=1,
+    )  # fmt: skip
+    weights, logs = {}, {}
+    for choice in ("false", "true"):
+        path = tmp_path / f"lenvm_{choice}.yaml"
+        out = tmp_path / choice
+        path.write_text(yaml.safe_dump({**recipe, "output_dir": str(out), "cache_frozen_layers": choice}))
+        logs[choice] = launch(["-m", "lenvm_rl", "train-lenvm", "--config", str(path)], 2, tmp_path).stdout
+        weights[choice] = load_lenvm(str(out)).state_dict()
+    # A rank replays the rows it has seen: the sampler reshuffles across ranks each epoch, so some rows run in full.
+    assert re.search(r"cache_frozen_layers: [1-4] training batches skipped the frozen layers", logs["true"])
+    for name, value in weights["true"].items():
+        torch.testing.assert_close(value, weights["false"][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("update", ["frozen", "live"])
