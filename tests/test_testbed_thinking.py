@@ -60,3 +60,14 @@ def test_an_untrained_think_policy_is_sampled_with_both_budgets():
     tokenizer = make_tokenizer("think")
     summary = sample_accuracy(make_model(tokenizer), tokenizer, num_prompts=8, form="think")
     assert 0.0 <= summary["accuracy"] <= 1.0 and summary["mean_tokens"] > 0
+
+
+def test_think_arms_differ_only_in_the_length_signal():
+    import yaml
+    from conftest import ROOT
+
+    folder = ROOT / "recipes" / "testbed" / "grpo"
+    lenvm, sequence = (yaml.safe_load((folder / f"config_think_{arm}.yaml").read_text()) for arm in ("lenvm", "seq"))
+    differing = {key for key in lenvm.keys() | sequence.keys() if lenvm.get(key) != sequence.get(key)}
+    assert differing == {"length_objective", "reward_funcs", "output_dir"}
+    assert lenvm["thinking_budgets"] == list(THINK_BUDGETS) and lenvm["budgets"] == list(THINK_ANSWER_BUDGETS)
