@@ -55,16 +55,17 @@ def check_thinking_recipe(columns, args, segment_values: bool | None) -> None:
 
 
 def read_segment_values(path: str | None) -> bool | None:
-    """Whether the LenVM at ``path`` has two values (``segment_values``); None when there is none or it cannot be read
-    (``load_lenvm`` says why later)."""
+    """Whether the LenVM at ``path`` has two values (``segment_values``); None when there is none, or it cannot be read
+    or is not a LenVM (``load_lenvm`` says why later)."""
     if path is None:
         return None
     from transformers import AutoConfig
 
     try:
-        return bool(getattr(AutoConfig.from_pretrained(path), "segment_values", False))
+        config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError):
         return None
+    return bool(config.segment_values) if config.model_type == "lenvm" else None  # not a LenVM: load_lenvm says so
 
 
 class SegmentAdvantages:

@@ -275,3 +275,10 @@ def test_thinking_recipe_twins_differ_only_in_the_length_signal():
     assert differing == {"length_objective", "reward_funcs", "output_dir"}
     assert sequence["reward_funcs"] == ["accuracy", "thinking_length_score", "answer_length_score"]
     assert lenvm["length_objective"] == "budget" and lenvm["reward_funcs"] == ["accuracy"]
+
+
+def test_a_plain_model_as_the_lenvm_is_named_as_such(thinking_model_path, tokenizer, thinking_prompts, tmp_path):
+    with pytest.raises(ConfigError, match=r"^lenvm_model_path: .* holds a 'llama' model, not a LenVM"):
+        thinking_trainer(
+            thinking_model_path, tokenizer, thinking_prompts, tmp_path, lenvm_model_path=thinking_model_path
+        )
