@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=150)
     parser.add_argument("--sft-examples", type=int, default=30_000)
     parser.add_argument("--target", type=float, default=0.9)
+    parser.add_argument("--learning-rate", type=float, default=None, help="unset: the recipes' (1e-4)")
     args = parser.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -87,19 +88,26 @@ def main() -> None:
         recipe = str(RECIPES / "lenvm" / "config_think.yaml")
         flags = ["--model_name_or_path", str(sft), "--rollouts_path", str(rollouts), "--output_dir", str(lenvm)]
         run([*cli, "train-lenvm", "--config", recipe, *flags], out / "lenvm.log")
+    lr_tag = "" if args.learning_rate is None else f"_lr{args.learning_rate:g}"
     for seed in args.seeds:
         for arm in args.arms:
-            folder = out / f"grpo_think_{arm}_s{seed}"
+            folder = out / f"grpo_think_{arm}{lr_tag}_s{seed}"
             if (folder / "trainer_state.json").exists():
                 continue
             recipe, extra, _ = ARMS[arm]
             flags = ["--model_name_or_path", str(sft), "--lenvm_model_path", str(lenvm), "--output_dir", str(folder)]
             flags += ["--max_steps", str(args.max_steps), "--seed", str(seed), *extra]
-            run([*cli, "grpo", "--config", str(RECIPES / "grpo" / recipe), *flags], out / f"grpo_{arm}_s{seed}.log")
+            if args.learning_rate is not None:
+                flags += ["--learning_rate", str(args.learning_rate)]
+            log = out / f"grpo_{arm}{lr_tag}_s{seed}.log"
+            run([*cli, "grpo", "--config", str(RECIPES / "grpo" / recipe), *flags], log)
 
-    print(f"held-out prompts (64 x 2 samples per evaluation), mean over seeds {args.seeds}")
+    learning_rate = "the recipes'" if args.learning_rate is None else f"{args.learning_rate:g}"
+    print(
+        f"held-out prompts (64 x 2 samples per evaluation), mean over seeds {args.seeds}, learning rate {learning_rate}"
+    )
     for arm in args.arms:
-        runs = [curves(out / f"grpo_think_{arm}_s{seed}") for seed in args.seeds]
+        runs = [curves(out / f"grpo_think_{arm}{lr_tag}_s{seed}") for seed in args.seeds]
         print(f"\n{arm}: {ARMS[arm][2]}")
         print("| step | " + " | ".join(name for name, _ in COLUMNS) + " | completion tokens |")
         print("| --- " * (len(COLUMNS) + 2) + "|")
