@@ -108,7 +108,7 @@ def main() -> None:
     )
     for arm in args.arms:
         runs = [curves(out / f"grpo_think_{arm}{lr_tag}_s{seed}") for seed in args.seeds]
-        print(f"\n{arm}: {ARMS[arm][2]}")
+        print(f"\n**{arm}**: {ARMS[arm][2]}\n")
         print("| step | " + " | ".join(name for name, _ in COLUMNS) + " | completion tokens |")
         print("| --- " * (len(COLUMNS) + 2) + "|")
         for i, entry in enumerate(runs[0]):
