@@ -41,6 +41,10 @@ How this departs from TRL's GRPO:
 - Guided exploration (``guided_generations: k``, ``lenvm_rl.guided_sampling``): the last k completions of each group
   are sampled with the LenVM in the sampler, μ = (1 - ε) guide + ε π, and their policy-gradient terms are weighted
   by w = min(π_old / μ, C) per token, the product TRL forms for its vLLM correction (docs/DESIGN.md §3.14).
+- Two budgets (prompts with thinking budgets and a two-value LenVM, ``lenvm_rl.segment_trainer``): each token is
+  credited against its own segment's budget, thinking tokens with V_think, answer tokens with V_answer
+  (``segment_advantages.segment_length_advantages``), then whitened and added to A_task as above; the per-segment
+  ``length/thinking_*`` and ``length/answer_*`` metrics replace the whole-completion ones (docs/DESIGN.md §3.15).
 
 The config is ``lenvm_rl.grpo_config``, the trainer ``lenvm_rl.grpo_trainer`` (its hooks for subclasses there); the
 entry point is ``lenvm_rl.train_policy``, shared with ``ppo``. Design: docs/DESIGN.md §4.2.

@@ -23,19 +23,17 @@ from trl.models import prepare_deepspeed, prepare_fsdp
 from lenvm_rl.advantages import group_stats, length_advantages, lenvm_state_values
 from lenvm_rl.critic_checkpoints import LiveCriticCheckpoints
 from lenvm_rl.errors import ConfigError
-from lenvm_rl.grpo_config import (
-    BUDGET_COLUMNS,
-    LenVMGRPOConfig,
-)
+from lenvm_rl.grpo_config import BUDGET_COLUMNS, LenVMGRPOConfig
 from lenvm_rl.guided_sampling import GuidedSampling
 from lenvm_rl.returns import remaining_from_value, value_targets
+from lenvm_rl.segment_trainer import SegmentAdvantages
 from lenvm_rl.vllm_sampling import sync_by_reload_on_cpu, vllm_cpu_environment
 from rewards.scores import BUDGET_KINDS, LENGTH_SCORES, budget_hit, budget_kind_codes
 
 logger = logging.get_logger(__name__)
 
 
-class LenVMGRPOTrainer(GuidedSampling, LiveCriticCheckpoints, GRPOTrainer):
+class LenVMGRPOTrainer(SegmentAdvantages, GuidedSampling, LiveCriticCheckpoints, GRPOTrainer):
     """``GRPOTrainer`` whose advantages gain the LenVM's per-token length term (see the module docstring).
 
     Logged per generation batch, gathered over ranks: ``length/mean_abs_advantage`` (token mean of |c · A_len|),
@@ -87,10 +85,7 @@ class LenVMGRPOTrainer(GuidedSampling, LiveCriticCheckpoints, GRPOTrainer):
             self.check_guided_sampling()
         if args.lenvm_model_path is None:
             return
-        from lenvm_rl.modeling import check_lenvm_tokenizer, load_lenvm
-
-        lenvm = load_lenvm(args.lenvm_model_path, dtype=self.model.dtype)
-        check_lenvm_tokenizer(args.lenvm_model_path, self._tokenizer)
+        lenvm = self.load_length_critic(args)  # two values for prompts with thinking budgets (SegmentAdvantages)
         self.length_gamma = args.length_gamma or lenvm.config.gamma
         live = args.lenvm_update == "live"
         lenvm.eval().requires_grad_(live)
@@ -148,6 +143,8 @@ class LenVMGRPOTrainer(GuidedSampling, LiveCriticCheckpoints, GRPOTrainer):
         args = self.args
         if args.length_objective == "none" or batch["values_full"] is None:
             return None
+        if self.segments is not None:  # thinking budgets: each token against its own segment's budget
+            return self.segment_length_advantages(output, batch)
         completion_mask = output["completion_mask"]
         mask = completion_mask.bool()  # (B, T)
         values = lenvm_state_values(
@@ -275,11 +272,15 @@ class LenVMGRPOTrainer(GuidedSampling, LiveCriticCheckpoints, GRPOTrainer):
         if self.lenvm is not None:
             batch["values_full"] = self.lenvm_values(
                 output["prompt_ids"], output["prompt_mask"], completion_ids, completion_mask
-            )  # (B, P + T)
+            )  # (B, P + T), (B, P + T, 2) with two values
+        if self.segments is not None:
+            self.describe_segments(output, batch, inputs)
         return batch
 
     def log_length_metrics(self, output: dict, batch: dict, length: torch.Tensor | None) -> None:
         """The ``length/*`` metrics of this generation batch (class docstring), gathered over ranks."""
+        if self.segments is not None:
+            return self.log_segment_metrics(output, batch, length)
         metrics = self._metrics["train" if self.model.training else "eval"]
         all_lengths = batch["all_lengths"]
         metrics["length/mean_length_tokens"].append(all_lengths.mean().item())

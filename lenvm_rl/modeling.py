@@ -249,8 +249,9 @@ def load_lenvm(path: str, dtype: torch.dtype | None = None, two_values: bool = F
         )
     if config.segment_values and not two_values:
         raise ConfigError(
-            f"lenvm_model_path: {path!r} is a two-value LenVM (thinking and answer tokens, segment_values), which this "
-            f"stage cannot read yet; give a LenVM trained without segment_values"
+            f"lenvm_model_path: {path!r} is a two-value LenVM (thinking and answer tokens, segment_values), which "
+            f"reads prompts with thinking budgets (grpo, ppo) only; give a LenVM trained without segment_values, or "
+            f"(grpo, ppo) add thinking_budgets to the recipe"
         )
     from safetensors import SafetensorError
 

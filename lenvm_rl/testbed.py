@@ -29,6 +29,11 @@ step count sets its length long before it stops. K is uniform in [``PLAN_MIN_STE
 SFT data (L 23..103, mean 63), independent of the budget ({32, 64, 96}): the starting policy is budget-blind and must learn to pick K.
 Built for that regime, where a critic can know the length early, not for a result (docs/BENCHMARKS.md).
 
+The third task ("think, then answer", ``--form think``, ``lenvm_rl.testbed_thinking``): a thinking section of
+budget-tracker steps between ``<think>`` and ``</think>``, then the answer's tracker steps and ``#### <a + b>``; the
+prompt carries a thinking budget and an answer budget, and both lengths are drawn independently of them in the SFT
+data.
+
 The starting policy. ``main`` (``python -m lenvm_rl.testbed --output_dir runs/testbed/sft``) trains a Llama
 of about 0.14M parameters from scratch with transformers' ``Trainer`` on solutions whose length L is drawn
 uniformly from [``MIN_SOLUTION_TOKENS``, ``MAX_SOLUTION_TOKENS``] independently of the budget in the prompt:
@@ -48,6 +53,15 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 
 from lenvm_rl.budgets import DEFAULT_TEMPLATES
 from lenvm_rl.errors import ConfigError
+from lenvm_rl.testbed_thinking import (
+    THINK_ANSWER_BUDGETS,
+    THINK_ANSWER_MAX_STEPS,
+    THINK_BUDGETS,
+    THINK_MAX_STEPS,
+    THINK_MAX_TOKENS,
+    thinking_words,
+    write_thinking_solution,
+)
 
 MAX_OPERAND = 19
 NUMBER_TOKENS = 200  # "0" .. "199": operands, sums (<= 38) and budgets are one token each
@@ -55,7 +69,7 @@ NEGATIVE_TOKENS = 40  # "-1" .. "-40": the budget tracker of a solution longer t
 MIN_SOLUTION_TOKENS = 2  # "#### s"
 MAX_SOLUTION_TOKENS = 40
 BUDGETS = (8, 16, 32)
-FORMS = ("tracker", "plan")  # the first task (a budget tracker, a random stop) and the second (a plan set early)
+FORMS = ("tracker", "plan", "think")  # a budget tracker; a plan set early; think, then answer (testbed_thinking)
 PLAN_MIN_STEPS, PLAN_MAX_STEPS = 4, 24
 PLAN_STEP_TOKENS = 4  # a countdown number and three fillers
 PLAN_WORDS = ("plan", ":")
@@ -158,6 +172,8 @@ def make_tokenizer(form: str = "tracker") -> PreTrainedTokenizerFast:
         words += template.replace("{N}", "").split()
     if form == "plan":  # after the first task's words: their ids are the same in both tokenizers
         words += [*PLAN_WORDS, *PLAN_FILLERS]
+    if form == "think":
+        words += thinking_words()
     numbers = [*map(str, range(NUMBER_TOKENS)), *(str(-n) for n in range(1, NEGATIVE_TOKENS + 1))]
     vocabulary = [*SPECIAL_TOKENS, *numbers, *dict.fromkeys(words)]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocabulary)}, unk_token="<unk>"))
@@ -206,19 +222,18 @@ def make_sft_dataset(
     solution's length is drawn independently of it: uniform in [MIN_SOLUTION_TOKENS, MAX_SOLUTION_TOKENS]
     (tracker), or K uniform in [PLAN_MIN_STEPS, PLAN_MAX_STEPS] steps (plan).
     """
-    budgets = form_budgets(form) if budgets is None else budgets
-    from lenvm_rl.budgets import add_budgets
     from lenvm_rl.generation import tokenize_prompts
 
     rng = random.Random(f"{seed}-lengths")  # not random.Random(seed): that would replay the operands' draws
-    prompts = add_budgets(
-        make_testbed_dataset(num_examples, seed=seed), budgets=list(budgets), kinds=list(kinds), seed=seed
-    )
+    prompts = budgeted_problems(num_examples, seed, form, kinds, budgets)
     prompt_ids = tokenize_prompts(tokenizer, prompts["prompt"])
     rows = {"input_ids": [], "labels": []}
     for ids, row in zip(prompt_ids, prompts, strict=True):
         a, b = (int(word) for word in row["prompt"][0]["content"].split()[2:5:2])  # "What is a + b ?"
-        if form == "plan":
+        if form == "think":
+            steps = rng.randint(0, THINK_MAX_STEPS), rng.randint(0, THINK_ANSWER_MAX_STEPS)
+            solution = write_thinking_solution(a, b, *steps, row["thinking_budget_tokens"], row["budget_tokens"])
+        elif form == "plan":
             solution = write_plan_solution(a, b, rng.randint(PLAN_MIN_STEPS, PLAN_MAX_STEPS), rng, row["budget_tokens"])
         else:
             solution = write_solution(a, b, rng.randint(MIN_SOLUTION_TOKENS, MAX_SOLUTION_TOKENS), row["budget_tokens"])
@@ -240,13 +255,25 @@ def collate_sft(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
 
 
 def form_budgets(form: str) -> tuple[int, ...]:
-    """The budgets of a testbed task."""
-    return PLAN_BUDGETS if form == "plan" else BUDGETS
+    """The (answer) budgets of a testbed task."""
+    return {"plan": PLAN_BUDGETS, "think": THINK_ANSWER_BUDGETS}.get(form, BUDGETS)
 
 
 def form_max_tokens(form: str) -> int:
     """The longest solution of a testbed task (tokens, EOS excluded)."""
-    return PLAN_MAX_TOKENS if form == "plan" else MAX_SOLUTION_TOKENS
+    return {"plan": PLAN_MAX_TOKENS, "think": THINK_MAX_TOKENS}.get(form, MAX_SOLUTION_TOKENS)
+
+
+def budgeted_problems(num_prompts: int, seed: int, form: str, kinds=("exact", "at_most", "at_least"), budgets=None):
+    """``num_prompts`` problems with the form's budgets, every kind: the answer's, and the thinking's first for
+    ``think`` (``THINK_BUDGETS``), as ``dataset_name: testbed`` with the recipe's budgets writes them."""
+    from lenvm_rl.budgets import add_budgets
+
+    prompts = make_testbed_dataset(num_prompts, seed=seed)
+    if form == "think":
+        prompts = add_budgets(prompts, budgets=list(THINK_BUDGETS), kinds=list(kinds), seed=seed, segment="thinking")
+    budgets = form_budgets(form) if budgets is None else budgets
+    return add_budgets(prompts, budgets=list(budgets), kinds=list(kinds), seed=seed)
 
 
 @torch.no_grad()
@@ -254,16 +281,10 @@ def sample_accuracy(
     model, tokenizer, num_prompts: int = 256, seed: int = 12345, temperature: float = 1.0, form: str = "tracker"
 ) -> dict:
     """Accuracy and mean solution length (tokens, EOS excluded) of one sampled completion per budgeted prompt."""
-    from lenvm_rl.budgets import add_budgets
     from lenvm_rl.generation import generate_hf, tokenize_prompts
     from rewards.correctness import is_correct
 
-    prompts = add_budgets(
-        make_testbed_dataset(num_prompts, seed=seed),
-        budgets=list(form_budgets(form)),
-        kinds=["exact", "at_most", "at_least"],
-        seed=seed,
-    )
+    prompts = budgeted_problems(num_prompts, seed, form)
     correct, lengths, finished = 0, [], 0
     torch.manual_seed(seed)
     for start in range(0, num_prompts, 64):
@@ -286,7 +307,9 @@ class TestbedSFTArguments:
     output_dir: str = field(
         default="runs/testbed/sft", metadata={"help": "Folder of the trained policy and tokenizer."}
     )
-    form: str = field(default="tracker", metadata={"help": "The task: tracker (the first) or plan (the second)."})
+    form: str = field(
+        default="tracker", metadata={"help": "The task: tracker (the first), plan (the second) or think (two budgets)."}
+    )
     num_examples: int = field(default=40_000, metadata={"help": "SFT rows (problem, budget, solution length drawn)."})
     hidden_size: int = field(default=64, metadata={"help": "Llama hidden size (intermediate = 3x)."})
     num_layers: int = field(default=2, metadata={"help": "Llama decoder layers."})

@@ -37,11 +37,25 @@ def starts_in_thinking(
     return state == "open"
 
 
+def check_markers_written(tokenizer, markers: Sequence[str], field: str) -> None:
+    """Refuse markers the tokenizer cannot write (a word-level vocabulary without them encodes them as unknown): no
+    completion could then open or close a thinking section, and every segment count would be silently wrong."""
+    for marker in markers:
+        written = tokenizer.decode(tokenizer.encode(marker, add_special_tokens=False), skip_special_tokens=False)
+        if marker not in written:
+            raise ConfigError(
+                f"{field}: the tokenizer cannot write the thinking marker {marker!r} (it comes back as {written!r}), "
+                f"so no completion can open or close a thinking section; set thinking_markers to a pair it writes, "
+                f"or use a tokenizer that has them"
+            )
+
+
 class SegmentRecorder:
     """``recorder(completion_ids)`` -> the row's ``thinking_tokens``, ``answer_tokens`` and ``thinking_closed`` (ids
     without the EOS), for a recipe that asks for segments; ``SegmentRecorder.for_recipe`` returns None otherwise."""
 
-    def __init__(self, tokenizer, markers: Sequence[str], starts_inside: bool):
+    def __init__(self, tokenizer, markers: Sequence[str], starts_inside: bool, field: str = "thinking_markers"):
+        check_markers_written(tokenizer, markers, field)
         self.pieces, self.markers, self.starts_inside = TokenPieces(tokenizer), tuple(markers), starts_inside
 
     def __call__(self, completion_ids: Sequence[int]) -> dict:
@@ -63,4 +77,5 @@ class SegmentRecorder:
         elif markers is not None:
             field = "thinking_markers"
         markers = markers or THINKING_MARKERS
-        return cls(tokenizer, markers, starts_in_thinking(tokenizer, prompt, markers, field, chat_template_kwargs))
+        starts_inside = starts_in_thinking(tokenizer, prompt, markers, field, chat_template_kwargs)
+        return cls(tokenizer, markers, starts_inside, field)

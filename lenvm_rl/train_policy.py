@@ -71,6 +71,7 @@ def train_policy(argv: list[str] | None, stage: str, config_class: type, trainer
     from lenvm_rl.loading import load_causal_lm, load_tokenizer
     from lenvm_rl.outputs import check_output_dir, claim_output_dir, final_save
     from lenvm_rl.recipe import parse_recipe
+    from lenvm_rl.segment_trainer import check_thinking_recipe, read_segment_values
     from lenvm_rl.thinking import SegmentRecorder
     from rewards import REWARDS
     from rewards.length import ThinkingLengthScore
@@ -117,17 +118,8 @@ def train_policy(argv: list[str] | None, stage: str, config_class: type, trainer
                 f"lacks (columns: {', '.join(dataset.column_names)}); add it (budgets: [...] adds budget_tokens and "
                 f"budget_kind) or drop the reward"
             )
-    if "thinking_budget_tokens" in dataset.column_names and config.length_objective != "none":
-        raise ConfigError(
-            f"length_objective: {config.length_objective!r} scores the whole completion against budget_tokens, but "
-            f"these prompts carry thinking budgets (budget_tokens is the answer's budget); set length_objective: none "
-            f"and train on thinking_length_score and answer_length_score"
-        )
-    if "thinking_budget_tokens" in dataset.column_names and config.lenvm_model_path is not None:
-        raise ConfigError(
-            "lenvm_model_path: the LenVM's length/* metrics score whole completions against budget_tokens, which "
-            "is the answer's budget for these prompts with thinking budgets; unset lenvm_model_path"
-        )
+    # Thinking budgets: a two-value LenVM, no guidance or live critic yet (one line each, before any model loads).
+    check_thinking_recipe(dataset.column_names, config, read_segment_values(config.lenvm_model_path))
     claim = lambda: claim_output_dir(config.output_dir, True, resume_from is not None, script_args.overwrite_output_dir)
     launched_ranks().main_first(claim)  # the recipe passed every check: the folder is this run's from here on
 
@@ -165,6 +157,7 @@ def train_policy(argv: list[str] | None, stage: str, config_class: type, trainer
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
         callbacks=[sigterm],
+        segments=segments,  # the recipe's markers, for the per-segment advantages and metrics
     )
 
     ################ Train

@@ -103,11 +103,11 @@ CASES = {
     "unknown-reward": ("grpo", {"reward_funcs": ["correctness_v2"]}, [], "reward_funcs: unknown reward"),
     "unknown-length-objective": ("grpo", {"length_objective": "shorter"}, [], "length_objective:"),
     # Issue 29: thinking budgets.
-    "thinking-budgets-with-a-whole-length-critic": (
+    "thinking-budgets-with-a-one-value-lenvm": (
         "grpo",
         {"thinking_budgets": [8]},
         [],
-        "length_objective: 'budget'",
+        "lenvm_model_path: '{lenvm}' is a one-value LenVM",
     ),
     "evaluate-thinking-budgets": (
         "evaluate",
@@ -115,11 +115,17 @@ CASES = {
         [],
         "thinking_budgets: evaluate reports whole",
     ),
-    "thinking-budgets-with-a-metrics-lenvm": (
+    "thinking-budgets-with-a-one-value-metrics-lenvm": (
         "grpo",
         {"thinking_budgets": [8], "length_objective": "none"},
         [],
-        "lenvm_model_path: the LenVM's length/* metrics",
+        "lenvm_model_path: '{lenvm}' is a one-value LenVM",
+    ),
+    "thinking-budgets-without-an-answer-budget": (
+        "grpo",
+        {"thinking_budgets": [8], "budgets": None, "length_objective": "none"},
+        [],
+        "budgets: these prompts carry thinking budgets but no answer budget",
     ),
     "thinking-budget-kinds-without-budgets": (
         "rollout",

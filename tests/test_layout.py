@@ -10,7 +10,7 @@ from lenvm_rl.cli import STAGES
 PACKAGES = ("lenvm_rl", "rewards")
 STAGE_MODULES = {module for module, _ in STAGES.values()} - {"lenvm_rl.cli"}
 ENTRY_MODULES = {"lenvm_rl.cli", "lenvm_rl.__main__", "lenvm_rl.cpu_launch"}
-PURE_MODULES = {"lenvm_rl.returns", "lenvm_rl.advantages", "rewards.scores"}
+PURE_MODULES = {"lenvm_rl.returns", "lenvm_rl.advantages", "lenvm_rl.segment_advantages", "rewards.scores"}
 MAX_LINES = 400
 
 
