@@ -99,8 +99,13 @@ def test_plain_baseline_equals_trls_advantage_without_guided_rows_and_a_loop_ref
     trainer.batch_rewards = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 0.5]] * 2)
     hand = torch.tensor([-0.5, 0.5, 0.5, 0.5] * 2) / (0.5 + 1e-4)
     torch.testing.assert_close(trainer.guided_task_advantages(output), hand)
-    trainer.model.eval()  # evaluation batches take TRL's advantage
+    # the anchors of length_baseline: group: the plain rows' mean, (0 + 1) / 2 and (4 + 5) / 2
+    scores, mean = torch.arange(8.0).double(), torch.full((8,), -1.0).double()
+    anchors = torch.tensor([0.5] * 4 + [4.5] * 4).double()
+    torch.testing.assert_close(trainer.guided_group_mean(scores, 4, mean), anchors)
+    trainer.model.eval()  # evaluation batches take TRL's advantage and anchors
     assert trainer.guided_task_advantages(output) is output["advantages"]
+    assert trainer.guided_group_mean(scores, 4, mean) is mean
 
 
 def test_plain_miss_guides_only_groups_whose_plain_rows_all_missed(
