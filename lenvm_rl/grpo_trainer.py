@@ -316,6 +316,7 @@ class LenVMGRPOTrainer(GuidedSampling, LiveCriticCheckpoints, GRPOTrainer):
         batch = self.describe_batch(output, inputs)
         task = self.task_advantages(output, batch)  # (B,) or (B, T)
         length = self.length_advantages(output, batch)  # (B, T) or None
+        output["advantages"] = task  # TRL's own unless guided_baseline: plain
         if length is not None or task.dim() == 2:
             mask = output["completion_mask"]  # (B, T)
             task = task[:, None] if task.dim() == 1 else task

@@ -108,6 +108,39 @@ def test_plain_baseline_equals_trls_advantage_without_guided_rows_and_a_loop_ref
     assert trainer.guided_group_mean(scores, 4, mean) is mean
 
 
+def test_plain_baseline_reaches_the_loss_without_a_length_objective(
+    tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path
+):
+    """The sequence-level arm (no A_len): the advantages the loss gets are the plain-baseline ones, not TRL's."""
+    trainer = make_trainer(
+        tiny_model_path,
+        tokenizer,
+        dataset,
+        tmp_path,
+        lenvm_model_path=lenvm_path,
+        length_objective="none",
+        max_steps=1,
+        guided_baseline="plain",
+        guided_importance_min=1.0,
+        guided_importance_cap=1.0,  # w = 1: the advantages are the baseline's alone
+        **GUIDED,
+    )
+    captured, correct = {}, trainer.correct_guided
+
+    def capture(output, batch):
+        correct(output, batch)
+        captured["advantages"], captured["mask"] = output["advantages"].clone(), output["completion_mask"]
+
+    trainer.correct_guided = capture
+    trainer.train()
+    expected = reference_advantages(trainer.batch_rewards, [1.0, 1.0], trainer.guided_mask, 4)
+    advantages, mask = captured["advantages"], captured["mask"].bool()  # (B, T): A_task on every valid token
+    assert advantages.shape == mask.shape and (advantages[~mask] == 0).all()
+    torch.testing.assert_close(advantages, (expected.float()[:, None] * mask).float(), rtol=1e-5, atol=1e-5)
+    trls = torch.tensor(list(trainer._logs["advantages"])[-8:])
+    assert not torch.allclose(trls, expected.float())  # this batch's guided rows moved the baseline
+
+
 def test_plain_miss_guides_only_groups_whose_plain_rows_all_missed(
     tiny_model_path, tokenizer, dataset, lenvm_path, tmp_path
 ):
