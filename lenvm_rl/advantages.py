@@ -103,6 +103,27 @@ def group_stats(scores: torch.Tensor, group_size: int) -> tuple[torch.Tensor, to
     return grouped.mean(1).repeat_interleave(group_size), std.repeat_interleave(group_size)
 
 
+def group_baseline(scores: torch.Tensor, group_size: int, include: torch.Tensor) -> torch.Tensor:
+    """Mean of each group of ``group_size`` consecutive rows over its included, non-NaN rows, repeated for every row
+    of the group; a group with no such row takes the mean of all its non-NaN rows (NaN if it has none).
+
+    ``guided_baseline: plain`` (docs/DESIGN.md §3.14): the baseline of a group from its plain rows only, an estimate
+    of the policy's own expected reward that the guided rows' rewards do not shift.
+
+    >>> group_baseline(torch.tensor([1.0, 3.0, 0.0, 4.0]), 2, torch.tensor([True, False, False, False]))
+    tensor([1., 1., 2., 2.], dtype=torch.float64)
+
+    Shapes: scores (B,), include (B,) bool -> (B,) float64.
+    """
+    grouped = scores.double().view(-1, group_size)  # (B / G, G)
+    finite = ~grouped.isnan()
+    kept = include.view(-1, group_size) & finite
+    kept = torch.where(kept.any(1, keepdim=True), kept, finite)  # no included row: every scored row
+    total = torch.where(kept, grouped, 0.0).sum(1)
+    mean = total / kept.sum(1)  # NaN where a group has no scored row
+    return mean.repeat_interleave(group_size)
+
+
 LENGTH_POTENTIALS = ("point", "expected")
 
 

@@ -101,6 +101,12 @@ class LenVMGRPOConfig(GRPOConfig):
         guided_importance_mode (`str`, *optional*, defaults to `"token_truncate"`):
             TRL's vLLM correction modes: token_truncate, token_mask, sequence_truncate, sequence_mask (sequence ratios
             of long completions collapse towards 0 or C).
+        guided_baseline (`str`, *optional*, defaults to `"all"`):
+            all: a group's baseline is the mean reward of all its rows (TRL's); plain: of its plain rows only, so that
+            guided rewards do not shift it (also the anchors of length_baseline: group).
+        guided_when (`str`, *optional*, defaults to `"always"`):
+            always: the last k rows of every group are guided; plain_miss: only in groups whose plain rows all missed
+            their budget (the plain rows are sampled first; elsewhere those k rows are sampled from the policy).
 
         > Parameters that control precision (docs/DESIGN.md §7)
 
@@ -219,6 +225,17 @@ class LenVMGRPOConfig(GRPOConfig):
             "(sequence ratios of long completions collapse towards 0 or C)."
         },
     )
+    guided_baseline: str = field(
+        default="all",
+        metadata={"help": "all: the group baseline over every row (TRL's); plain: over the group's plain rows only."},
+    )
+    guided_when: str = field(
+        default="always",
+        metadata={
+            "help": "always: k guided rows in every group; plain_miss: only in groups whose plain rows all missed "
+            "their budget (elsewhere those rows are sampled from the policy)."
+        },
+    )
     bf16: str = field(
         default="auto",
         metadata={
@@ -333,7 +350,12 @@ class LenVMGRPOConfig(GRPOConfig):
                 "guided_generations: guided sampling runs with transformers' generate only; set use_vllm: false "
                 "or guided_generations: 0"
             )
-        choices = {"guidance_mode": GUIDANCE_MODES, "guided_importance_mode": IMPORTANCE_MODES}
+        choices = {
+            "guidance_mode": GUIDANCE_MODES,
+            "guided_importance_mode": IMPORTANCE_MODES,
+            "guided_baseline": ("all", "plain"),
+            "guided_when": ("always", "plain_miss"),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: {getattr(self, name)!r} is unknown; use one of {', '.join(allowed)}")
@@ -348,3 +370,14 @@ class LenVMGRPOConfig(GRPOConfig):
             raise ConfigError(f"guided_importance_cap: must be >= 1, got {self.guided_importance_cap}")
         if not 0.0 <= self.guided_importance_min <= 1.0:
             raise ConfigError(f"guided_importance_min: must lie in [0, 1], got {self.guided_importance_min}")
+        if self.guided_when == "plain_miss" and self.guided_generations == self.num_generations:
+            raise ConfigError(
+                f"guided_when: 'plain_miss' judges a group by its plain rows, and guided_generations = "
+                f"num_generations = {self.num_generations} leaves none; lower guided_generations or set guided_when: "
+                f"always"
+            )
+        if self.guided_baseline == "plain" and self.multi_objective_aggregation != "sum_then_normalize":
+            raise ConfigError(
+                "guided_baseline: 'plain' recomputes TRL's sum_then_normalize advantage; set "
+                "multi_objective_aggregation: sum_then_normalize or guided_baseline: all"
+            )

@@ -134,8 +134,9 @@ class LenVMGRPOTrainer(SegmentAdvantages, GuidedSampling, LiveCriticCheckpoints,
         return self.accelerator.prepare_model(model, evaluation_mode=True)
 
     def task_advantages(self, output: dict, batch: dict) -> torch.Tensor:
-        """A_task, (B,) or (B, T): TRL's group-normalised sequence advantage. PPO returns its critic's (B, T)."""
-        return output["advantages"]
+        """A_task, (B,) or (B, T): TRL's group-normalised sequence advantage (its group mean over the plain rows only
+        with ``guided_baseline: plain``). PPO returns its critic's (B, T)."""
+        return self.guided_task_advantages(output)
 
     def length_advantages(self, output: dict, batch: dict) -> torch.Tensor | None:
         """c · A_len (B, T), 0 on padding, from the LenVM's values (``batch["values_full"]``, (B, P + T)); None without
@@ -155,7 +156,7 @@ class LenVMGRPOTrainer(SegmentAdvantages, GuidedSampling, LiveCriticCheckpoints,
             group_size = self.num_generations if self.model.training else self.num_generations_eval
             mean, std = group_stats(batch["all_scores"], group_size)  # (B_global,)
             local = batch["local_rows"]
-            anchors = mean[local]
+            anchors = self.guided_group_mean(batch["all_scores"], group_size, mean)[local]
             # Whitened, the batch sets the scale. A group's std does not bound the LenVM's part Φ_j - Φ_0, so
             # dividing by it blows up groups of (nearly) equal scores: at 2 completions per prompt that collapsed
             # the testbed runs (docs/BENCHMARKS.md); only an unwhitened run takes TRL's scaling.
@@ -316,6 +317,7 @@ class LenVMGRPOTrainer(SegmentAdvantages, GuidedSampling, LiveCriticCheckpoints,
         batch = self.describe_batch(output, inputs)
         task = self.task_advantages(output, batch)  # (B,) or (B, T)
         length = self.length_advantages(output, batch)  # (B, T) or None
+        output["advantages"] = task  # TRL's own unless guided_baseline: plain
         if length is not None or task.dim() == 2:
             mask = output["completion_mask"]  # (B, T)
             task = task[:, None] if task.dim() == 1 else task

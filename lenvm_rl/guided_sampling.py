@@ -21,12 +21,12 @@ import math
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper
 from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_generation
-from trl.trainer.utils import pad
+from trl.trainer.utils import nanstd, pad
 
-from lenvm_rl.advantages import importance_weights
+from lenvm_rl.advantages import group_baseline, importance_weights
 from lenvm_rl.decoding import LenVMGuidedLogitsProcessor
 from lenvm_rl.errors import ConfigError
-from rewards.scores import budget_hit
+from rewards.scores import budget_hit, budget_kind_codes
 
 
 class GuidedSampling:
@@ -36,8 +36,9 @@ class GuidedSampling:
     against ``guided/plain_hit_rate`` and ``guided/plain_length_score`` of the rest, ``guided/weight_mean`` and
     ``guided/weight_max`` (w over guided tokens), ``guided/clipped_share`` (guided tokens, or rows in sequence modes,
     where C acted), ``guided/lenvm_forward_time_s`` (the LenVM's candidate forwards, summed over ranks),
-    ``guided/lenvm_scored_tokens`` (tokens those forwards processed: guidance's cost) and ``guided/tokens`` (generated
-    tokens of guided samples, EOS excluded; TRL's ``num_tokens`` counts them with the rest).
+    ``guided/lenvm_scored_tokens`` (tokens those forwards processed: guidance's cost), ``guided/tokens`` (generated
+    tokens of guided samples, EOS excluded; TRL's ``num_tokens`` counts them with the rest) and ``guided/guided_share``
+    (the share of rows guided: k / G, or less with ``guided_when: plain_miss``).
     """
 
     def check_guided_sampling(self) -> None:
@@ -65,22 +66,20 @@ class GuidedSampling:
         return index % self.num_generations >= self.num_generations - k
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        guided = self.guided_rows(len(prompt_ids))
+        slots = self.guided_rows(len(prompt_ids))  # (rows,) the last k of each group
+        self.guided_mask = slots.clone()  # the rows actually guided this batch (correct_guided reads it)
         if self.args.guided_generations == 0 or not self.model.training:
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )
         if images is not None or multimodal_fields:
             raise ConfigError("guided_generations: guided sampling takes text prompts only; set guided_generations: 0")
-        plain = [i for i in range(len(prompt_ids)) if not guided[i]]
         completions, logps = [None] * len(prompt_ids), [None] * len(prompt_ids)
-        if plain:
-            plain_ids, _ = super()._generate_single_turn(
-                [prompt_ids[i] for i in plain], images, multimodal_fields, num_generations
-            )
-            for i, ids in zip(plain, plain_ids, strict=True):
-                completions[i], logps[i] = ids, [math.nan] * len(ids)  # NaN: not guided, w = 1
-        chosen = guided.nonzero().squeeze(1).tolist()
+        self.plain_generate(prompt_ids, ~slots, completions, logps, num_generations)
+        if self.args.guided_when == "plain_miss":  # the rest of the slots: guided where the plain rows all missed
+            self.guided_mask = slots & self.missed_groups(completions)
+            self.plain_generate(prompt_ids, slots & ~self.guided_mask, completions, logps, num_generations)
+        chosen = self.guided_mask.nonzero().squeeze(1).tolist()
         if chosen:
             guided_ids, guided_logps = self.guided_generate(
                 [prompt_ids[i] for i in chosen], [self.generation_inputs[i] for i in chosen]
@@ -88,6 +87,64 @@ class GuidedSampling:
             for i, ids, row_logps in zip(chosen, guided_ids, guided_logps, strict=True):
                 completions[i], logps[i] = ids, row_logps
         return completions, logps
+
+    def plain_generate(self, prompt_ids, rows: torch.Tensor, completions: list, logps: list, num_generations) -> None:
+        """TRL's own sampler for the ``rows`` (bool (rows,)) into ``completions``; their log μ is NaN (w = 1)."""
+        plain = rows.nonzero().squeeze(1).tolist()
+        if plain:
+            plain_ids, _ = super()._generate_single_turn([prompt_ids[i] for i in plain], None, {}, num_generations)
+            for i, ids in zip(plain, plain_ids, strict=True):
+                completions[i], logps[i] = ids, [math.nan] * len(ids)
+
+    def missed_groups(self, completions: list) -> torch.Tensor:
+        """(rows,) bool: whether every plain row of the row's group (over all ranks) missed its budget; the rows
+        still None (not generated) do not count. Length as ``describe_batch`` counts it: EOS excluded."""
+        eos, hits = set(self.eos_token_ids), []
+        for ids, row in zip(completions, self.generation_inputs, strict=True):
+            if ids is None:
+                hits.append(False)
+                continue
+            length = len(ids) - (1 if ids and ids[-1] in eos else 0)
+            kind = budget_kind_codes([row["budget_kind"]])
+            hits.append(bool(budget_hit(torch.tensor([length]), torch.tensor([float(row["budget_tokens"])]), kind)))
+        device = self.accelerator.device
+        all_hits = self.accelerator.gather(torch.tensor(hits, device=device))  # (B_global,)
+        missed = ~all_hits.view(-1, self.num_generations).any(1)  # (B_global / G,)
+        rows = len(completions)
+        index = self.accelerator.process_index * rows + torch.arange(rows)
+        return missed.cpu()[index // self.num_generations]
+
+    def plain_rows_mask(self) -> torch.Tensor | None:
+        """(B_global,) bool: the plain rows of the training batch, all ranks; None where ``guided_baseline: all``
+        (or outside training): the baseline of TRL, over every row."""
+        if self.args.guided_baseline != "plain" or not self.args.guided_generations or not self.model.training:
+            return None
+        return ~self.accelerator.gather(self.guided_mask.to(self.accelerator.device))
+
+    def guided_group_mean(self, scores: torch.Tensor, group_size: int, mean: torch.Tensor) -> torch.Tensor:
+        """The group anchors of ``length_baseline: group``: ``mean`` (all rows), or over the plain rows only."""
+        plain = self.plain_rows_mask()
+        return mean if plain is None else group_baseline(scores, group_size, plain).to(mean.dtype)
+
+    def guided_task_advantages(self, output: dict) -> torch.Tensor:
+        """A_task (B,): TRL's, or with ``guided_baseline: plain`` TRL's sum_then_normalize advantage recomputed with
+        each group's mean over its plain rows (``group_baseline``); the std and its scaling are TRL's, over every row
+        (``scale_rewards``), and unscorable rows (every reward NaN) get 0, as TRL does."""
+        plain = self.plain_rows_mask()
+        if plain is None:
+            return output["advantages"]
+        per_func = self.batch_rewards  # (B_global, F)
+        rewards = (per_func * self.reward_weights.to(per_func.device)[None]).nansum(1)
+        rewards[per_func.isnan().all(1)] = math.nan
+        group = self.num_generations
+        advantages = rewards - group_baseline(rewards, group, plain.to(rewards.device)).to(rewards.dtype)
+        if self.scale_rewards == "group":
+            advantages = advantages / (nanstd(rewards.view(-1, group), dim=1).repeat_interleave(group) + 1e-4)
+        elif self.scale_rewards == "batch":
+            advantages = advantages / (nanstd(rewards) + 1e-4)
+        rows = output["completion_ids"].size(0)
+        local = slice(self.accelerator.process_index * rows, (self.accelerator.process_index + 1) * rows)
+        return advantages.nan_to_num(nan=0.0)[local].to(output["advantages"].dtype)
 
     @torch.no_grad()
     def guided_generate(self, prompt_ids: list[list[int]], rows: list[dict]) -> tuple[list, list]:
@@ -177,7 +234,7 @@ class GuidedSampling:
         """
         args, device = self.args, self.accelerator.device
         mask = output["completion_mask"]  # (B, T)
-        guided = self.guided_rows(mask.size(0)).to(device)  # (B,)
+        guided = self.guided_mask.to(device)  # (B,) the rows guided this batch
         sampling = output["sampling_per_token_logps"]  # (B, T) log μ, NaN on plain rows
         weights, acted = importance_weights(
             self.guided_policy_logps(output, guided),
@@ -207,6 +264,8 @@ class GuidedSampling:
         metrics["guided/lenvm_forward_time_s"].append(seconds)
         metrics["guided/lenvm_scored_tokens"].append(scored_tokens)
         metrics["guided/tokens"].append(tokens)
+        guided_count, rows = self.ranks_sum(guided.sum().double(), torch.tensor(float(guided.numel()), device=device))
+        metrics["guided/guided_share"].append(guided_count / max(rows, 1.0))
         if batch["all_scores"] is None:
             return
         all_guided = self.accelerator.gather(guided)

@@ -22,7 +22,10 @@ def recorded(self, output, batch):
     calls = len(list(dump_dir.glob(f"rank{rank}_*.pt")))
     torch.save(
         {
-            "guided": self.guided_rows(before.size(0)),
+            "guided": self.guided_mask,  # the rows guided (guided_rows, or fewer with guided_when: plain_miss)
+            "lengths": batch["lengths"],
+            "budgets": batch["budgets"],
+            "kinds": batch["kinds"],
             "sampling": output["sampling_per_token_logps"],
             "mask": output["completion_mask"],
             "before": before,
