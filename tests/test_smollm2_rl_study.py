@@ -34,7 +34,13 @@ def test_vllm_python_runs_both_arms_with_the_same_vllm_flags(tmp_path):
     import argparse
 
     options = argparse.Namespace(
-        steps=4, eval_steps=2, eval_prompts=2, batch=4, grpo_flags="--max_completion_length 16", vllm_python=None
+        steps=4,
+        eval_steps=2,
+        eval_prompts=2,
+        eval_batch=None,
+        batch=4,
+        grpo_flags="--max_completion_length 16",
+        vllm_python=None,
     )
     plain = {arm: smollm2_rl.grpo_command(arm, 0, tmp_path, options) for arm in smollm2_rl.ARMS}
     options.vllm_python = Path("/venv/bin/python")
@@ -43,16 +49,8 @@ def test_vllm_python_runs_both_arms_with_the_same_vllm_flags(tmp_path):
         assert plain[arm][0] == sys.executable and "--use_vllm" not in plain[arm]
         assert vllm[arm][:3] == ["/venv/bin/python", "-m", "lenvm_rl"]
         flags = vllm[arm][vllm[arm].index("--use_vllm") :]
-        assert flags == [
-            "--use_vllm",
-            "true",
-            "--vllm_mode",
-            "colocate",
-            "--top_p",
-            "1.0",
-            "--max_completion_length",
-            "16",
-        ]
+        assert flags == [*smollm2_rl.VLLM_GRPO_FLAGS, "--max_completion_length", "16"]  # the same for both arms
+        assert flags[flags.index("--top_p") + 1] == "1.0"
         # nothing else differs from the generate run but the Python and the vLLM flags
         assert [a for a in vllm[arm][3:] if a not in smollm2_rl.VLLM_GRPO_FLAGS] == [
             a for a in plain[arm][3:] if a not in smollm2_rl.VLLM_GRPO_FLAGS
