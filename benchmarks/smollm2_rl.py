@@ -20,7 +20,8 @@ sample with vLLM colocated in the trainer, top_p 1.0 in both arms (the rollouts 
    training slice and share no text with it nor with the LenVM's prompts (``eval_num_prompts``); checkpoints at
    every evaluation, so a run cut off resumes from its last one.
 
-Every stage is skipped when its output exists, so rerunning the command resumes the study. The summary is
+Every stage is skipped when its output exists, so rerunning the command resumes the study; a GRPO run that ended
+before ``--steps`` (a rerun with more steps) continues from its last checkpoint. The summary is
 written after every finished run (``--summary_only`` writes it from what exists): ``<output>/summary.json``, the
 curves PNG, and, with ``--results``, docs/results/smollm2_rl.json. TARGET_LENGTH_SCORE was fixed before any run.
 """
@@ -35,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from common import ROOT, machine_record  # same folder
@@ -61,8 +63,8 @@ VLLM_GRPO_FLAGS = [
 ]  # fmt: skip
 
 
-def lenvm_stages(out: Path, sizes: dict) -> list[tuple[str, list[str], Path, list[str]]]:
-    """(name, command, file that marks it done, names it needs) for the LenVM's data and training."""
+def lenvm_stages(out: Path, sizes: dict) -> list[tuple[str, list[str], Callable[[], bool], list[str]]]:
+    """(name, command, whether it is done, names it needs) for the LenVM's data and training."""
     rollout = RECIPES / "rollout"
     return [
         (
@@ -70,7 +72,7 @@ def lenvm_stages(out: Path, sizes: dict) -> list[tuple[str, list[str], Path, lis
             [*LM, "rollout", "--config", str(rollout / "config_arithmetic.yaml"), "--num_prompts",
              str(sizes["lenvm_prompts"]), "--num_samples_per_prompt", "4", "--max_completion_tokens", "96",
              "--prompts_per_batch", "16", "--shard_size", "16", "--output_dir", str(out / "rollouts")],
-            out / "rollouts" / "shards" / f"shard-{-(-sizes['lenvm_prompts'] // 16) - 1:05d}",  # its last shard
+            (out / "rollouts" / "shards" / f"shard-{-(-sizes['lenvm_prompts'] // 16) - 1:05d}").exists,  # last shard
             [],
         ),
         (
@@ -78,7 +80,7 @@ def lenvm_stages(out: Path, sizes: dict) -> list[tuple[str, list[str], Path, lis
             [*LM, "rollout", "--config", str(rollout / "config_arithmetic_eval.yaml"), "--num_prompts",
              str(sizes["lenvm_eval_prompts"]), "--max_completion_tokens", "96", "--shard_size", "8",
              "--output_dir", str(out / "rollouts_eval")],
-            out / "rollouts_eval" / "shards" / f"shard-{-(-sizes['lenvm_eval_prompts'] // 8) - 1:05d}",
+            (out / "rollouts_eval" / "shards" / f"shard-{-(-sizes['lenvm_eval_prompts'] // 8) - 1:05d}").exists,
             [],
         ),
         (
@@ -86,7 +88,7 @@ def lenvm_stages(out: Path, sizes: dict) -> list[tuple[str, list[str], Path, lis
             [*LM, "train-lenvm", "--config", str(RECIPES / "lenvm" / "config_top_layers.yaml"), "--rollouts_path",
              str(out / "rollouts"), "--eval_rollouts_path", str(out / "rollouts_eval"), "--output_dir",
              str(out / "lenvm"), *shlex.split(sizes["lenvm_flags"])],
-            out / "lenvm" / "eval_results.json",
+            (out / "lenvm" / "eval_results.json").exists,
             ["rollouts", "rollouts_eval"],
         ),
     ]  # fmt: skip
@@ -111,13 +113,13 @@ def grpo_command(arm: str, seed: int, out: Path, options) -> list[str]:
 
 
 def run_jobs(jobs: list, parallel: int, out: Path, on_done) -> None:
-    """Run (name, command, done_file, needs) jobs ``parallel`` at a time, as their needs finish."""
-    todo = [job for job in jobs if not job[2].exists()]
-    finished = {job[0] for job in jobs if job[2].exists()}
+    """Run (name, command, is_done, needs) jobs ``parallel`` at a time, as their needs finish."""
+    todo = [job for job in jobs if not job[2]()]
+    completed = {job[0] for job in jobs if job[2]()}
     running = {}
     while todo or running:
         for job in list(todo):
-            if len(running) < parallel and all(n in finished for n in job[3]):
+            if len(running) < parallel and all(n in completed for n in job[3]):
                 todo.remove(job)
                 log = open(out / f"{job[0]}.log", "a")
                 print(f"study: {job[0]} started", flush=True)
@@ -134,20 +136,31 @@ def run_jobs(jobs: list, parallel: int, out: Path, on_done) -> None:
             with open(out / "wall_times.jsonl", "a") as sink:
                 record = {"job": name, "wall_s": time.perf_counter() - start, "loadavg_at_end": os.getloadavg()}
                 sink.write(json.dumps(record) + "\n")
-            finished.add(name)
+            completed.add(name)
             print(f"study: {name} done in {time.perf_counter() - start:.0f} s", flush=True)
             on_done()
-        if not running and todo and not any(all(n in finished for n in job[3]) for job in todo):
+        if not running and todo and not any(all(n in completed for n in job[3]) for job in todo):
             sys.exit(f"study: {[job[0] for job in todo]} wait for jobs that did not finish")
 
 
+def trainer_states(run: Path) -> list[dict]:
+    """The run's trainer states (the final one and every checkpoint's), the furthest first."""
+    paths = [run / "trainer_state.json", *run.glob("checkpoint-*/trainer_state.json")]
+    states = [json.loads(p.read_text()) for p in paths if p.exists()]
+    return sorted(states, key=lambda state: -state["global_step"])
+
+
+def finished(run: Path, steps: int) -> bool:
+    """The run ended (its final trainer_state.json) at ``steps`` or beyond; one that ended sooner is resumed from
+    its last checkpoint with the larger ``--max_steps`` (constant learning rate: the schedule does not change)."""
+    state = run / "trainer_state.json"
+    return state.exists() and json.loads(state.read_text())["global_step"] >= steps
+
+
 def history(run: Path) -> list[dict] | None:
-    """The run's log history: the final trainer_state.json, else its latest checkpoint's."""
-    states = [run / "trainer_state.json"] + sorted(
-        run.glob("checkpoint-*/trainer_state.json"), key=lambda p: -int(p.parent.name.split("-")[1])
-    )
-    found = next((p for p in states if p.exists()), None)
-    return json.loads(found.read_text())["log_history"] if found else None
+    """The run's log history, from its furthest trainer state (final or checkpoint)."""
+    states = trainer_states(run)
+    return states[0]["log_history"] if states else None
 
 
 def curve(log_history: list[dict], batch: int) -> list[dict]:
@@ -186,9 +199,7 @@ def summarise(out: Path, options) -> dict:
         "jobs": options.jobs,
         "threads_per_run": options.threads,
         "target_length_score": TARGET_LENGTH_SCORE,
-        "complete": all(
-            (out / f"{arm}_seed{seed}" / "trainer_state.json").exists() for arm in ARMS for seed in options.seeds
-        ),
+        "complete": all(finished(out / f"{arm}_seed{seed}", options.steps) for arm in ARMS for seed in options.seeds),
         "base_length_score": statistics.fmean(b["length_score"] for b in base) if base else None,
         "base_accuracy": statistics.fmean(b["accuracy"] for b in base) if base else None,
         "arms": {},
@@ -282,7 +293,8 @@ def main() -> None:
             for arm in ARMS:
                 name = f"{arm}_seed{seed}"
                 command = grpo_command(arm, seed, options.output, options)
-                jobs.append((name, command, options.output / name / "trainer_state.json", ["lenvm"]))
+                done = lambda run=options.output / name: finished(run, options.steps)  # noqa: E731
+                jobs.append((name, command, done, ["lenvm"]))
         run_jobs(jobs, options.jobs, options.output, lambda: summarise(options.output, options))
     print(json.dumps({k: v for k, v in summarise(options.output, options).items() if k != "arms"}, indent=2))
 

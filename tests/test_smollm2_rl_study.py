@@ -57,6 +57,17 @@ def test_vllm_python_runs_both_arms_with_the_same_vllm_flags(tmp_path):
         ]
 
 
+def test_a_run_that_ended_before_the_asked_steps_is_not_finished_and_its_furthest_state_is_read(tmp_path):
+    run = tmp_path / "run"
+    assert not smollm2_rl.finished(run, 20) and smollm2_rl.history(run) is None
+    (run / "checkpoint-30").mkdir(parents=True)
+    (run / "trainer_state.json").write_text(json.dumps({"global_step": 20, "log_history": [{"step": 20}]}))
+    assert smollm2_rl.finished(run, 20) and not smollm2_rl.finished(run, 40)
+    state = {"global_step": 30, "log_history": [{"step": 20}, {"step": 30}]}  # a rerun with --steps 40, cut off
+    (run / "checkpoint-30" / "trainer_state.json").write_text(json.dumps(state))
+    assert smollm2_rl.history(run)[-1] == {"step": 30} and not smollm2_rl.finished(run, 40)
+
+
 def test_missing_vllm_python_is_one_clear_error(tmp_path):
     script = ROOT / "benchmarks" / "smollm2_rl.py"
     done = subprocess.run(
