@@ -23,7 +23,7 @@ sample with vLLM colocated in the trainer, top_p 1.0 in both arms (the rollouts 
 Every stage is skipped when its output exists, so rerunning the command resumes the study; a GRPO run that ended
 before ``--steps`` (a rerun with more steps) continues from its last checkpoint. The summary is
 written after every finished run (``--summary_only`` writes it from what exists): ``<output>/summary.json``, the
-curves PNG, and, with ``--results``, docs/results/smollm2_rl.json. TARGET_LENGTH_SCORE was fixed before any run.
+curves PNG, and, with ``--results``, docs/results/smollm2_rl.json and its curves beside it (.png). TARGET_LENGTH_SCORE was fixed before any run.
 """
 
 from __future__ import annotations
@@ -223,6 +223,8 @@ def summarise(out: Path, options) -> dict:
         options.results.parent.mkdir(parents=True, exist_ok=True)
         options.results.write_text(json.dumps(summary, indent=2) + "\n")
     plot(curves, out / "curves.png")
+    if options.results:
+        plot(curves, options.results.with_suffix(".png"))  # the curves beside the results file
     return summary
 
 
