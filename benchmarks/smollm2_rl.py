@@ -170,16 +170,16 @@ def curve(log_history: list[dict], batch: int) -> list[dict]:
         if "completions/mean_length" in row and "eval_loss" not in row:
             total += row["completions/mean_length"] * batch  # completions per step
             tokens_at[row["step"]] = total
-    return [
-        {
-            "step": row["step"],
-            "generated_tokens": tokens_at.get(row["step"], total),
-            "length_score": row["eval_length/mean_length_score"],
-            "accuracy": row["eval_rewards/accuracy/mean"],
-        }
-        for row in log_history
-        if "eval_length/mean_length_score" in row
-    ]
+    points = {}
+    for row in log_history:  # a run resumed with more steps evaluates its resume step again (eval_on_start): the first
+        if "eval_length/mean_length_score" in row and row["step"] not in points:
+            points[row["step"]] = {
+                "step": row["step"],
+                "generated_tokens": tokens_at.get(row["step"], total),
+                "length_score": row["eval_length/mean_length_score"],
+                "accuracy": row["eval_rewards/accuracy/mean"],
+            }
+    return list(points.values())
 
 
 def summarise(out: Path, options) -> dict:

@@ -22,6 +22,8 @@ def test_curve_counts_completion_tokens_generated_before_each_evaluation():
         {"step": 1, "completions/mean_length": 10.0},
         {"step": 2, "completions/mean_length": 30.0},
         {"step": 2, "eval_length/mean_length_score": 0.4, "eval_rewards/accuracy/mean": 0.25, "eval_loss": 0.0},
+        # a rerun with more steps resumed here and evaluated step 2 again (eval_on_start): the first one is kept
+        {"step": 2, "eval_length/mean_length_score": 0.9, "eval_rewards/accuracy/mean": 0.9, "eval_loss": 0.0},
     ]
     points = smollm2_rl.curve(log_history, batch=4)
     assert points == [
