@@ -22,12 +22,63 @@ def test_curve_counts_completion_tokens_generated_before_each_evaluation():
         {"step": 1, "completions/mean_length": 10.0},
         {"step": 2, "completions/mean_length": 30.0},
         {"step": 2, "eval_length/mean_length_score": 0.4, "eval_rewards/accuracy/mean": 0.25, "eval_loss": 0.0},
+        # a rerun with more steps resumed here and evaluated step 2 again (eval_on_start): the first one is kept
+        {"step": 2, "eval_length/mean_length_score": 0.9, "eval_rewards/accuracy/mean": 0.9, "eval_loss": 0.0},
     ]
     points = smollm2_rl.curve(log_history, batch=4)
     assert points == [
         {"step": 0, "generated_tokens": 0.0, "length_score": 0.2, "accuracy": 0.5},
         {"step": 2, "generated_tokens": 160.0, "length_score": 0.4, "accuracy": 0.25},  # (10 + 30) x 4
     ]
+
+
+def test_vllm_python_runs_both_arms_with_the_same_vllm_flags(tmp_path):
+    import argparse
+
+    options = argparse.Namespace(
+        steps=4,
+        eval_steps=2,
+        eval_prompts=2,
+        eval_batch=None,
+        batch=4,
+        grpo_flags="--max_completion_length 16",
+        vllm_python=None,
+    )
+    plain = {arm: smollm2_rl.grpo_command(arm, 0, tmp_path, options) for arm in smollm2_rl.ARMS}
+    options.vllm_python = Path("/venv/bin/python")
+    vllm = {arm: smollm2_rl.grpo_command(arm, 0, tmp_path, options) for arm in smollm2_rl.ARMS}
+    for arm in smollm2_rl.ARMS:
+        assert plain[arm][0] == sys.executable and "--use_vllm" not in plain[arm]
+        assert vllm[arm][:3] == ["/venv/bin/python", "-m", "lenvm_rl"]
+        flags = vllm[arm][vllm[arm].index("--use_vllm") :]
+        assert flags == [*smollm2_rl.VLLM_GRPO_FLAGS, "--max_completion_length", "16"]  # the same for both arms
+        assert flags[flags.index("--top_p") + 1] == "1.0"
+        # nothing else differs from the generate run but the Python and the vLLM flags
+        assert [a for a in vllm[arm][3:] if a not in smollm2_rl.VLLM_GRPO_FLAGS] == [
+            a for a in plain[arm][3:] if a not in smollm2_rl.VLLM_GRPO_FLAGS
+        ]
+
+
+def test_a_run_that_ended_before_the_asked_steps_is_not_finished_and_its_furthest_state_is_read(tmp_path):
+    run = tmp_path / "run"
+    assert not smollm2_rl.finished(run, 20) and smollm2_rl.history(run) is None
+    (run / "checkpoint-30").mkdir(parents=True)
+    (run / "trainer_state.json").write_text(json.dumps({"global_step": 20, "log_history": [{"step": 20}]}))
+    assert smollm2_rl.finished(run, 20) and not smollm2_rl.finished(run, 40)
+    state = {"global_step": 30, "log_history": [{"step": 20}, {"step": 30}]}  # a rerun with --steps 40, cut off
+    (run / "checkpoint-30" / "trainer_state.json").write_text(json.dumps(state))
+    assert smollm2_rl.history(run)[-1] == {"step": 30} and not smollm2_rl.finished(run, 40)
+
+
+def test_missing_vllm_python_is_one_clear_error(tmp_path):
+    script = ROOT / "benchmarks" / "smollm2_rl.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--output", str(tmp_path / "out"), "--vllm_python", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0 and "--vllm_python:" in done.stderr and "does not exist" in done.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 @pytest.mark.slow
