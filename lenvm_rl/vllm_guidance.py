@@ -5,10 +5,11 @@ The engine is given the LenVM and the processor; each request asks for guidance 
     LLM(model, logits_processors=[LenVMVLLMLogitsProcessor], additional_config={"lenvm_model_path": path})
     vllm serve model --logits-processors lenvm_rl.vllm_guidance:LenVMVLLMLogitsProcessor \\
         --additional-config '{"lenvm_model_path": "path"}'
-    SamplingParams(..., extra_args={"lenvm_guidance": {"budget": 64, "kind": "exact", "mode": "score", ...}})
+    SamplingParams(..., extra_args={"lenvm_budget": 64, "lenvm_kind": "exact", "lenvm_mode": "score", ...})
 
-(``guidance_args`` writes that dict; the keys are ``budget``, ``kind``, and ``mode``, ``top_k``, ``top_p``, ``min_p``,
-``beta``, ``floor`` with ``LenVMGuidedLogitsProcessor``'s defaults.) Requests without it are sampled as usual.
+(``guidance_args`` writes them; besides ``lenvm_budget`` and ``lenvm_kind`` the keys are ``lenvm_`` + ``mode``,
+``top_k``, ``top_p``, ``min_p``, ``beta``, ``floor``, with ``LenVMGuidedLogitsProcessor``'s defaults; flat, as
+``vllm serve`` takes them in a request's ``vllm_xargs``.) Requests without ``lenvm_budget`` are sampled as usual.
 
 vLLM runs the processor in its engine process on the logits of the whole persistent batch, before the temperature
 and the request's top-k / top-p, as ``transformers`` runs custom processors: the scoring is the HF processor's
@@ -36,7 +37,7 @@ except ImportError:  # pragma: no cover - exercised where vLLM is absent
     BatchUpdate = MoveDirectionality = None
     LogitsProcessor = object
 
-GUIDANCE_KEY = "lenvm_guidance"
+PREFIX = "lenvm_"  # extra_args keys: lenvm_budget, lenvm_kind, lenvm_mode, ... (flat: `vllm serve` takes no dicts)
 PROCESSOR_NAME = "lenvm_rl.vllm_guidance:LenVMVLLMLogitsProcessor"  # for `vllm serve --logits-processors`
 DEFAULTS = {"mode": "select", "top_k": 8, "top_p": 1.0, "min_p": 0.0, "beta": 0.0, "floor": 0.0}
 
@@ -45,8 +46,8 @@ def guidance_args(budget: float, kind: str, **settings) -> dict:
     """``SamplingParams.extra_args`` that ask for LenVM guidance towards ``budget`` tokens of ``kind``."""
     unknown = set(settings) - set(DEFAULTS)
     if unknown:
-        raise ValueError(f"{GUIDANCE_KEY}: unknown setting {sorted(unknown)[0]!r}; use {', '.join(DEFAULTS)}")
-    return {GUIDANCE_KEY: {"budget": float(budget), "kind": kind, **settings}}
+        raise ValueError(f"guidance_args: unknown setting {sorted(unknown)[0]!r}; use {', '.join(DEFAULTS)}")
+    return {f"{PREFIX}{k}": v for k, v in {"budget": float(budget), "kind": kind, **settings}.items()}
 
 
 @dataclass
@@ -71,27 +72,34 @@ class RequestGuide:
 
 
 def parse_guidance(params) -> dict | None:
-    """The request's guidance settings (defaults filled in), None when it asks for none; ValueError on bad ones."""
-    request = (params.extra_args or {}).get(GUIDANCE_KEY)
-    if request is None:
+    """The request's guidance settings (defaults filled in, typed), None when it asks for none (no ``lenvm_budget``
+    in its extra_args); ValueError, naming the key, on bad ones."""
+    extra = {k.removeprefix(PREFIX): v for k, v in (params.extra_args or {}).items() if k.startswith(PREFIX)}
+    if "budget" not in extra:
+        if extra:
+            raise ValueError(f"extra_args: {PREFIX}budget is missing beside {sorted(extra)[0]!r} (guidance_args)")
         return None
-    if not isinstance(request, dict) or "budget" not in request or "kind" not in request:
-        raise ValueError(f"extra_args.{GUIDANCE_KEY}: give a dict with budget and kind (guidance_args writes one)")
-    guide = {**DEFAULTS, **request}
-    unknown = set(guide) - set(DEFAULTS) - {"budget", "kind"}
+    unknown = set(extra) - set(DEFAULTS) - {"budget", "kind"}
     if unknown:
         raise ValueError(
-            f"extra_args.{GUIDANCE_KEY}: unknown key {sorted(unknown)[0]!r}; use budget, kind, {', '.join(DEFAULTS)}"
+            f"extra_args: unknown key {PREFIX}{sorted(unknown)[0]}; use {PREFIX}budget, {PREFIX}kind, "
+            + ", ".join(PREFIX + k for k in DEFAULTS)
         )
+    if "kind" not in extra:
+        raise ValueError(f"extra_args: {PREFIX}kind is missing: exact, at_most or at_least")
+    guide = {**DEFAULTS, **extra}
     if guide["mode"] not in GUIDANCE_MODES:
-        raise ValueError(f"extra_args.{GUIDANCE_KEY}.mode: {guide['mode']!r}; use one of {', '.join(GUIDANCE_MODES)}")
-    if not float(guide["budget"]) > 0:
-        raise ValueError(f"extra_args.{GUIDANCE_KEY}.budget: must be positive, got {guide['budget']}")
+        raise ValueError(f"extra_args: {PREFIX}mode {guide['mode']!r}; use one of {', '.join(GUIDANCE_MODES)}")
     budget_kind_codes([guide["kind"]])  # refuses an unknown kind with the known ones
-    if int(guide["top_k"]) < 1 or not 0 < float(guide["top_p"]) <= 1 or not 0 <= float(guide["min_p"]) < 1:
-        raise ValueError(f"extra_args.{GUIDANCE_KEY}: need top_k >= 1, top_p in (0, 1], min_p in [0, 1); got {guide}")
-    if not 0 <= float(guide["floor"]) <= 1:
-        raise ValueError(f"extra_args.{GUIDANCE_KEY}.floor: must lie in [0, 1], got {guide['floor']}")
+    guide = {"kind": guide["kind"], "mode": guide["mode"], "top_k": int(guide["top_k"])} | {
+        k: float(guide[k]) for k in ("budget", "top_p", "min_p", "beta", "floor")
+    }
+    if not guide["budget"] > 0:
+        raise ValueError(f"extra_args: {PREFIX}budget must be positive, got {guide['budget']}")
+    if guide["top_k"] < 1 or not 0 < guide["top_p"] <= 1 or not 0 <= guide["min_p"] < 1:
+        raise ValueError(f"extra_args: need {PREFIX}top_k >= 1, top_p in (0, 1], min_p in [0, 1); got {guide}")
+    if not 0 <= guide["floor"] <= 1:
+        raise ValueError(f"extra_args: {PREFIX}floor must lie in [0, 1], got {guide['floor']}")
     return guide
 
 
@@ -142,7 +150,7 @@ class LenVMVLLMLogitsProcessor(LogitsProcessor):
                 self.requests.pop(index, None)
                 continue
             if prompt is None:
-                raise ValueError(f"{GUIDANCE_KEY}: LenVM guidance needs the prompt's token ids (not embeddings)")
+                raise ValueError("extra_args: LenVM guidance needs the prompt's token ids (not embeddings)")
             self.requests[index] = RequestGuide(
                 budget=float(guide.pop("budget")),
                 kind=int(budget_kind_codes([guide.pop("kind")])[0]),

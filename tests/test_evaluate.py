@@ -271,9 +271,11 @@ def test_vllm_serves_base_adapters_and_truncation_and_guided_arms(
     rows = 5 * 2 * 2  # prompts x budgets x kinds
     assert len(requests) == 6 * rows  # (base, adapter) x (plain, truncation, guided), one request per row
     assert {r[4] for r in requests[: 4 * rows]} == {None}
-    guided = [r[4]["lenvm_guidance"] for r in requests[4 * rows :]]
-    assert {(g["budget"], g["kind"]) for g in guided} == {(b, k) for b in (2.0, 6.0) for k in ("exact", "at_least")}
-    assert {(g["mode"], g["top_k"]) for g in guided} == {("score", 4)}
+    guided = [r[4] for r in requests[4 * rows :]]
+    assert {(g["lenvm_budget"], g["lenvm_kind"]) for g in guided} == {
+        (b, k) for b in (2, 6) for k in ("exact", "at_least")
+    }
+    assert {(g["lenvm_mode"], g["lenvm_top_k"], g["lenvm_beta"]) for g in guided} == {("score", 4, 4.0)}
     seeds = [1 * 1_000_000_007 + 2 * row for row in range(rows)]  # 2 samples per row: seed + k never repeats
     for arm in range(6):  # row i gets seed(i) in every arm: a resume samples what a full run would have
         assert [r[0] for r in requests[arm * rows : (arm + 1) * rows]] == seeds

@@ -115,7 +115,9 @@ def test_guidance_args_are_checked_where_vllm_validates_requests():
     from lenvm_rl.vllm_guidance import LenVMVLLMLogitsProcessor, guidance_args
 
     bad = [
-        ({"lenvm_guidance": {"budget": 8}}, "budget and kind"),
+        ({"lenvm_budget": 8}, "lenvm_kind is missing"),
+        ({"lenvm_kind": "exact"}, "lenvm_budget is missing"),
+        ({**guidance_args(8, "exact"), "lenvm_temperature": 1.0}, "unknown key lenvm_temperature"),
         (guidance_args(8, "exact", mode="argmax"), "mode"),
         (guidance_args(0, "exact"), "budget"),
         (guidance_args(8, "roughly"), "roughly"),
