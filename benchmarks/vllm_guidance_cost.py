@@ -5,8 +5,8 @@ beside the same ratio for ``model.generate`` with ``LenVMGuidedLogitsProcessor``
 
 Writes docs/results/vllm_guidance_cost.json and prints the table of docs/BENCHMARKS.md "LenVM guidance in vLLM".
 Policy SmolLM2-135M-Instruct; LenVM: SmolLM2-135M-Instruct's trunk with a fresh head (the size of the LenVMs the
-SmolLM2 recipes train; its weights do not change its cost). Evaluate shape: 16 prompts, greedy, ``--max_tokens``
-new tokens, select mode at exactly 64 tokens, each ``--top_k`` in turn. Every measurement is its own subprocess (one
+SmolLM2 recipes train; its weights do not change its cost). Evaluate shape: 16 GSM8K questions (``--dataset``),
+greedy, ``--max_tokens`` new tokens, select mode at exactly 64 tokens, each ``--top_k`` in turn. Every measurement is its own subprocess (one
 engine at a time, vLLM's engine inside it: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``) at ``--threads`` threads, in the
 precision ``dtype: auto`` picks on this CPU (policy and LenVM alike); generation is timed on the second of two
 identical batches (the first warms caches), and cost is seconds per generated token (EOS included).
@@ -26,9 +26,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from vllm_vs_hf import cpu_kind, peak_rss_gib, prompts  # noqa: E402
+from vllm_vs_hf import cpu_kind, peak_rss_gib  # noqa: E402
 
 PROMPTS, BUDGET = 16, 64
+GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+
+
+def prompts(count: int, dataset: str) -> list[list[int]]:
+    """The first ``count`` GSM8K test questions, SmolLM2's chat template applied: answers run past ``--max_tokens``, so
+    every row of both arms decodes to the limit and a token costs the same batch in both."""
+    from lenvm_rl.data import DatasetArguments, load_prompts
+    from lenvm_rl.generation import tokenize_prompts
+    from lenvm_rl.loading import load_tokenizer
+
+    rows = load_prompts(DatasetArguments(dataset_name=dataset, prompt_column="question", num_prompts=count))
+    return tokenize_prompts(load_tokenizer("smollm2-135m-instruct"), rows["prompt"])
 
 
 def make_lenvm(folder: Path) -> None:
@@ -42,12 +54,12 @@ def make_lenvm(folder: Path) -> None:
     load_tokenizer("smollm2-135m-instruct").save_pretrained(folder)
 
 
-def sample(generator: str, top_k: int, lenvm_path: str, max_tokens: int) -> dict:
+def sample(generator: str, top_k: int, lenvm_path: str, max_tokens: int, dataset: str) -> dict:
     """Two identical batches (guided when ``top_k`` > 0); seconds and generated tokens of the second."""
     from lenvm_rl.loading import inference_device, load_causal_lm, load_tokenizer, resolve_model_path
     from lenvm_rl.precision import resolve_dtype
 
-    ids = prompts(PROMPTS)
+    ids = prompts(PROMPTS, dataset)
     dtype = resolve_dtype("auto", "cpu")
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     began = time.perf_counter()
@@ -111,6 +123,7 @@ def main() -> None:
     parser.add_argument("--max_tokens", type=int, default=64)
     parser.add_argument("--top_k", type=int, nargs="+", default=[8, 2])
     parser.add_argument("--generators", nargs="+", default=["vllm", "hf"])
+    parser.add_argument("--dataset", default=str(GSM8K), help="GSM8K's test.jsonl (question / answer)")
     parser.add_argument("--output", default=str(ROOT / "docs" / "results" / "vllm_guidance_cost.json"))
     parser.add_argument("--worker", nargs=3, metavar=("GENERATOR", "TOP_K", "LENVM"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -119,7 +132,7 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         generator, top_k, lenvm_path = args.worker
-        result = sample(generator, int(top_k), lenvm_path, args.max_tokens)
+        result = sample(generator, int(top_k), lenvm_path, args.max_tokens, args.dataset)
         print("RESULT " + json.dumps({**result, "peak_rss_gib": peak_rss_gib()}), flush=True)
         return
 
@@ -137,7 +150,14 @@ def main() -> None:
         for generator in args.generators:
             for top_k in [0, *args.top_k]:
                 command = [sys.executable, __file__, "--worker", generator, str(top_k), folder]
-                command += ["--threads", str(args.threads), "--max_tokens", str(args.max_tokens)]
+                command += [
+                    "--threads",
+                    str(args.threads),
+                    "--max_tokens",
+                    str(args.max_tokens),
+                    "--dataset",
+                    args.dataset,
+                ]
                 done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
                 if done.returncode != 0:
                     sys.exit(f"{generator} at top_k {top_k} failed:\n{done.stderr[-3000:]}")
@@ -164,7 +184,7 @@ def main() -> None:
         "python": platform.python_version(),
         "threads": args.threads,
         "max_tokens": args.max_tokens,
-        "shape": f"{PROMPTS} prompts, greedy, select mode at exactly {BUDGET} tokens",
+        "shape": f"{PROMPTS} GSM8K questions, greedy, select mode at exactly {BUDGET} tokens",
         "loadavg_before_and_after_each_run": loads,
         "note": "machine shared with other work while measured (see loadavg)",
         "results": results,
