@@ -115,33 +115,39 @@ class LenVMGuidedLogitsProcessor(LogitsProcessor):
         rows = scores.size(0)
         if rows != self.budgets.numel():
             raise ValueError(f"budgets: the processor was built for {self.budgets.numel()} rows, generate gave {rows}")
-        log_probs, top_log_probs, candidates = top_candidates(scores, self.top_k)
-        values = self.candidate_values(input_ids, candidates.to(input_ids.device))  # (R, K)
+        log_probs, top_log_probs, candidates, keep = top_candidates(scores, self.top_k, self.top_p, self.min_p)
+        values = self.candidate_values(input_ids, candidates.to(input_ids.device))  # (R, K')
         steps = torch.full_like(self.budgets, float(input_ids.size(1) - self.prompt_width))  # t, tokens so far
         guided = guided_log_probs(
-            log_probs, top_log_probs, candidates, values, self.eos_ids, steps, self.budgets, self.kinds, self
+            log_probs, top_log_probs, candidates, keep, values, self.eos_ids, steps, self.budgets, self.kinds, self
         )
         return guided.to(scores.dtype)
 
 
-def top_candidates(scores: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The policy's log-probs (R, V) and its top-k tokens: their log-probs and ids (R, K), most probable first."""
+def top_candidates(scores: torch.Tensor, top_k, top_p=1.0, min_p=0.0) -> tuple[torch.Tensor, ...]:
+    """The policy's log-probs (R, V) and its plausible next tokens: the top-k, then top-p and min-p (relative to the
+    most probable token) among them; each a number or an (R, 1) tensor of per-row settings. Returns the log-probs, the
+    candidates' log-probs and ids (R, K') most probable first, and ``keep`` (R, K'), which of them pass, a prefix of
+    each row; K' <= K is the longest such prefix, so the LenVM scores no candidate that no row keeps (exactly as if
+    all K were scored: the others get no probability)."""
     log_probs = scores.float().log_softmax(-1)  # (R, V)
-    top_log_probs, candidates = log_probs.topk(min(top_k, scores.size(-1)), dim=-1)  # (R, K), descending
-    return log_probs, top_log_probs, candidates
+    top_log_probs, candidates = log_probs.topk(min(int(torch.as_tensor(top_k).max()), scores.size(-1)), dim=-1)
+    probs = top_log_probs.exp()  # (R, K), descending
+    keep = probs >= min_p * probs[:, :1]  # min-p
+    keep &= (probs.cumsum(-1) - probs) < top_p  # top-p: the smallest prefix reaching top_p
+    keep &= torch.arange(probs.size(1), device=probs.device) < torch.as_tensor(top_k, device=probs.device)
+    keep[:, 0] = True
+    width = int(keep.sum(1).max())
+    return log_probs, top_log_probs[:, :width], candidates[:, :width], keep[:, :width]
 
 
 def guided_log_probs(
-    log_probs, top_log_probs, candidates, values, eos_ids, steps, budgets, kinds, settings
+    log_probs, top_log_probs, candidates, keep, values, eos_ids, steps, budgets, kinds, settings
 ) -> torch.Tensor:
     """The guided log-probs (R, V) of the module docstring, shared by the ``transformers`` processor and vLLM's
-    (``lenvm_rl.vllm_guidance``): ``values`` (R, K) V of each candidate's state, ``steps`` (R,) tokens generated so
-    far, ``budgets`` / ``kinds`` (R,), and ``settings`` with ``mode``, ``top_p``, ``min_p``, ``beta``, ``gamma``,
-    ``floor`` (a processor)."""
-    probs = top_log_probs.exp()
-    keep = probs >= settings.min_p * probs[:, :1]  # min-p, relative to the most probable token
-    keep &= (probs.cumsum(-1) - probs) < settings.top_p  # top-p: the smallest prefix reaching top_p
-    keep[:, 0] = True
+    (``lenvm_rl.vllm_guidance``): ``top_candidates``' candidates and ``keep``, ``values`` (R, K) V of each
+    candidate's state, ``steps`` (R,) tokens generated so far, ``budgets`` / ``kinds`` (R,), and ``settings`` with
+    ``mode``, ``beta``, ``gamma``, ``floor`` (a processor)."""
     is_eos = torch.isin(candidates, eos_ids.to(candidates.device))
     values = torch.where(is_eos, 0.0, values.double())  # the terminal state's value
     budgets, kinds = budgets[:, None].double(), kinds[:, None]  # (R, 1)

@@ -68,7 +68,8 @@ class RequestGuide:
     cached: int = 0  # tokens of prompt + output in the LenVM's cache
 
     def settings(self) -> tuple:
-        return self.mode, self.top_k, self.top_p, self.min_p, self.beta, self.floor, self.eos
+        """What rows must share to be guided at once (top-k, top-p and min-p are per row)."""
+        return self.mode, self.beta, self.floor, self.eos
 
 
 def parse_guidance(params) -> dict | None:
@@ -271,7 +272,10 @@ class LenVMVLLMLogitsProcessor(LogitsProcessor):
         new_ids = [(g.prompt + g.output)[g.cached :] for g in guides]
         new = torch.tensor([ids[-1:] or [0] for ids in new_ids], device=self.device)
         new_mask = torch.tensor([[len(ids)] for ids in new_ids], device=self.device).clamp(max=1)
-        log_probs, top_log_probs, candidates = top_candidates(logits[rows], max(g.top_k for g in guides))
+        per_row = lambda name: torch.tensor([[getattr(g, name)] for g in guides], device=logits.device)  # (R, 1)
+        log_probs, top_log_probs, candidates, keep = top_candidates(
+            logits[rows], per_row("top_k"), per_row("top_p"), per_row("min_p")
+        )
         cache = self.cache if everyone else self.select(rows)
         values, cache, mask = lenvm_step(self.lenvm, cache, self.mask[rows], new, new_mask, candidates.to(self.device))
         self.store(rows, cache, mask, everyone)
@@ -285,18 +289,18 @@ class LenVMVLLMLogitsProcessor(LogitsProcessor):
         guided = torch.empty_like(log_probs)
         for settings in {g.settings() for g in guides}:  # the rows that share their settings, at once
             part = torch.tensor([g.settings() == settings for g in guides], device=logits.device)
-            mode, k, top_p, min_p, beta, floor, eos = settings
-            group = GroupSettings(mode, top_p, min_p, beta, floor, self.gamma)
+            mode, beta, floor, eos = settings
             guided[part] = guided_log_probs(
                 log_probs[part],
-                top_log_probs[part, :k],
-                candidates[part, :k],
-                values[part, :k],
+                top_log_probs[part],
+                candidates[part],
+                keep[part],
+                values[part],
                 torch.tensor(eos, dtype=torch.long, device=logits.device),
                 steps[part],
                 budgets[part],
                 kinds[part],
-                group,
+                GroupSettings(mode, beta, floor, self.gamma),
             )
         logits[rows] = guided.to(logits.dtype)
         self.forward_seconds += time.perf_counter() - start
@@ -327,8 +331,6 @@ class GroupSettings:
     """What ``decoding.guided_log_probs`` reads of a processor, for rows that share their settings."""
 
     mode: str
-    top_p: float
-    min_p: float
     beta: float
     floor: float
     gamma: float

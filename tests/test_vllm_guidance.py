@@ -72,9 +72,9 @@ def test_vllm_processor_equals_the_hf_processor_per_request(varied_lenvm_path, t
     config = SimpleNamespace(additional_config={"lenvm_model_path": varied_lenvm_path})
     processor = LenVMVLLMLogitsProcessor(config, torch.device("cpu"), False)
     requests = {
-        "a": Request(lenvm, [5, 6, 7, 8, 9, 10], dict(budget=6, kind="exact", mode="select", top_k=4)),
+        "a": Request(lenvm, [5, 6, 7, 8, 9, 10], dict(budget=6, kind="exact", mode="select", top_k=4, min_p=0.2)),
         "plain": Request(lenvm, [11, 12, 13], None),
-        "c": Request(lenvm, [14, 15, 16], dict(budget=5, kind="at_most", mode="score", top_k=5, beta=4.0)),
+        "c": Request(lenvm, [14, 15, 16], dict(budget=5, kind="at_most", mode="score", top_k=5, top_p=0.9, beta=4.0)),
         "d": Request(lenvm, [17, 18, 19, 20], dict(budget=8, kind="at_least", mode="tilt", beta=-2.0, floor=0.1)),
     }
     slots = ["a", "plain", "c"]
