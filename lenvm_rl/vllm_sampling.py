@@ -90,12 +90,15 @@ def make_vllm_generate(
     adapters: list[str] = (),
     tensor_parallel_size: int = 1,
     ranks: Ranks = Ranks(),
+    lenvm_model_path: str | None = None,
 ) -> Callable:
-    """``generate(prompt_ids, seeds, max_tokens, adapter=None)``: per prompt, ``num_samples`` (ids, finished) pairs.
+    """``generate(prompt_ids, seeds, max_tokens, adapter=None, extra_args=None)``: per prompt, ``num_samples``
+    (ids, finished) pairs; ``extra_args`` (one dict per prompt) go to its ``SamplingParams``.
 
     One vLLM engine serves the base model and every LoRA adapter folder in ``adapters``, each applied per
     request as a ``LoRARequest`` (no merge, no reload between models). Under a data-parallel launch (``ranks``)
-    every process starts its own engine on its own GPU.
+    every process starts its own engine on its own GPU. With ``lenvm_model_path`` the engine loads LenVM guidance
+    (``vllm_guidance.LenVMVLLMLogitsProcessor``, the LenVM in ``dtype``), obeyed by requests whose extra_args ask.
     """
     vllm_cpu_environment()
     from vllm import LLM
@@ -104,6 +107,16 @@ def make_vllm_generate(
     if tensor_parallel_size > 1:
         engine["tensor_parallel_size"] = tensor_parallel_size
     engine.update(vllm_launch_settings(ranks, tensor_parallel_size))
+    if not torch.cuda.is_available():
+        # vllm-cpu 0.30 fails a seeded request whose prompt is prefilled in chunks (its discarded sample rewinds the
+        # request's torch.Generator: "CPU Generator does not use offset"), which 8 prompts x 8 samples of a SmolLM2
+        # chat prompt already trigger at the default 2048-token step; whole prompts per step avoid it.
+        engine["enable_chunked_prefill"] = False
+    if lenvm_model_path is not None:
+        from lenvm_rl.vllm_guidance import PROCESSOR_NAME
+
+        lenvm = {"lenvm_model_path": str(lenvm_model_path), "lenvm_dtype": dtype or "float32"}
+        engine.update(logits_processors=[PROCESSOR_NAME], additional_config=lenvm)
     if adapters:
         rank = max(json.loads(Path(a, "adapter_config.json").read_text())["r"] for a in adapters)
         fits = [r for r in VLLM_LORA_RANKS if r >= rank]
@@ -115,13 +128,16 @@ def make_vllm_generate(
     llm = LLM(**engine)
     lora_ids = {adapter: index for index, adapter in enumerate(adapters, start=1)}
 
-    def generate(prompt_ids, seeds, max_tokens, adapter=None):
+    def generate(prompt_ids, seeds, max_tokens, adapter=None, extra_args=None):
         from vllm import SamplingParams
 
         # One seed per prompt (``vllm_seeds``): a shared seed would give sample k of every prompt the same stream.
+        extra_args = extra_args or [None] * len(seeds)
         params = [
-            SamplingParams(n=num_samples, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
-            for seed in seeds
+            SamplingParams(
+                n=num_samples, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed, extra_args=extra
+            )
+            for seed, extra in zip(seeds, extra_args, strict=True)
         ]
         lora = None
         if adapter is not None:
@@ -160,7 +176,14 @@ def generation_eos_ids(model_path: str, tokenizer) -> set[int]:
 
 
 def vllm_engine(
-    model_name_or_path: str, tokenizer, args, num_samples: int, dtype: str | None, adapters=(), ranks: Ranks = Ranks()
+    model_name_or_path: str,
+    tokenizer,
+    args,
+    num_samples: int,
+    dtype: str | None,
+    adapters=(),
+    ranks: Ranks = Ranks(),
+    lenvm_model_path: str | None = None,
 ) -> Callable:
     """``make_vllm_generate`` for a stage's arguments (``temperature``, ``top_p``, ``seed`` and ``VLLMArguments``):
     the model's own EOS ids, its folder resolved (the embedded default is converted once)."""
@@ -179,15 +202,23 @@ def vllm_engine(
         adapters=list(adapters),
         tensor_parallel_size=args.vllm_tensor_parallel_size,
         ranks=ranks,
+        lenvm_model_path=lenvm_model_path,
     )
 
 
-def vllm_sampler(generate: Callable, args, adapter: str | None) -> Sampler:
+def vllm_sampler(generate: Callable, args, adapter: str | None, guided: bool = False) -> Sampler:
     """``sample(batch, prompt_ids, rows, limit)`` with a ``make_vllm_generate`` engine; row i's seed is
-    fixed by i (``vllm_seeds``), so a resumed run asks for what an uninterrupted one would have."""
+    fixed by i (``vllm_seeds``), so a resumed run asks for what an uninterrupted one would have. ``guided``: every
+    request asks the engine's LenVM guidance for its row's budget, with ``args``' ``guidance_*`` settings."""
 
     def sample(batch, prompt_ids, rows, limit):
-        return generate(prompt_ids, vllm_seeds(args.seed, rows, args.num_samples), limit, adapter)
+        extra_args = None
+        if guided:
+            from lenvm_rl.vllm_guidance import guidance_args
+
+            settings = {k: getattr(args, f"guidance_{k}") for k in ("mode", "top_k", "top_p", "min_p", "beta")}
+            extra_args = [guidance_args(b, k, **settings) for b, k in zip(batch["budget_tokens"], batch["budget_kind"])]
+        return generate(prompt_ids, vllm_seeds(args.seed, rows, args.num_samples), limit, adapter, extra_args)
 
     return sample
 

@@ -175,7 +175,8 @@ def stand_in_vllm(monkeypatch, tokenizer):
             lora = lora_request.lora_int_id if lora_request else 0
             outputs = []
             for _prompt, p in zip(prompts, params):
-                calls["requests"].append((p.seed, p.max_tokens, lora_request and lora_request.lora_path, p.temperature))
+                lora_path = lora_request and lora_request.lora_path
+                calls["requests"].append((p.seed, p.max_tokens, lora_path, p.temperature, p.extra_args))
                 samples = []
                 for k in range(p.n):
                     want = 1 + (p.seed + k + 3 * lora) % 7

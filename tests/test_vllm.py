@@ -138,6 +138,32 @@ def test_data_parallel_vllm_rollout_equals_one_process(tmp_path):
     assert rollout_ids(tmp_path / "two") == rollout_ids(tmp_path / "one")
 
 
+def test_vllm_rollout_samples_as_generate_does(tmp_path):
+    """The recipe's sampling (T 0.7, top_p 0.95), 8 prompts x 8 samples, float32, vLLM against `generate`: the
+    streams differ, the distribution must not. Mean completion length and the share ended by an EOS agree within 4
+    standard errors of their difference (a wrong temperature, top-p or EOS rule moves them by many more), and both
+    sample (several distinct completions per prompt)."""
+    import statistics
+
+    settings = ["--num_prompts", 8, "--shard_size", 8, "--prompts_per_batch", 8, "--num_samples_per_prompt", 8]
+    settings += ["--max_completion_tokens", 48, "--temperature", 0.7, "--top_p", 0.95, "--dtype", "float32"]
+    rows = {}
+    for generator in ("vllm", "hf"):
+        output_dir = tmp_path / generator
+        lenvm_rl(*ROLLOUT[:3], *settings, "--use_vllm", str(generator == "vllm").lower(), "--output_dir", output_dir)
+        from lenvm_rl.rollout_data import load_rollouts
+
+        rows[generator] = load_rollouts(str(output_dir)).to_list()
+        per_prompt = {}
+        for row in rows[generator]:
+            per_prompt.setdefault(row["prompt_id"], set()).add(tuple(row["completion_ids"]))
+        assert len(rows[generator]) == 64 and all(len(c) >= 3 for c in per_prompt.values()), generator
+    for field in ("completion_tokens", "finished"):
+        v, h = ([float(r[field]) for r in rows[g]] for g in ("vllm", "hf"))
+        spread = (statistics.variance(v) / len(v) + statistics.variance(h) / len(h)) ** 0.5
+        assert abs(statistics.fmean(v) - statistics.fmean(h)) <= 4 * max(spread, 0.01), (field, v, h)
+
+
 def test_evaluate_with_vllm_matches_hf_greedy(tmp_path):
     """`evaluate` under vLLM gives `generate`'s greedy completions (float32 both; an exact tie may flip a token, so
     one completion per arm may differ)."""
@@ -241,3 +267,61 @@ def test_colocated_grpo_resumes_after_sigterm(tmp_path):
     lenvm_rl("grpo", "--config", recipe, *flags, "--resume_from_checkpoint", "true")
     state = json.loads((output_dir / "trainer_state.json").read_text())
     assert state["global_step"] == 3
+
+
+# ------------------------------------------------------------------------------------------ LenVM guidance in vLLM
+
+
+def tiny_smollm2_lenvm(folder: Path) -> str:
+    """A random tiny LenVM (one Llama layer, hidden 32) on SmolLM2's tokenizer, its head scaled so its values vary
+    with the prefix: select mode then leaves the policy's choice often (checked), so the arms test the guidance."""
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    from lenvm_rl.loading import load_tokenizer
+    from lenvm_rl.modeling import LenVMModel
+
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    torch.manual_seed(3)
+    backbone = LlamaForCausalLM(tiny_llama_config(len(tokenizer), num_hidden_layers=1))
+    lenvm = LenVMModel.from_backbone(backbone, gamma=0.9).eval()
+    with torch.no_grad():
+        lenvm.head.out.weight.normal_(std=1.0)
+    lenvm.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_guided_evaluate_with_vllm_picks_what_the_hf_processor_picks(tmp_path):
+    """`evaluate`'s guided arm under vLLM (the engine's `LenVMVLLMLogitsProcessor`) gives `generate`'s with
+    `LenVMGuidedLogitsProcessor`, greedy, float32, select mode over 8 candidates: the same scoring code picks the
+    same tokens. The policy's logits differ between the engines by float32 rounding, which may swap two candidates
+    of equal probability once: one completion per arm may differ."""
+    recipe = yaml.safe_load((RECIPES / "evaluate/config_before_after.yaml").read_text())
+    recipe.update(adapters=[], labels=["base"], budget_kinds=["exact", "at_most"], budgets=[6, 20], num_prompts=3)
+    recipe.update(max_new_tokens=24, temperature=0.0, top_p=1.0, dtype="float32", guided_decoding=True)
+    recipe.update(lenvm_model_path=tiny_smollm2_lenvm(tmp_path / "lenvm"), guidance_mode="select")
+    (tmp_path / "evaluate.yaml").write_text(yaml.safe_dump(recipe))
+    texts = {}
+    for generator in ("vllm", "hf"):
+        output_dir = tmp_path / generator
+        lenvm_rl(
+            "evaluate",
+            "--config",
+            tmp_path / "evaluate.yaml",
+            "--use_vllm",
+            str(generator == "vllm").lower(),
+            "--output_dir",
+            output_dir,
+        )
+        results = json.loads((output_dir / "results.json").read_text())
+        assert results["generator"] == {"base": generator, "base + LenVM-guided": generator}
+        texts[generator] = {
+            path.stem: [json.loads(line)["completion"] for line in path.read_text().splitlines()]
+            for path in sorted((output_dir / "generations").glob("*.jsonl"))
+        }
+    guided, plain = texts["vllm"]["base_+_LenVM-guided"], texts["vllm"]["base"]
+    assert len(guided) == 12 and sum(g != p for g, p in zip(guided, plain)) >= 6  # the guidance acts
+    for arm, completions in texts["vllm"].items():
+        same = sum(a == b for a, b in zip(completions, texts["hf"][arm]))
+        assert same >= len(completions) - 1, (arm, completions, texts["hf"][arm])
