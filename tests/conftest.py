@@ -226,10 +226,20 @@ def dataset():
 
 
 def make_trainer(
-    model_path, tokenizer, dataset, output_dir, peft_config=None, trainer_class=None, config_class=None, **overrides
+    model_path,
+    tokenizer,
+    dataset,
+    output_dir,
+    peft_config=None,
+    trainer_class=None,
+    config_class=None,
+    rewards=None,
+    segments=None,
+    **overrides,
 ):
-    """A 2-step policy trainer on the tiny model (``LenVMGRPOTrainer`` and its config unless given). The length
-    score varies with length on a random model; accuracy alone would give constant returns."""
+    """A 2-step policy trainer on the tiny model (``LenVMGRPOTrainer`` and its config unless given; accuracy and
+    length score unless ``rewards``; ``segments`` for prompts with thinking budgets). The length score varies with
+    length on a random model; accuracy alone would give constant returns."""
     from transformers import AutoModelForCausalLM
 
     from lenvm_rl.grpo import LenVMGRPOConfig, LenVMGRPOTrainer
@@ -253,7 +263,8 @@ def make_trainer(
         lenvm_batch_size=3,
     )
     config = (config_class or LenVMGRPOConfig)(**{**settings, **overrides})
-    rewards = [Accuracy(), LengthScore(eos_token_id=tokenizer.eos_token_id)]
+    rewards = rewards or [Accuracy(), LengthScore(eos_token_id=tokenizer.eos_token_id)]
     model = AutoModelForCausalLM.from_pretrained(model_path)
     trainer_class = trainer_class or LenVMGRPOTrainer
-    return trainer_class(model, rewards, config, dataset, processing_class=tokenizer, peft_config=peft_config)
+    extra = {} if segments is None else {"segments": segments}
+    return trainer_class(model, rewards, config, dataset, processing_class=tokenizer, peft_config=peft_config, **extra)

@@ -240,24 +240,22 @@ def test_guided_without_budget_columns_refused(tiny_model_path, tokenizer, lenvm
         )
 
 
-def test_two_processes_guide_the_last_rows_of_each_global_group(tiny_model_path, lenvm_path, tmp_path):
-    """2 CPU processes, 2 rows each, groups of 4, k = 1: the guided row is global row 3 of each group, so rank 0
-    samples none and rank 1 one; plain rows keep their advantages, the guided one is reweighted."""
+def launch_guided_probe(tmp_path, tiny_model_path, lenvm_path, **fields):
+    """tests/mp_guided_probe.py under a 2-process launch: 2 rows per rank, groups of 4, 1 guided per group; its
+    per-call dumps (rank{r}_{call}.pt) are in the returned folder, the run in ``tmp_path / "out"``."""
     import yaml
     from test_multiprocess import ROOT, launch
 
     recipe = tmp_path / "grpo.yaml"
-    fields = dict(
+    settings = dict(
         model_name_or_path=tiny_model_path,
         num_prompts=8,
         budgets=[3, 6],
-        budget_kinds=["exact", "at_most"],
         reward_funcs=["accuracy", "length_score"],
         lenvm_model_path=lenvm_path,
         num_generations=4,
         per_device_train_batch_size=2,
         max_completion_length=8,
-        max_steps=1,
         use_cpu=True,
         bf16=False,
         activation_checkpointing=False,
@@ -268,9 +266,16 @@ def test_two_processes_guide_the_last_rows_of_each_global_group(tiny_model_path,
         seed=0,
         guided_generations=1,
     )
-    recipe.write_text(yaml.safe_dump(fields))
+    recipe.write_text(yaml.safe_dump({**settings, **fields}))
     dumps = tmp_path / "dumps"
     launch([str(ROOT / "tests" / "mp_guided_probe.py"), str(dumps), "--config", str(recipe)], 2, tmp_path)
+    return dumps
+
+
+def test_two_processes_guide_the_last_rows_of_each_global_group(tiny_model_path, lenvm_path, tmp_path):
+    """2 CPU processes, 2 rows each, groups of 4, k = 1: the guided row is global row 3 of each group, so rank 0
+    samples none and rank 1 one; plain rows keep their advantages, the guided one is reweighted."""
+    dumps = launch_guided_probe(tmp_path, tiny_model_path, lenvm_path, budget_kinds=["exact", "at_most"], max_steps=1)
     ranks = [torch.load(dumps / f"rank{r}_0.pt") for r in range(2)]
     assert all(d["world_size"] == 2 for d in ranks)
     assert ranks[0]["guided"].tolist() == [False, False] and ranks[1]["guided"].tolist() == [False, True]

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from conftest import make_trainer
+from test_guided import launch_guided_probe
 
 from lenvm_rl.advantages import group_baseline
 from lenvm_rl.errors import ConfigError
@@ -214,36 +215,15 @@ def test_bad_baseline_fields_refused(overrides, field, tmp_path):
 def test_two_processes_judge_a_group_over_both_ranks(tiny_model_path, lenvm_path, tmp_path):
     """2 CPU processes, 2 rows each, groups of 4, k = 1, plain_miss: the guided slot (rank 1's second row) is guided
     exactly when the group's three plain rows, two of them on rank 0, all missed their budget."""
-    import yaml
-    from test_multiprocess import ROOT, launch
-
-    recipe = tmp_path / "grpo.yaml"
-    fields = dict(
-        model_name_or_path=tiny_model_path,
-        num_prompts=8,
-        budgets=[3, 6],
+    dumps = launch_guided_probe(
+        tmp_path,
+        tiny_model_path,
+        lenvm_path,
         budget_kinds=["exact", "at_least"],
-        reward_funcs=["accuracy", "length_score"],
-        lenvm_model_path=lenvm_path,
-        num_generations=4,
-        per_device_train_batch_size=2,
-        max_completion_length=8,
         max_steps=4,
-        use_cpu=True,
-        bf16=False,
-        activation_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        output_dir=str(tmp_path / "out"),
-        seed=0,
-        guided_generations=1,
         guided_when="plain_miss",
         guided_baseline="plain",
     )
-    recipe.write_text(yaml.safe_dump(fields))
-    dumps = tmp_path / "dumps"
-    launch([str(ROOT / "tests" / "mp_guided_probe.py"), str(dumps), "--config", str(recipe)], 2, tmp_path)
     calls = len(list(dumps.glob("rank0_*.pt")))
     assert calls >= 2
     guided_groups = 0

@@ -10,12 +10,11 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, make_trainer
 from test_segment_advantages import ref_segment_advantages
 
 from lenvm_rl.data import DatasetArguments, load_prompts
 from lenvm_rl.errors import ConfigError
-from lenvm_rl.grpo import LenVMGRPOConfig, LenVMGRPOTrainer
 from lenvm_rl.modeling import LenVMModel, load_lenvm
 from lenvm_rl.ppo import LenVMPPOConfig, LenVMPPOTrainer
 from lenvm_rl.thinking import SegmentRecorder
@@ -68,35 +67,23 @@ def thinking_prompts():
 
 
 def thinking_trainer(model_path, tokenizer, dataset, output_dir, trainer_class=None, config_class=None, **overrides):
-    from transformers import AutoModelForCausalLM
-
-    settings = dict(
-        output_dir=str(output_dir),
-        max_steps=2,
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=8,
-        learning_rate=1e-2,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,
-        activation_checkpointing=False,
-        logging_steps=1,
-        seed=0,
-        disable_tqdm=True,
-        lenvm_batch_size=3,
-    )
-    config = (config_class or LenVMGRPOConfig)(**{**settings, **overrides})
-    segments = SegmentRecorder(tokenizer, MARKERS, starts_inside=True)
+    """conftest.make_trainer with the per-segment length scores as rewards and the thinking markers' recorder."""
     rewards = [
         Accuracy(),
         ThinkingLengthScore(tokenizer, MARKERS, True, tokenizer.eos_token_id),
         AnswerLengthScore(tokenizer, MARKERS, True, tokenizer.eos_token_id),
     ]
-    model = AutoModelForCausalLM.from_pretrained(model_path)
-    return (trainer_class or LenVMGRPOTrainer)(
-        model, rewards, config, dataset, processing_class=tokenizer, segments=segments
+    segments = SegmentRecorder(tokenizer, MARKERS, starts_inside=True)
+    return make_trainer(
+        model_path,
+        tokenizer,
+        dataset,
+        output_dir,
+        trainer_class=trainer_class,
+        config_class=config_class,
+        rewards=rewards,
+        segments=segments,
+        **overrides,
     )
 
 
